@@ -1,0 +1,44 @@
+"""``python -m octomil_sim [group=choice ...] [key=value ...]``: one run, or a sweep with ``-m``."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from octomil_sim.config import check_group_choices
+from octomil_sim.errors import ConfigError
+
+
+@hydra.main(config_path="pkg://octomil_sim.conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from octomil_sim.runner import run
+
+    try:
+        results = run(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    final = results["final"]
+    print(
+        f"{results['name']}: global_acc {final['global_acc']:.4f} "
+        f"(bottom-10% {final['global_acc_bottom10']:.4f}), personalized_acc "
+        f"{final['personalized_acc']:.4f} (bottom-10% {final['personalized_acc_bottom10']:.4f}); "
+        f"results in {HydraConfig.get().runtime.output_dir}/results.json"
+    )
+    return final["personalized_acc"]
+
+
+def cli() -> None:
+    try:
+        check_group_choices([a for a in sys.argv[1:] if not a.startswith("-")])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
+if __name__ == "__main__":
+    cli()

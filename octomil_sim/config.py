@@ -1,0 +1,59 @@
+"""Config checks that fail early, in one line naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from octomil_sim.errors import ConfigError
+
+GROUPS = ("dataset", "partition", "model", "strategy", "simulation", "logger", "experiment")
+
+
+def config_dir() -> Path:
+    """The Hydra config directory (``conf/`` in a checkout, ``octomil_sim/conf`` in a wheel)."""
+    return Path(str(resources.files("octomil_sim.conf")))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Reject ``group=choice`` command-line overrides whose choice has no YAML in that group
+    (Hydra's own message spans many lines); comma lists of multirun sweeps are checked item by item."""
+    for item in overrides:
+        key, sep, value = item.lstrip("+~").partition("=")
+        key = key.split("@")[0]
+        if not sep or key not in GROUPS or value in ("", "null"):
+            continue
+        allowed = group_options(key)
+        for choice in value.split(","):
+            if choice not in allowed:
+                raise ConfigError(f"{key}={choice!r} is not a known {key}; allowed: {', '.join(allowed)}")
+
+
+def _require(key: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: allowed: {allowed}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks Hydra cannot do; raises ``ConfigError``."""
+    s = cfg.simulation
+    _require("simulation.num_clients", s.num_clients, isinstance(s.num_clients, int) and s.num_clients >= 1, "an integer >= 1")
+    _require("simulation.clients_per_round", s.clients_per_round,
+             isinstance(s.clients_per_round, int) and 1 <= s.clients_per_round <= s.num_clients,
+             f"an integer in 1..simulation.num_clients ({s.num_clients})")
+    _require("simulation.rounds", s.rounds, isinstance(s.rounds, int) and s.rounds >= 1, "an integer >= 1")
+    _require("simulation.local_epochs", s.local_epochs, isinstance(s.local_epochs, int) and s.local_epochs >= 1, "an integer >= 1")
+    _require("simulation.batch_size", s.batch_size, isinstance(s.batch_size, int) and s.batch_size >= 1, "an integer >= 1")
+    _require("simulation.lr", s.lr, isinstance(s.lr, (int, float)) and s.lr > 0, "a number > 0")
+    _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")
+    _require("simulation.fraction_evaluate", s.fraction_evaluate, 0 <= s.fraction_evaluate <= 1, "a number in [0, 1]")
+    _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.num_cpus_per_client > 0, "a number > 0")
+    for part in ("server", "client"):
+        _require(f"strategy.{part}", cfg.strategy.get(part), bool(cfg.strategy.get(part)) and "_target_" in cfg.strategy[part],
+                 "a mapping with a _target_ (see conf/strategy/*.yaml)")

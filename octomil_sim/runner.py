@@ -1,0 +1,153 @@
+"""Runs one configured experiment through Flower's simulation engine and writes its results.
+
+``run(cfg, output_dir)`` checks the config, loads the data once (so a missing dataset fails before
+Ray starts), builds the ServerApp and ClientApp, runs them on the Ray backend and writes
+``results.json`` and ``results.png`` into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from octomil_sim.client_app import build_client_app, build_model
+from octomil_sim.config import validate
+from octomil_sim.data import federated_data
+from octomil_sim.loggers import make_logger
+from octomil_sim.metrics import evaluate_aggregation, summarize_clients, train_aggregation
+from octomil_sim.plots import plot_run
+from octomil_sim.server_app import build_server_app
+
+
+def strategy_kwargs(cfg: DictConfig) -> dict:
+    """Sampling and metric-aggregation arguments every Flower strategy of the framework takes."""
+    s = cfg.simulation
+    n_eval = max(1, round(s.fraction_evaluate * s.num_clients)) if s.fraction_evaluate > 0 else 0
+    return {
+        "seed": s.seed,
+        "fraction_train": s.clients_per_round / s.num_clients,
+        "min_train_nodes": s.clients_per_round,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_evaluate_nodes": n_eval,
+        "min_available_nodes": s.num_clients,
+        "train_metrics_aggr_fn": train_aggregation,
+        "evaluate_metrics_aggr_fn": evaluate_aggregation,
+    }
+
+
+def initial_arrays(cfg: DictConfig) -> ArrayRecord:
+    torch.manual_seed(cfg.simulation.seed)
+    return ArrayRecord(build_model(cfg).state_dict())
+
+
+class RunRecorder:
+    """Collects per-round and per-client numbers into the ``results.json`` structure."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.round_info: dict[int, dict] = {}
+        self.results: dict | None = None
+        self._last = time.perf_counter()
+        self._bytes: dict[str, int] = {}
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), disable=not cfg.get("progress", True),
+        )
+        self.task = self.progress.add_task(
+            f"{cfg.strategy.name} on {cfg.dataset.name}: rounds", total=cfg.simulation.rounds
+        )
+
+    def on_round(self, server_round: int, arrays: ArrayRecord, bytes_so_far: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if server_round > 0:
+            self.round_info[server_round] = {
+                "bytes_up": bytes_so_far.get("train_up", 0) - self._bytes.get("train_up", 0),
+                "bytes_down": bytes_so_far.get("train_down", 0) - self._bytes.get("train_down", 0),
+                "time_s": now - self._last,
+            }
+            self.progress.advance(self.task)
+        self._bytes, self._last = bytes_so_far, now
+
+    def on_done(self, result, rows: list[dict], total_bytes: dict[str, int], seconds: float) -> None:
+        rounds = []
+        for r in range(1, self.cfg.simulation.rounds + 1):
+            row = {"round": r, **dict(result.train_metrics_clientapp.get(r, {}))}
+            row.update(dict(result.evaluate_metrics_clientapp.get(r, {})))
+            row.update(self.round_info.get(r, {}))
+            rounds.append(row)
+        clients = sorted(
+            ({"partition_id": int(c.pop("partition-id")), "num_test": int(c.pop("num-examples")), **c}
+             for c in rows),
+            key=lambda c: c["partition_id"],
+        )
+        final = summarize_clients(clients, weight_key="num_test")
+        final.update({
+            "bytes_up": total_bytes.get("train_up", 0),
+            "bytes_down": total_bytes.get("train_down", 0),
+            "bytes_evaluate_down": total_bytes.get("evaluate_down", 0),
+        })
+        self.results = {
+            "name": f"{self.cfg.strategy.name} on {self.cfg.dataset.name}",
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "rounds": rounds,
+            "clients": clients,
+            "final": final,
+            "wall_time_s": seconds,
+        }
+
+
+def _quiet_logs() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    for name in ("flwr", "alembic", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """Run the experiment ``cfg``; returns the results dict also written to ``results.json``."""
+    validate(cfg)
+    _quiet_logs()
+    from flwr.simulation import run_simulation  # after the env settings above
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    federated_data(cfg)  # fail fast (missing dataset, impossible partition) before Ray starts
+    s = cfg.simulation
+    recorder = RunRecorder(cfg)
+    server_app = build_server_app(
+        make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg)),
+        initial_arrays=lambda: initial_arrays(cfg),
+        num_rounds=s.rounds,
+        on_round=recorder.on_round,
+        on_done=recorder.on_done,
+    )
+    client_app = build_client_app(OmegaConf.to_yaml(cfg, resolve=True))
+    init_args = {"include_dashboard": False, "logging_level": logging.ERROR}
+    if s.ray_num_cpus is not None:
+        init_args["num_cpus"] = s.ray_num_cpus
+    backend_config = {
+        "client_resources": {"num_cpus": s.num_cpus_per_client, "num_gpus": s.num_gpus_per_client},
+        "init_args": init_args,
+    }
+    with recorder.progress:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=s.num_clients,
+                       backend_config=backend_config)
+    results = recorder.results
+    if results is None:
+        raise RuntimeError("the ServerApp ended without results; see the Flower log above")
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    plot_run(results, output_dir / "results.png")
+    logger = make_logger(cfg, output_dir)
+    for row in results["rounds"]:
+        logger.log_round(row)
+    logger.finish(results["final"])
+    return results

@@ -1,0 +1,31 @@
+"""Fine-tuning baseline: FedAvg, then each client fine-tunes the global model on its own
+training split and keeps the result (it is never uploaded). See e.g. Wang et al., arXiv
+1910.10252, and the "FedAvg-FT" rows of PFLlib / FL-bench.
+
+Server half: ``strategies.fedavg.FedAvg`` unchanged. Client half: ``FineTuneClient``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from octomil_sim.data import ClientData
+from octomil_sim.training import LocalTraining, sgd_epochs
+from strategies.fedavg import FedAvg, FedAvgClient
+
+__all__ = ["FedAvg", "FineTuneClient"]
+
+
+class FineTuneClient(FedAvgClient):
+    """Trains like FedAvg; personalizes with ``finetune_epochs`` of SGD at ``finetune_lr``."""
+
+    def __init__(self, finetune_epochs: int = 5, finetune_lr: float | None = None):
+        self.finetune_epochs = finetune_epochs
+        self.finetune_lr = finetune_lr
+
+    def personalize(self, model: nn.Module, data: ClientData, hp: LocalTraining,
+                    generator: torch.Generator) -> nn.Module:
+        lr = hp.lr if self.finetune_lr is None else self.finetune_lr
+        sgd_epochs(model, data.x_train, data.y_train, self.finetune_epochs, hp.batch_size, lr, generator)
+        return model
