@@ -54,6 +54,9 @@ def validate(cfg: DictConfig) -> None:
     _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")
     _require("simulation.fraction_evaluate", s.fraction_evaluate, 0 <= s.fraction_evaluate <= 1, "a number in [0, 1]")
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.num_cpus_per_client > 0, "a number > 0")
+    rank = cfg.model.get("input_rank")
+    _require("dataset", cfg.dataset.name, rank is None or len(cfg.dataset.input_shape) == rank,
+             f"model={cfg.model.name} needs {rank}-d inputs; datasets with them: mnist5k, femnist")
     for part in ("server", "client"):
         _require(f"strategy.{part}", cfg.strategy.get(part), bool(cfg.strategy.get(part)) and "_target_" in cfg.strategy[part],
                  "a mapping with a _target_ (see conf/strategy/*.yaml)")

@@ -127,6 +127,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg)),
         initial_arrays=lambda: initial_arrays(cfg),
         num_rounds=s.rounds,
+        num_nodes=s.num_clients,
         on_round=recorder.on_round,
         on_done=recorder.on_done,
     )

@@ -59,20 +59,27 @@ class SimulationGrid(Grid):
         messages = list(messages)
         for m in messages:
             self.bytes[f"{m.metadata.message_type.split('.')[0]}_down"] += content_bytes(m.content)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        for r in replies:
+        replies = self._exchange(messages, timeout)
+        for node, r in replies:
             if not r.has_error():
                 self.bytes[f"{r.metadata.message_type.split('.')[0]}_up"] += content_bytes(r.content)
-        return sorted(replies, key=lambda r: self.partition_of.get(r.metadata.src_node_id, 0))
+        return [r for node, r in sorted(replies, key=lambda nr: self.partition_of.get(nr[0], nr[0]))]
 
-    def discover(self) -> dict[int, int]:
-        """Ask every node for its partition id once; returns ``{partition_id: node_id}``."""
-        nodes = list(self._grid.get_node_ids())
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[tuple[int, Message]]:
+        """Send, wait, and pair each reply with the node it answers for (a reply's own
+        ``src_node_id`` is not reliable in simulation; its ``reply_to_message_id`` is)."""
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return [(node_of[r.metadata.reply_to_message_id], r) for r in replies]
+
+    def discover(self, num_nodes: int) -> dict[int, int]:
+        """Wait for ``num_nodes`` nodes, then ask each for its partition id once; returns
+        ``{partition_id: node_id}``."""
+        while len(nodes := list(self._grid.get_node_ids())) < num_nodes:
+            time.sleep(0.05)
         query = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        for reply in self._grid.send_and_receive(query):
-            self.partition_of[reply.metadata.src_node_id] = int(
-                reply.content["metrics"]["partition-id"]
-            )
+        for node, reply in self._exchange(query, timeout=None):
+            self.partition_of[node] = int(reply.content["metrics"]["partition-id"])
         return {p: n for n, p in self.partition_of.items()}
 
 
@@ -116,6 +123,7 @@ def build_server_app(
     make_strategy: Callable[[], object],
     initial_arrays: Callable[[], ArrayRecord],
     num_rounds: int,
+    num_nodes: int,
     on_round: RoundHook,
     on_done: Callable[[object, list[dict], dict[str, int], float], None],
 ) -> ServerApp:
@@ -128,7 +136,7 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         started = time.perf_counter()
         sim_grid = SimulationGrid(grid)
-        sim_grid.discover()
+        sim_grid.discover(num_nodes)
         strategy = make_strategy()
 
         def round_hook(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -1,0 +1,86 @@
+"""Every config composes and instantiates; bad input fails in one line naming key and allowed values."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+
+from octomil_sim.client_app import ClientAlgorithm, build_model
+from octomil_sim.config import GROUPS, check_group_choices, group_options, validate
+from octomil_sim.errors import ConfigError
+from octomil_sim.runner import strategy_kwargs
+
+DATASET_SHAPES = {"synthetic": (60,), "digits": (64,), "mnist5k": (1, 28, 28), "femnist": (1, 28, 28)}
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
+def test_every_option_composes_and_instantiates(make_cfg, group):
+    for option in group_options(group):
+        image = ["dataset=mnist5k", "partition=iid"] if option == "femnist_cnn" else []
+        cfg = make_cfg(f"{group}={option}", *image)
+        validate(cfg)
+        import torch
+
+        model = build_model(cfg)
+        x = torch.zeros(2, *DATASET_SHAPES[cfg.dataset.name])
+        assert model(x).shape == (2, cfg.dataset.num_classes)
+        assert isinstance(instantiate(cfg.strategy.client), ClientAlgorithm)
+        strategy = instantiate(cfg.strategy.server, **strategy_kwargs(cfg))
+        assert hasattr(strategy, "start")
+
+
+def test_experiments_compose(make_cfg):
+    for option in group_options("experiment"):
+        validate(make_cfg(f"experiment={option}"))
+
+
+def test_default_is_the_documented_experiment(make_cfg):
+    cfg = make_cfg()
+    assert (cfg.dataset.name, cfg.strategy.name, cfg.simulation.num_clients) == ("synthetic", "finetune", 100)
+    assert (cfg.dataset.source.alpha, cfg.dataset.source.beta) == (0.5, 0.5)
+
+
+def test_image_model_on_tabular_data(make_cfg):
+    with pytest.raises(ConfigError, match="dataset='synthetic': allowed: model=femnist_cnn needs 3-d inputs"):
+        validate(make_cfg("model=femnist_cnn"))
+
+
+def test_unknown_group_choice():
+    with pytest.raises(ConfigError, match=r"strategy='nope' is not a known strategy; allowed: fedavg, finetune"):
+        check_group_choices(["strategy=nope"])
+    with pytest.raises(ConfigError, match=r"partition='bogus'"):
+        check_group_choices(["partition=iid,bogus"])  # multirun sweep list
+    check_group_choices(["strategy=fedavg,finetune", "simulation.lr=0.1", "experiment=null"])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("simulation.lr=-0.1", "simulation.lr=-0.1: allowed: a number > 0"),
+        ("simulation.clients_per_round=500", "simulation.clients_per_round=500: allowed: an integer in 1..simulation.num_clients (100)"),
+        ("simulation.rounds=0", "simulation.rounds=0: allowed: an integer >= 1"),
+        ("simulation.test_fraction=1.5", "simulation.test_fraction=1.5: allowed: a number in (0, 1)"),
+    ],
+)
+def test_bad_values(make_cfg, override, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(override))
+    assert str(err.value) == expected
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["strategy=nope"], "error: strategy='nope' is not a known strategy; allowed: fedavg, finetune"),
+        (["simulation.lr=-1"], "error: simulation.lr=-1: allowed: a number > 0"),
+        (["dataset=femnist", "dataset.source.path=/nonexistent/femnist"], "error: dataset.source.path='/nonexistent/femnist' could not be loaded"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, expected):
+    proc = subprocess.run([sys.executable, "-m", "octomil_sim", *args, f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr
