@@ -84,3 +84,17 @@ def test_cli_errors_are_one_line(tmp_path, args, expected):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_wheel_ships_every_config(tmp_path):
+    """``python -m octomil_sim`` from an installed wheel finds the same Hydra configs as a checkout."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    str(root), "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    expected = {f"octomil_sim/conf/{p.relative_to(root / 'conf').as_posix()}" for p in (root / "conf").rglob("*.yaml")}
+    assert expected and shipped == expected
