@@ -89,12 +89,14 @@ def build_client_app(cfg_yaml: str) -> ClientApp:
         pid = int(context.node_config["partition-id"])
         return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def receive(msg: Message, context: Context) -> tuple[ClientRuntime, int, ClientData, nn.Module]:
         rt = client_runtime(cfg_yaml)
         pid = int(context.node_config["partition-id"])
-        data = rt.data.client(pid)
-        model = rt.model_from(msg.content["arrays"])
+        return rt, pid, rt.data.client(pid), rt.model_from(msg.content["arrays"])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        rt, pid, data, model = receive(msg, context)
         metrics = rt.algorithm.train(model, data, rt.hp, _generator(rt, msg, pid, 0))
         metrics.update({"num-examples": data.num_train, "partition-id": pid})
         content = RecordDict(
@@ -104,10 +106,7 @@ def build_client_app(cfg_yaml: str) -> ClientApp:
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        rt = client_runtime(cfg_yaml)
-        pid = int(context.node_config["partition-id"])
-        data = rt.data.client(pid)
-        model = rt.model_from(msg.content["arrays"])
+        rt, pid, data, model = receive(msg, context)
         g_loss, g_acc = evaluate(model, data.x_test, data.y_test)
         personal = rt.algorithm.personalize(copy.deepcopy(model), data, rt.hp,
                                             _generator(rt, msg, pid, 1))
