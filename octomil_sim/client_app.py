@@ -1,44 +1,62 @@
 """The one Flower ``ClientApp`` of the framework; the algorithm's client half does the work.
 
 A message carries the global ``ArrayRecord`` under ``arrays`` and a ``ConfigRecord`` under
-``config`` (with ``server-round``). The reply carries the updated arrays (train) and a
-``MetricRecord`` under ``metrics`` with ``num-examples`` and ``partition-id``.
+``config`` (with ``server-round`` and whatever the strategy adds). The reply carries the arrays the
+client uploads (train) and a ``MetricRecord`` under ``metrics`` with ``num-examples`` and
+``partition-id``.
 
 Evaluation reports, on the client's held-out split, ``global_acc`` (the received model as is)
-and ``personalized_acc`` (after the algorithm's ``personalize`` step, which never uploads).
+and ``personalized_acc`` (the model the algorithm's ``personalize`` returns; never uploaded).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from octomil_sim.data import ClientData, FederatedData, federated_data
+from octomil_sim.state import ClientState, ClientStateStore, make_store
 from octomil_sim.training import LocalTraining, client_seed, evaluate
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientTask:
+    """What a client half gets with one message besides the model."""
+
+    client_id: int
+    server_round: int
+    data: ClientData
+    hp: LocalTraining
+    generator: torch.Generator
+    state: ClientState
+    config: ConfigRecord
 
 
 class ClientAlgorithm:
     """Client half of an algorithm (the server half is a Flower ``Strategy``).
 
-    ``train`` updates ``model`` in place from the received global weights and returns scalar
-    metrics; ``personalize`` returns the model this client would deploy (default: the global one).
+    ``train`` starts from the received global weights in ``model`` and returns what the client
+    uploads and its scalar metrics; ``personalize`` returns the model this client would deploy
+    (default: the global one).
     """
 
-    def train(self, model: nn.Module, data: ClientData, hp: LocalTraining,
-              generator: torch.Generator) -> dict[str, float]:
+    def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
         raise NotImplementedError
 
-    def personalize(self, model: nn.Module, data: ClientData, hp: LocalTraining,
-                    generator: torch.Generator) -> nn.Module:
+    def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         return model
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ``ConfigError`` if this algorithm cannot work with ``model`` (run before Ray starts)."""
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
@@ -55,11 +73,19 @@ class ClientRuntime:
     data: FederatedData
     algorithm: ClientAlgorithm
     hp: LocalTraining
+    store: ClientStateStore
 
     def model_from(self, arrays: ArrayRecord) -> nn.Module:
         model = build_model(self.cfg)
         model.load_state_dict(arrays.to_torch_state_dict())
         return model
+
+    def task(self, msg: Message, pid: int, salt: int) -> ClientTask:
+        config = msg.content.config_records.get("config", ConfigRecord())
+        server_round = int(config.get("server-round", 0))
+        generator = torch.Generator().manual_seed(client_seed(self.hp.seed + salt, server_round, pid))
+        return ClientTask(pid, server_round, self.data.client(pid), self.hp, generator,
+                          self.store.bind(pid), config)
 
 
 @lru_cache(maxsize=2)
@@ -72,49 +98,43 @@ def client_runtime(cfg_yaml: str) -> ClientRuntime:
         data=federated_data(cfg),
         algorithm=instantiate(cfg.strategy.client),
         hp=LocalTraining(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed),
+        store=make_store(s.state_store, s.state_dir),
     )
-
-
-def _generator(rt: ClientRuntime, msg: Message, pid: int, salt: int) -> torch.Generator:
-    server_round = int(msg.content["config"]["server-round"])
-    return torch.Generator().manual_seed(client_seed(rt.hp.seed + salt, server_round, pid))
 
 
 def build_client_app(cfg_yaml: str) -> ClientApp:
     """A ClientApp for the run described by ``cfg_yaml`` (the resolved Hydra config as YAML)."""
     app = ClientApp()
 
+    def receive(msg: Message, context: Context, salt: int) -> tuple[ClientRuntime, ClientTask, nn.Module]:
+        rt = client_runtime(cfg_yaml)
+        pid = int(context.node_config["partition-id"])
+        return rt, rt.task(msg, pid, salt), rt.model_from(msg.content["arrays"])
+
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
-    def receive(msg: Message, context: Context) -> tuple[ClientRuntime, int, ClientData, nn.Module]:
-        rt = client_runtime(cfg_yaml)
-        pid = int(context.node_config["partition-id"])
-        return rt, pid, rt.data.client(pid), rt.model_from(msg.content["arrays"])
-
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        rt, pid, data, model = receive(msg, context)
-        metrics = rt.algorithm.train(model, data, rt.hp, _generator(rt, msg, pid, 0))
-        metrics.update({"num-examples": data.num_train, "partition-id": pid})
-        content = RecordDict(
-            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
-        )
+        rt, task, model = receive(msg, context, salt=0)
+        upload, metrics = rt.algorithm.train(model, task)
+        metrics.update({"num-examples": task.data.num_train, "partition-id": task.client_id})
+        content = RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        rt, pid, data, model = receive(msg, context)
+        rt, task, model = receive(msg, context, salt=1)
+        data = task.data
         g_loss, g_acc = evaluate(model, data.x_test, data.y_test)
-        personal = rt.algorithm.personalize(copy.deepcopy(model), data, rt.hp,
-                                            _generator(rt, msg, pid, 1))
+        personal = rt.algorithm.personalize(rt.model_from(msg.content["arrays"]), task)
         p_loss, p_acc = evaluate(personal, data.x_test, data.y_test)
         metrics = {
             "global_loss": g_loss, "global_acc": g_acc,
             "personalized_loss": p_loss, "personalized_acc": p_acc,
-            "num-examples": data.num_test, "partition-id": pid,
+            "num-examples": data.num_test, "partition-id": task.client_id,
         }
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -54,9 +55,33 @@ def validate(cfg: DictConfig) -> None:
     _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")
     _require("simulation.fraction_evaluate", s.fraction_evaluate, 0 <= s.fraction_evaluate <= 1, "a number in [0, 1]")
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.num_cpus_per_client > 0, "a number > 0")
+    _require("simulation.state_store", s.state_store, s.state_store in ("disk", "memory"), "disk, memory")
+    actors = (s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client
+    _require("simulation.state_store", s.state_store, s.state_store == "disk" or actors <= 1,
+             f"disk with {actors} Ray actors (memory only with one: simulation.ray_num_cpus="
+             "simulation.num_cpus_per_client)")
     rank = cfg.model.get("input_rank")
     _require("dataset", cfg.dataset.name, rank is None or len(cfg.dataset.input_shape) == rank,
              f"model={cfg.model.name} needs {rank}-d inputs; datasets with them: mnist5k, femnist")
     for part in ("server", "client"):
         _require(f"strategy.{part}", cfg.strategy.get(part), bool(cfg.strategy.get(part)) and "_target_" in cfg.strategy[part],
                  "a mapping with a _target_ (see conf/strategy/*.yaml)")
+    from octomil_sim.client_app import build_model
+
+    _instantiate(cfg.strategy.client).check(build_model(cfg))
+
+
+def _instantiate(node):
+    """Hydra's instantiate, with a ``ConfigError`` raised inside a constructor passed through."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

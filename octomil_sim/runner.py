@@ -117,9 +117,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     """Run the experiment ``cfg``; returns the results dict also written to ``results.json``."""
     validate(cfg)
     _quiet_logs()
+    output_dir = Path(output_dir)
+    if cfg.simulation.state_dir is None:
+        cfg = OmegaConf.merge(cfg, {"simulation": {"state_dir": str(output_dir.resolve() / "client_state")}})
     from flwr.simulation import run_simulation  # after the env settings above
 
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     federated_data(cfg)  # fail fast (missing dataset, impossible partition) before Ray starts
     s = cfg.simulation

@@ -24,6 +24,14 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
 
 
+def prox_grad_step(theta: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, lam: float,
+                   lr: float) -> torch.Tensor:
+    """One gradient step on ``f(theta) + lam/2 ||theta - anchor||^2``:
+    ``theta - lr * (grad + lam * (theta - anchor))``. Ditto's personal update (arXiv 2012.04221,
+    Alg. 1, line 7) and pFedMe's inner solver for the Moreau envelope (arXiv 2006.08848, Eq. 7)."""
+    return theta - lr * (grad + lam * (theta - anchor))
+
+
 def sgd_epochs(
     model: nn.Module,
     x: torch.Tensor,
@@ -32,18 +40,30 @@ def sgd_epochs(
     batch_size: int,
     lr: float,
     generator: torch.Generator,
+    anchor: list[torch.Tensor] | None = None,
+    lam: float = 0.0,
+    params: list[torch.nn.Parameter] | None = None,
 ) -> float:
-    """Plain minibatch SGD on cross-entropy; returns the mean training loss of the last epoch."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    """Minibatch SGD on cross-entropy, plus ``lam/2 ||theta - anchor||^2`` when ``anchor`` is given
+    (one tensor per parameter); only ``params`` move (default: all). Returns the mean training loss
+    of the last epoch."""
+    moving = {id(p) for p in (model.parameters() if params is None else params)}
     model.train()
     last = 0.0
     for _ in range(epochs):
         total, seen = 0.0, 0
         for idx in torch.randperm(len(y), generator=generator).split(batch_size):
-            opt.zero_grad()
+            model.zero_grad()
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
-            opt.step()
+            with torch.no_grad():
+                for i, p in enumerate(model.parameters()):
+                    if p.grad is None or id(p) not in moving:
+                        continue
+                    if anchor is None:
+                        p -= lr * p.grad
+                    else:
+                        p.copy_(prox_grad_step(p, p.grad, anchor[i], lam, lr))
             total += loss.item() * len(idx)
             seen += len(idx)
         last = total / max(seen, 1)

@@ -7,14 +7,12 @@ Client: ``local_epochs`` of minibatch SGD from the received weights.
 
 from __future__ import annotations
 
-import torch
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from torch import nn
 
-from octomil_sim.client_app import ClientAlgorithm
-from octomil_sim.data import ClientData
+from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
 from octomil_sim.server_app import SeededSampling
-from octomil_sim.training import LocalTraining, sgd_epochs
+from octomil_sim.training import sgd_epochs
 
 
 class FedAvg(SeededSampling, FlowerFedAvg):
@@ -25,10 +23,17 @@ class FedAvg(SeededSampling, FlowerFedAvg):
         self.seed = seed
 
 
+def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
+    """``hp.epochs`` of SGD on the client's training split (kwargs go to ``sgd_epochs``)."""
+    hp, d = task.hp, task.data
+    options = {"epochs": hp.epochs, "lr": hp.lr, **kwargs}
+    return sgd_epochs(model, d.x_train, d.y_train, batch_size=hp.batch_size,
+                      generator=task.generator, **options)
+
+
 class FedAvgClient(ClientAlgorithm):
     """Local SGD on the client's training split; the global model is also its deployed model."""
 
-    def train(self, model: nn.Module, data: ClientData, hp: LocalTraining,
-              generator: torch.Generator) -> dict[str, float]:
-        loss = sgd_epochs(model, data.x_train, data.y_train, hp.epochs, hp.batch_size, hp.lr, generator)
-        return {"train_loss": loss}
+    def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
+        loss = local_sgd(model, task)
+        return model.state_dict(), {"train_loss": loss}

@@ -7,12 +7,10 @@ Server half: ``strategies.fedavg.FedAvg`` unchanged. Client half: ``FineTuneClie
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from octomil_sim.data import ClientData
-from octomil_sim.training import LocalTraining, sgd_epochs
-from strategies.fedavg import FedAvg, FedAvgClient
+from octomil_sim.client_app import ClientTask
+from strategies.fedavg import FedAvg, FedAvgClient, local_sgd
 
 __all__ = ["FedAvg", "FineTuneClient"]
 
@@ -24,8 +22,7 @@ class FineTuneClient(FedAvgClient):
         self.finetune_epochs = finetune_epochs
         self.finetune_lr = finetune_lr
 
-    def personalize(self, model: nn.Module, data: ClientData, hp: LocalTraining,
-                    generator: torch.Generator) -> nn.Module:
-        lr = hp.lr if self.finetune_lr is None else self.finetune_lr
-        sgd_epochs(model, data.x_train, data.y_train, self.finetune_epochs, hp.batch_size, lr, generator)
+    def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
+        lr = task.hp.lr if self.finetune_lr is None else self.finetune_lr
+        local_sgd(model, task, epochs=self.finetune_epochs, lr=lr)
         return model

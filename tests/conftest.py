@@ -18,3 +18,14 @@ def make_cfg():
             return compose("config", overrides=list(overrides))
 
     return _make
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside a running ServerApp need Flower's process identity set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -11,14 +11,14 @@ from octomil_sim.config import GROUPS, check_group_choices, group_options, valid
 from octomil_sim.errors import ConfigError
 from octomil_sim.runner import strategy_kwargs
 
+NEEDS = {"femnist_cnn": ["dataset=mnist5k", "partition=iid"], "personal_layers": ["model=mlp"]}
 DATASET_SHAPES = {"synthetic": (60,), "digits": (64,), "mnist5k": (1, 28, 28), "femnist": (1, 28, 28)}
 
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
 def test_every_option_composes_and_instantiates(make_cfg, group):
     for option in group_options(group):
-        image = ["dataset=mnist5k", "partition=iid"] if option == "femnist_cnn" else []
-        cfg = make_cfg(f"{group}={option}", *image)
+        cfg = make_cfg(f"{group}={option}", *NEEDS.get(option, []))
         validate(cfg)
         import torch
 

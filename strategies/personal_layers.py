@@ -1,0 +1,100 @@
+"""Personal layers: FedPer (Arivazhagan et al., arXiv 1912.00818) and FedRep (Collins et al.,
+arXiv 2102.07078).
+
+Parameters whose names start with one of ``sync_layers`` are shared and averaged by the server; the
+rest (``local_layers``) stay on the client, in the client-state store, and are never uploaded.
+FedPer trains all layers together (``head_epochs=0``); FedRep first fits the local head with the
+shared body frozen for ``head_epochs``, then the body with the head frozen for ``local_epochs``.
+The server averages the uploaded layers and keeps the rest of the global model as it was
+(``merge_arrays``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+from torch import nn
+
+from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
+from octomil_sim.errors import ConfigError
+from strategies.fedavg import FedAvg, local_sgd
+
+LOCAL = "local_layers"
+
+
+def merge_arrays(full: ArrayRecord, partial: ArrayRecord) -> ArrayRecord:
+    """``full`` with the arrays that ``partial`` carries replaced, key order kept."""
+    merged = ArrayRecord()
+    for key in full.keys():
+        merged[key] = partial[key] if key in partial else full[key]
+    return merged
+
+
+class PartialUpload(FedAvg):
+    """FedAvg over whatever layers the clients upload, merged into the global model it sent."""
+
+    _sent: ArrayRecord | None = None
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._sent = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        averaged, metrics = super().aggregate_train(server_round, replies)
+        if averaged is None or self._sent is None:
+            return averaged, metrics
+        return merge_arrays(self._sent, averaged), metrics
+
+
+class PersonalLayersClient(ClientAlgorithm):
+    """Give ``sync_layers`` or ``local_layers`` (name prefixes of the model's parameters)."""
+
+    def __init__(self, sync_layers: list[str] | None = None, local_layers: list[str] | None = None,
+                 head_epochs: int = 0):
+        if (sync_layers is None) == (local_layers is None):
+            raise ConfigError(f"strategy.client.sync_layers={sync_layers}, strategy.client.local_layers="
+                              f"{local_layers}: allowed: exactly one of the two, a list of layer-name prefixes")
+        self.sync_layers = None if sync_layers is None else tuple(sync_layers)
+        self.local_layers = None if local_layers is None else tuple(local_layers)
+        self.head_epochs = head_epochs
+
+    def is_local(self, name: str) -> bool:
+        if self.local_layers is not None:
+            return name.startswith(self.local_layers)
+        return not name.startswith(self.sync_layers)
+
+    def _split(self, model: nn.Module) -> tuple[list, list]:
+        local = [p for n, p in model.named_parameters() if self.is_local(n)]
+        shared = [p for n, p in model.named_parameters() if not self.is_local(n)]
+        if not local or not shared:
+            names = ", ".join(n for n, _ in model.named_parameters())
+            key, value = ("local_layers", self.local_layers) if self.local_layers else ("sync_layers", self.sync_layers)
+            raise ConfigError(f"strategy.client.{key}={list(value)}: leaves {'no' if not local else 'every'} "
+                              f"parameter local; allowed: name prefixes that split {names}")
+        return local, shared
+
+    def check(self, model: nn.Module) -> None:
+        self._split(model)
+
+    def _with_own_layers(self, model: nn.Module, task: ClientTask) -> bool:
+        stored = task.state.load(LOCAL)
+        if stored is not None:
+            model.load_state_dict(stored, strict=False)
+        return stored is not None
+
+    def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
+        local, shared = self._split(model)
+        self._with_own_layers(model, task)
+        if self.head_epochs > 0:  # FedRep: head on the frozen body, then body on the frozen head
+            local_sgd(model, task, epochs=self.head_epochs, params=local)
+            loss = local_sgd(model, task, params=shared)
+        else:  # FedPer: everything together
+            loss = local_sgd(model, task)
+        state = model.state_dict()
+        task.state.save(LOCAL, {k: v for k, v in state.items() if self.is_local(k)})
+        return {k: v for k, v in state.items() if not self.is_local(k)}, {"train_loss": loss}
+
+    def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
+        local, _ = self._split(model)
+        if not self._with_own_layers(model, task):  # never selected: fit a head, keep nothing
+            local_sgd(model, task, epochs=max(self.head_epochs, task.hp.epochs), params=local)
+        return model
