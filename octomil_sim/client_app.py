@@ -55,6 +55,10 @@ class ClientAlgorithm:
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         return model
 
+    def sync(self, model: nn.Module, task: ClientTask) -> None:
+        """Receive the new global model right after the round this client trained in (sent only by
+        strategies that need it, as a ``train.sync`` message)."""
+
     def check(self, model: nn.Module) -> None:
         """Raise ``ConfigError`` if this algorithm cannot work with ``model`` (run before Ray starts)."""
 
@@ -123,6 +127,12 @@ def build_client_app(cfg_yaml: str) -> ClientApp:
         metrics.update({"num-examples": task.data.num_train, "partition-id": task.client_id})
         content = RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
+
+    @app.train("sync")
+    def sync(msg: Message, context: Context) -> Message:
+        rt, task, model = receive(msg, context, salt=2)
+        rt.algorithm.sync(model, task)
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": task.client_id})}), reply_to=msg)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

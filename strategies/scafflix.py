@@ -11,8 +11,9 @@ Scafflix solves it with probabilistic local training and control variates ``h_i`
 
 In the simulation a Flower round is one communication: the server draws the number of local steps
 ``L ~ Geometric(p)`` (the coin flips until the next communication) and sends it; the sampled clients
-take L steps, the last one uploaded. A client applies the control-variate update of its last upload
-when it next receives the global model. ``gamma_i`` is ``simulation.lr``; ``x_i*`` is found once with
+take L steps, the last one uploaded. Right after averaging, the server sends the new ``x`` back to
+that round's clients (a ``train.sync`` message, counted in the bytes down), which apply the
+control-variate update with it; clients not sampled keep their ``h_i``. ``gamma_i`` is ``simulation.lr``; ``x_i*`` is found once with
 ``local_optimum_epochs`` of local SGD and kept, with ``h_i``, in the client-state store.
 """
 
@@ -22,6 +23,7 @@ import copy
 
 import numpy as np
 import torch
+from flwr.app import Message, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 from torch.nn import functional as F
@@ -70,14 +72,22 @@ class Scafflix(FedAvg):
     def configure_train(self, server_round, arrays, config, grid):
         config["local-steps"] = self.local_steps(server_round)
         config["p"] = self.p
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        self._grid, self._config = grid, config
+        self._participants = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_train(self, server_round, replies):
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
         contents = [m.content for m in valid]
-        return aggregate_arrayrecords(contents, WEIGHT), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        arrays = aggregate_arrayrecords(contents, WEIGHT)
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: self._config})
+        self._grid.send_and_receive(
+            [Message(content=content, message_type="train.sync", dst_node_id=n) for n in self._participants]
+        )
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
 class ScafflixClient(ClientAlgorithm):
@@ -114,9 +124,6 @@ class ScafflixClient(ClientAlgorithm):
         names = [k for k, _ in model.named_parameters()]
         x = [t.detach().clone() for t in model.parameters()]  # x_i = the received global x
         h = task.state.load("h") or {k: torch.zeros_like(t) for k, t in zip(names, x)}
-        last = task.state.load("x_hat")
-        if last is not None:  # the control-variate update of this client's last communication
-            h = {k: control_variate_update(h[k], xk, last[k], alpha, gamma, p) for k, xk in zip(names, x)}
         probe = copy.deepcopy(model)
         batches = torch.randperm(len(d.y_train), generator=task.generator).split(task.hp.batch_size)
         loss = torch.tensor(0.0)
@@ -130,10 +137,18 @@ class ScafflixClient(ClientAlgorithm):
             loss.backward()
             x = [local_step(xk, q.grad, h[k], alpha, gamma) for xk, q, k in zip(x, probe.parameters(), names)]
         x_hat = dict(zip(names, x))
-        task.state.save("h", h)
         task.state.save("x_hat", x_hat)
         upload = {**model.state_dict(), **x_hat}
         return upload, {"train_loss": loss.item(), WEIGHT: server_weight(alpha, gamma)}
+
+    def sync(self, model: nn.Module, task: ClientTask) -> None:
+        """``h_i <- h_i + (p alpha_i / gamma_i)(x_new - x_hat_i)`` with ``x_new`` the fresh average."""
+        alpha, gamma, p = self.alpha(task.client_id), task.hp.lr, float(task.config["p"])
+        x_hat = task.state.load("x_hat")
+        h = task.state.load("h") or {k: torch.zeros_like(v) for k, v in x_hat.items()}
+        new = dict(model.named_parameters())
+        task.state.save("h", {k: control_variate_update(h[k], new[k].detach(), x_hat[k], alpha, gamma, p)
+                              for k in x_hat})
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         alpha = self.alpha(task.client_id)

@@ -91,8 +91,8 @@ def test_scafflix_equations_by_hand():
 def test_scafflix_client_two_rounds_by_hand():
     # x* = 0 (stored), so the FLIX point of x = 0 is 0 and the gradient there is GRAD.
     # Round 1 (h = 0, alpha = 0.5, gamma = 0.5, one step): x_hat = 0 - (0.5/0.5)(GRAD - 0) = -GRAD.
-    # Round 2 receives x = 0 again: h = 0 + (0.2 * 0.5 / 0.5)(0 - x_hat) = 0.2 GRAD,
-    # x_hat = 0 - 1 * (GRAD - 0.2 GRAD) = -0.8 GRAD.
+    # The new average is x = 0 again (sync): h = 0 + (0.2 * 0.5 / 0.5)(0 - x_hat) = 0.2 GRAD.
+    # Round 2 from x = 0: x_hat = 0 - 1 * (GRAD - 0.2 GRAD) = -0.8 GRAD.
     store = MemoryStateStore()
     client = scafflix.ScafflixClient(alpha=0.5)
     config = {"p": 0.2, "local-steps": 1}
@@ -101,6 +101,9 @@ def test_scafflix_client_two_rounds_by_hand():
     upload, metrics = client.train(constant_mlr(0.0), task)
     torch.testing.assert_close(upload["fc.weight"], -GRAD_W)
     assert metrics[scafflix.WEIGHT] == pytest.approx(0.5**2 / 0.5)
+    assert store.load(0, "h") is None  # control variates move only when the new average arrives
+    client.sync(constant_mlr(0.0), one_example_task(lr=0.5, store=store, config=config))
+    torch.testing.assert_close(store.load(0, "h")["fc.weight"], 0.2 * GRAD_W)
     upload, _ = client.train(constant_mlr(0.0), one_example_task(lr=0.5, store=store, config=config))
     torch.testing.assert_close(upload["fc.weight"], -0.8 * GRAD_W)
     torch.testing.assert_close(store.load(0, "h")["fc.bias"], 0.2 * GRAD_B)
@@ -116,11 +119,23 @@ def test_scafflix_personalized_model_is_the_flix_point():
 
 
 def test_scafflix_server_weights_and_local_steps(task_identity):
+    class Grid:
+        sent = []
+
+        def send_and_receive(self, messages):
+            self.sent += list(messages)
+            return []
+
     strategy = scafflix.Scafflix(p=0.25, seed=3)
+    strategy._grid, strategy._config, strategy._participants = Grid(), ConfigRecord({"p": 0.25}), [7, 8]
     replies = [train_reply([np.array([1.0, 1.0], np.float32)], {"num-examples": 9, scafflix.WEIGHT: 0.5}),
                train_reply([np.array([4.0, 4.0], np.float32)], {"num-examples": 1, scafflix.WEIGHT: 1.0})]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [3.0, 3.0])  # (0.5*1 + 1*4) / 1.5
+    # the round's clients get the new average at once, for their control-variate update
+    assert [m.metadata.dst_node_id for m in Grid.sent] == [7, 8]
+    assert all(m.metadata.message_type == "train.sync" for m in Grid.sent)
+    np.testing.assert_allclose(Grid.sent[0].content["arrays"].to_numpy_ndarrays()[0], [3.0, 3.0])
     steps = [strategy.local_steps(r) for r in range(1, 2001)]
     assert steps == [strategy.local_steps(r) for r in range(1, 2001)]
     assert min(steps) >= 1 and np.mean(steps) == pytest.approx(1 / 0.25, rel=0.1)  # Geometric(p)
