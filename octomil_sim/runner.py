@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from octomil_sim.client_app import build_client_app, build_model
 from octomil_sim.config import validate
-from octomil_sim.data import federated_data
+from octomil_sim.data import FederatedData
 from octomil_sim.loggers import make_logger
 from octomil_sim.metrics import evaluate_aggregation, summarize_clients, train_aggregation
 from octomil_sim.plots import plot_run
@@ -123,7 +123,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     from flwr.simulation import run_simulation  # after the env settings above
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    federated_data(cfg)  # fail fast (missing dataset, impossible partition) before Ray starts
+    FederatedData(cfg)  # fail fast (missing dataset, impossible partition) before Ray starts; not kept
     s = cfg.simulation
     recorder = RunRecorder(cfg)
     server_app = build_server_app(

@@ -31,8 +31,17 @@ def test_every_option_composes_and_instantiates(make_cfg, group):
 
 
 def test_experiments_compose(make_cfg):
-    for option in group_options("experiment"):
-        validate(make_cfg(f"experiment={option}"))
+    options = group_options("experiment")
+    assert {"pfedme_synthetic", "ditto_synthetic", "scafflix_synthetic", "scafflix_femnist"} <= set(options)
+    for option in options:
+        cfg = make_cfg(f"experiment={option}")
+        validate(cfg)
+        assert cfg.strategy.name == option.split("_")[0]
+
+
+def test_bad_alpha_from_the_command_line(make_cfg):
+    with pytest.raises(ConfigError, match=r"strategy.client.alpha=2.0: allowed: a number in \(0, 1\]"):
+        validate(make_cfg("experiment=scafflix_synthetic", "strategy.client.alpha=2.0"))
 
 
 def test_default_is_the_documented_experiment(make_cfg):
@@ -47,7 +56,8 @@ def test_image_model_on_tabular_data(make_cfg):
 
 
 def test_unknown_group_choice():
-    with pytest.raises(ConfigError, match=r"strategy='nope' is not a known strategy; allowed: fedavg, finetune"):
+    with pytest.raises(ConfigError, match=r"strategy='nope' is not a known strategy; allowed: ditto, fedavg, finetune, "
+                                          r"personal_layers, pfedme, scafflix"):
         check_group_choices(["strategy=nope"])
     with pytest.raises(ConfigError, match=r"partition='bogus'"):
         check_group_choices(["partition=iid,bogus"])  # multirun sweep list
@@ -72,7 +82,7 @@ def test_bad_values(make_cfg, override, expected):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["strategy=nope"], "error: strategy='nope' is not a known strategy; allowed: fedavg, finetune"),
+        (["strategy=nope"], "error: strategy='nope' is not a known strategy; allowed: ditto, fedavg, finetune, personal_layers, pfedme, scafflix"),
         (["simulation.lr=-1"], "error: simulation.lr=-1: allowed: a number > 0"),
         (["dataset=femnist", "dataset.source.path=/nonexistent/femnist"], "error: dataset.source.path='/nonexistent/femnist' could not be loaded"),
     ],

@@ -57,3 +57,41 @@ def test_fixed_seed_identical_and_finetuning_beats_fedavg(make_cfg, tmp_path):
     assert p["personalized_acc_bottom10"] > f["personalized_acc_bottom10"]
     better = sum(c["personalized_acc"] >= c["global_acc"] for c in finetune["clients"])
     assert better >= 0.8 * len(finetune["clients"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["experiment=ditto_synthetic"], ["experiment=pfedme_synthetic"], ["experiment=scafflix_synthetic"],
+     ["strategy=personal_layers", "model=mlp"]],
+    ids=["ditto", "pfedme", "scafflix", "personal_layers"],
+)
+def test_personalization_beats_fedavg_on_synthetic(make_cfg, tmp_path, overrides, fedavg_small):
+    """Synthetic(0.5, 0.5) gives every client its own model (alpha) and inputs (beta): a model
+    personalized to the client must serve it better than the one global model."""
+    model = [o for o in overrides if o.startswith("model=")]
+    baseline = fedavg_small(tuple(model))
+    result = run(make_cfg(*overrides, *SMALL), tmp_path)
+    p, f = result["final"], baseline["final"]
+    assert p["personalized_acc"] > f["personalized_acc"] + 0.05
+    assert p["personalized_acc_bottom10"] > f["personalized_acc_bottom10"]
+
+
+SMALL = ["simulation.num_clients=30", "simulation.clients_per_round=10", "simulation.rounds=30",
+         "simulation.fraction_evaluate=0"]
+
+
+@pytest.fixture(scope="module")
+def fedavg_small(tmp_path_factory):
+    """FedAvg on the SMALL setting, one run per model, shared by the comparisons."""
+    from hydra import compose, initialize_config_module
+
+    cache: dict = {}
+
+    def get(model: tuple) -> dict:
+        if model not in cache:
+            with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):
+                cfg = compose("config", overrides=["strategy=fedavg", *model, *SMALL])
+            cache[model] = run(cfg, tmp_path_factory.mktemp("fedavg"))
+        return cache[model]
+
+    return get
