@@ -28,6 +28,17 @@ from octomil_sim.plots import plot_run
 from octomil_sim.server_app import build_server_app
 
 
+def driver_rss_mb() -> float:
+    """Resident memory of this (the driver) process in MB: the ServerApp's side of the run."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):  # not Linux: peak instead of current
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
 def strategy_kwargs(cfg: DictConfig) -> dict:
     """Sampling and metric-aggregation arguments every Flower strategy of the framework takes."""
     s = cfg.simulation
@@ -73,6 +84,7 @@ class RunRecorder:
                 "bytes_up": bytes_so_far.get("train_up", 0) - self._bytes.get("train_up", 0),
                 "bytes_down": bytes_so_far.get("train_down", 0) - self._bytes.get("train_down", 0),
                 "time_s": now - self._last,
+                "driver_rss_mb": driver_rss_mb(),
             }
             self.progress.advance(self.task)
         self._bytes, self._last = bytes_so_far, now
@@ -94,6 +106,7 @@ class RunRecorder:
             "bytes_up": total_bytes.get("train_up", 0),
             "bytes_down": total_bytes.get("train_down", 0),
             "bytes_evaluate_down": total_bytes.get("evaluate_down", 0),
+            "driver_rss_mb": driver_rss_mb(),
         })
         self.results = {
             "name": f"{self.cfg.strategy.name} on {self.cfg.dataset.name}",

@@ -7,6 +7,7 @@ Client: ``local_epochs`` of minibatch SGD from the received weights.
 
 from __future__ import annotations
 
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from torch import nn
 
@@ -16,11 +17,17 @@ from octomil_sim.training import sgd_epochs
 
 
 class FedAvg(SeededSampling, FlowerFedAvg):
-    """Flower's FedAvg whose client sampling is a function of ``seed`` and the round."""
+    """Flower's FedAvg whose client sampling is a function of ``seed`` and the round; it keeps the
+    global arrays it last sent (``sent``) for server updates that start from them."""
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
+        self.sent: ArrayRecord | None = None
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.sent = arrays
+        return super().configure_train(server_round, arrays, config, grid)
 
 
 def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:

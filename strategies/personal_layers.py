@@ -32,17 +32,11 @@ def merge_arrays(full: ArrayRecord, partial: ArrayRecord) -> ArrayRecord:
 class PartialUpload(FedAvg):
     """FedAvg over whatever layers the clients upload, merged into the global model it sent."""
 
-    _sent: ArrayRecord | None = None
-
-    def configure_train(self, server_round, arrays, config, grid):
-        self._sent = arrays
-        return super().configure_train(server_round, arrays, config, grid)
-
     def aggregate_train(self, server_round, replies):
         averaged, metrics = super().aggregate_train(server_round, replies)
-        if averaged is None or self._sent is None:
+        if averaged is None or self.sent is None:
             return averaged, metrics
-        return merge_arrays(self._sent, averaged), metrics
+        return merge_arrays(self.sent, averaged), metrics
 
 
 class PersonalLayersClient(ClientAlgorithm):

@@ -42,17 +42,12 @@ class PFedMe(FedAvg):
         if beta <= 0:
             raise ConfigError(f"strategy.server.beta={beta}: allowed: a number > 0")
         self.beta = beta
-        self._sent: ArrayRecord | None = None
-
-    def configure_train(self, server_round, arrays, config, grid):
-        self._sent = arrays
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
         averaged, metrics = super().aggregate_train(server_round, replies)
-        if averaged is None or self._sent is None:
+        if averaged is None or self.sent is None:
             return averaged, metrics
-        previous = self._sent.to_torch_state_dict()
+        previous = self.sent.to_torch_state_dict()
         mixed = {k: server_update(previous[k], v, self.beta) for k, v in averaged.to_torch_state_dict().items()}
         return ArrayRecord(mixed), metrics
 

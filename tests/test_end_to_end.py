@@ -9,9 +9,12 @@ from octomil_sim.runner import initial_arrays, run
 pytestmark = pytest.mark.slow
 
 
+MEASURED = {"time_s", "driver_rss_mb"}  # wall time and memory: the only numbers a seed does not fix
+
+
 def _numbers(results: dict) -> tuple:
-    rounds = [{k: v for k, v in r.items() if k != "time_s"} for r in results["rounds"]]
-    return rounds, results["clients"], results["final"]
+    drop = lambda d: {k: v for k, v in d.items() if k not in MEASURED}  # noqa: E731
+    return [drop(r) for r in results["rounds"]], results["clients"], drop(results["final"])
 
 
 def test_two_rounds_write_results_plot_and_bytes(make_cfg, tmp_path):

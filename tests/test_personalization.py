@@ -68,7 +68,7 @@ def test_pfedme_client_round_by_hand():
 
 def test_pfedme_server_mixes_with_beta(task_identity):
     strategy = pfedme.PFedMe(beta=2.0)
-    strategy._sent = ArrayRecord([np.array([1.0, 1.0], np.float32)])
+    strategy.sent = ArrayRecord([np.array([1.0, 1.0], np.float32)])
     replies = [train_reply([np.array([1.0, 3.0], np.float32)], {"num-examples": 1}),
                train_reply([np.array([3.0, 1.0], np.float32)], {"num-examples": 1})]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -198,7 +198,7 @@ def test_fedrep_head_phase_leaves_body_frozen():
 
 def test_partial_upload_merges_into_sent_model(task_identity):
     strategy = PartialUpload()
-    strategy._sent = ArrayRecord({"body": T([1.0, 1.0]), "head": T([5.0])})
+    strategy.sent = ArrayRecord({"body": T([1.0, 1.0]), "head": T([5.0])})
     replies = [train_reply({"body": T([2.0, 4.0])}, {"num-examples": 1}),
                train_reply({"body": T([4.0, 2.0])}, {"num-examples": 3})]
     arrays, _ = strategy.aggregate_train(1, replies)
