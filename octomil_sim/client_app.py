@@ -55,6 +55,10 @@ class ClientAlgorithm:
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         return model
 
+    def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
+        """Extra per-client evaluation numbers for ``results.json`` (``model``: the global one)."""
+        return {}
+
     def sync(self, model: nn.Module, task: ClientTask) -> None:
         """Receive the new global model right after the round this client trained in (sent only by
         strategies that need it, as a ``train.sync`` message)."""
@@ -145,6 +149,7 @@ def build_client_app(cfg_yaml: str) -> ClientApp:
             "global_loss": g_loss, "global_acc": g_acc,
             "personalized_loss": p_loss, "personalized_acc": p_acc,
             "num-examples": data.num_test, "partition-id": task.client_id,
+            **rt.algorithm.report(model, task),
         }
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

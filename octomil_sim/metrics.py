@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from flwr.app import MetricRecord, RecordDict
+
+from octomil_sim.errors import ConfigError
 
 #: per-client metrics that get a weighted mean, bottom-10% mean and spread in every summary
 SUMMARIZED = ("global_acc", "personalized_acc", "global_loss", "personalized_loss")
@@ -60,3 +64,24 @@ def train_aggregation(contents: list[RecordDict], weight_key: str) -> MetricReco
     keys = [k for k, v in rows[0].items() if k not in (weight_key, "partition-id")
             and isinstance(v, (int, float))] if rows else []
     return MetricRecord({k: sum(float(r[k]) * float(r[weight_key]) for r in rows) / total for k in keys})
+
+
+def load_groups(path: str | Path, num_clients: int | None = None) -> dict[int, str]:
+    """``groups_file``: a JSON object ``{client id: group name}`` covering clients 0..num_clients-1."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        groups = {int(k): str(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"groups_file={str(path)!r}: cannot be read as a JSON object of client id -> group "
+                          f"({type(err).__name__})") from None
+    missing = sorted(set(range(num_clients or 0)) - set(groups))
+    if missing:
+        raise ConfigError(f"groups_file={str(path)!r}: clients {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                          f"have no group; allowed: a group for every client 0..{num_clients - 1}")
+    return groups
+
+
+def group_summaries(rows: Sequence[dict], groups: dict[int, str], weight_key: str) -> dict[str, dict]:
+    """``summarize_clients`` of each group's clients."""
+    names = sorted({groups[r["partition_id"]] for r in rows})
+    return {g: summarize_clients([r for r in rows if groups[r["partition_id"]] == g], weight_key) for g in names}

@@ -23,7 +23,13 @@ from octomil_sim.client_app import build_client_app, build_model
 from octomil_sim.config import validate
 from octomil_sim.data import FederatedData
 from octomil_sim.loggers import make_logger
-from octomil_sim.metrics import evaluate_aggregation, summarize_clients, train_aggregation
+from octomil_sim.metrics import (
+    evaluate_aggregation,
+    group_summaries,
+    load_groups,
+    summarize_clients,
+    train_aggregation,
+)
 from octomil_sim.plots import plot_run
 from octomil_sim.server_app import build_server_app
 
@@ -114,8 +120,31 @@ class RunRecorder:
             "rounds": rounds,
             "clients": clients,
             "final": final,
+            **fairness_report(self.cfg, clients),
             "wall_time_s": seconds,
         }
+
+
+def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
+    """Per-group metrics (``groups_file``), whether a group-loss bound holds (strategies with
+    ``max_group_loss``), and which clients the global model serves (algorithms reporting ``served``)."""
+    out: dict = {}
+    if cfg.get("groups_file"):
+        groups = load_groups(cfg.groups_file, cfg.simulation.num_clients)
+        out["groups"] = group_summaries(clients, groups, "num_test")
+        bound = cfg.strategy.server.get("max_group_loss")
+        if bound is not None:
+            losses = {g: m["global_loss"] for g, m in out["groups"].items()}
+            out["group_bound"] = {"max_group_loss": bound, "holds": all(v <= bound for v in losses.values()),
+                                  "violated_by": sorted(g for g, v in losses.items() if v > bound)}
+    if clients and "served" in clients[0]:
+        served = [c["partition_id"] for c in clients if c["served"] >= 0.5]
+        out["appeal"] = {
+            "served": served,
+            "recommend_personalization": [c["partition_id"] for c in clients if c["served"] < 0.5],
+            "served_fraction": len(served) / len(clients),
+        }
+    return out
 
 
 def _quiet_logs() -> None:

@@ -7,13 +7,16 @@ Client: ``local_epochs`` of minibatch SGD from the received weights.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
 from octomil_sim.server_app import SeededSampling
-from octomil_sim.training import sgd_epochs
+from octomil_sim.training import evaluate, sgd_epochs
+
+LOSS_BEFORE = "loss_before"
 
 
 class FedAvg(SeededSampling, FlowerFedAvg):
@@ -30,6 +33,29 @@ class FedAvg(SeededSampling, FlowerFedAvg):
         return super().configure_train(server_round, arrays, config, grid)
 
 
+class ReweightedFedAvg(FedAvg):
+    """FedAvg whose averaging weight for each reply is ``client_weights(round, metrics)[k]``
+    instead of ``num-examples`` (fairness reweighting, Scafflix's alpha^2/gamma)."""
+
+    WEIGHT = "aggregation-weight"
+
+    def client_weights(self, server_round: int, metrics: list[MetricRecord]) -> list[float]:
+        raise NotImplementedError
+
+    def aggregate_train(self, server_round, replies):
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        metrics = [c["metrics"] for c in contents]
+        for m, w in zip(metrics, self.client_weights(server_round, metrics)):
+            m[self.WEIGHT] = w
+        arrays = aggregate_arrayrecords(contents, self.WEIGHT)
+        for m in metrics:
+            del m[self.WEIGHT]
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
 def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
     """``hp.epochs`` of SGD on the client's training split (kwargs go to ``sgd_epochs``)."""
     hp, d = task.hp, task.data
@@ -39,8 +65,11 @@ def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
 
 
 class FedAvgClient(ClientAlgorithm):
-    """Local SGD on the client's training split; the global model is also its deployed model."""
+    """Local SGD on the client's training split; the global model is also its deployed model.
+    Reports ``loss_before``, the received global model's loss F_k(w) on the training split, which
+    fairness strategies (tilting, q-FFL, group bounds, MaxFL) weight clients by."""
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
+        loss_before, _ = evaluate(model, task.data.x_train, task.data.y_train)
         loss = local_sgd(model, task)
-        return model.state_dict(), {"train_loss": loss}
+        return model.state_dict(), {"train_loss": loss, LOSS_BEFORE: loss_before}

@@ -1,0 +1,22 @@
+"""q-FFL (Li, Sanjabi, Beirami, Smith; arXiv 1905.10497, Algorithm 2 "q-FedAvg") as a fairness
+baseline: Flower's own ``QFedAvg``, fed with each client's loss of the received global model
+(``loss_before``, the paper's F_k(w^t)) and made reproducible. q = 0 is an unweighted FedAvg step;
+larger q pushes the model toward the clients with the highest loss.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import QFedAvg
+
+from octomil_sim.server_app import SeededSampling
+from strategies.fedavg import LOSS_BEFORE, FedAvgClient
+
+__all__ = ["QFFL", "FedAvgClient"]
+
+
+class QFFL(SeededSampling, QFedAvg):
+    """``client_learning_rate`` sets Flower's Lipschitz estimate ``L = 1 / lr``; ``q`` is q-FFL's q."""
+
+    def __init__(self, client_learning_rate: float, q: float = 1.0, seed: int = 0, **kwargs):
+        super().__init__(client_learning_rate=client_learning_rate, q=q, train_loss_key=LOSS_BEFORE, **kwargs)
+        self.seed = seed
