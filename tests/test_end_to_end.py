@@ -98,3 +98,26 @@ def fedavg_small(tmp_path_factory):
         return cache[model]
 
     return get
+
+
+def test_tilt_zero_is_fedavg_end_to_end(make_cfg, tmp_path, fedavg_small):
+    """t = 0 leaves every weight at n_k, so the whole run equals FedAvg's to the last bit."""
+    tilted = run(make_cfg("strategy=tilted", "strategy.server.t=0", *SMALL), tmp_path)
+    fedavg = fedavg_small(())
+    assert [c["global_acc"] for c in tilted["clients"]] == [c["global_acc"] for c in fedavg["clients"]]
+    assert [r["train_loss"] for r in tilted["rounds"]] == [r["train_loss"] for r in fedavg["rounds"]]
+
+
+def test_bounded_group_loss_reports_groups_and_duals(make_cfg, tmp_path):
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({str(k): "even" if k % 2 == 0 else "odd" for k in range(10)}))
+    cfg = make_cfg("strategy=bounded_group_loss", f"groups_file={groups}", "strategy.server.max_group_loss=0.5",
+                   "simulation.num_clients=10", "simulation.clients_per_round=4", "simulation.rounds=3",
+                   "simulation.fraction_evaluate=0")
+    results = run(cfg, tmp_path / "run")
+    assert set(results["groups"]) == {"even", "odd"}
+    assert results["groups"]["even"]["num_clients"] == 5
+    bound = results["group_bound"]
+    losses = {g: m["global_loss"] for g, m in results["groups"].items()}
+    assert bound["holds"] == all(v <= 0.5 for v in losses.values())
+    assert any(k.startswith("dual_") for k in results["rounds"][-1])
