@@ -10,29 +10,19 @@ the on-disk client state; writes the table into ``experiments/README.md``.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from common import HERE, run_cell, write_block
 
-HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "bench_client_state"
-README = HERE / "README.md"
-BEGIN, END = "<!-- bench_client_state:begin -->", "<!-- bench_client_state:end -->"
 PER_ROUND = 100
 
 
 def run(num_clients: int) -> tuple[dict, int, int]:
     out = RESULTS / f"clients{num_clients}"
-    if not (out / "results.json").exists():
-        cmd = [sys.executable, "-m", "octomil_sim", "strategy=ditto", "model=mlp",
-               f"simulation.num_clients={num_clients}", f"simulation.clients_per_round={PER_ROUND}",
-               f"simulation.rounds={num_clients // PER_ROUND}", "simulation.fraction_evaluate=0",
-               f"hydra.run.dir={out}", "+progress=false"]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    results = run_cell(out, ["strategy=ditto", "model=mlp", f"simulation.num_clients={num_clients}",
+                             f"simulation.clients_per_round={PER_ROUND}", f"simulation.rounds={num_clients // PER_ROUND}",
+                             "simulation.fraction_evaluate=0"])
     files = list((out / "client_state").rglob("*.pt"))
-    return json.loads((out / "results.json").read_text()), len(files), sum(f.stat().st_size for f in files)
+    return results, len(files), sum(f.stat().st_size for f in files)
 
 
 def main() -> None:
@@ -44,10 +34,7 @@ def main() -> None:
         rounds = r["rounds"]
         rows.append(f"| {n} | {len(rounds)} | {files} | {size / 1e6:.1f} | {rounds[0]['driver_rss_mb']:.0f} "
                     f"| {rounds[-1]['driver_rss_mb']:.0f} | {r['final']['driver_rss_mb']:.0f} | {r['wall_time_s']:.0f} |")
-    block = "\n".join([BEGIN, *rows, END])
-    text = README.read_text()
-    README.write_text(text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):])
-    print(block)
+    write_block("bench_client_state", rows)
 
 
 if __name__ == "__main__":

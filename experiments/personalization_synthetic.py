@@ -10,21 +10,16 @@ collects the ``results.json`` files and writes the table into ``experiments/READ
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+from common import HERE, mean_std, run_cell, slug, write_block  # noqa: E402
+
 RESULTS = HERE / "results" / "personalization_synthetic"
-README = HERE / "README.md"
-BEGIN, END = "<!-- personalization_synthetic:begin -->", "<!-- personalization_synthetic:end -->"
 
 # name, overrides, the paper's number for per-client accuracy where the issue quotes one
 ROWS = [
@@ -38,23 +33,9 @@ ROWS = [
 ]
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
 def run(name: str, overrides: list[str], seed: int, rounds: int) -> dict:
     out = RESULTS / slug(name) / f"seed{seed}"
-    if not (out / "results.json").exists():
-        cmd = [sys.executable, "-m", "octomil_sim", *overrides, f"simulation.seed={seed}",
-               f"simulation.rounds={rounds}", f"hydra.run.dir={out}", "+progress=false"]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "results.json").read_text())
-
-
-def mean_std(values: list[float], scale: float = 100.0) -> str:
-    m = statistics.mean(values) * scale
-    return f"{m:.1f}" if len(values) == 1 else f"{m:.1f} ± {statistics.stdev(values) * scale:.1f}"
+    return run_cell(out, [*overrides, f"simulation.seed={seed}", f"simulation.rounds={rounds}"])
 
 
 def main() -> None:
@@ -86,11 +67,8 @@ def main() -> None:
     fig.savefig(HERE / "personalization_synthetic.png", dpi=100)
 
     seeds = ", ".join(map(str, args.seeds))
-    block = "\n".join([BEGIN, f"Seeds {seeds}; {args.rounds} rounds; mean ± std over seeds.", "", *table,
-                       "", "![personalization on Synthetic](personalization_synthetic.png)", END])
-    text = README.read_text()
-    README.write_text(text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):])
-    print(block)
+    write_block("personalization_synthetic", [f"Seeds {seeds}; {args.rounds} rounds; mean ± std over seeds.", "",
+                                              *table, "", "![personalization on Synthetic](personalization_synthetic.png)"])
 
 
 if __name__ == "__main__":

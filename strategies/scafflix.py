@@ -24,13 +24,12 @@ import copy
 import numpy as np
 import torch
 from flwr.app import Message, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 from torch.nn import functional as F
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
 from octomil_sim.errors import ConfigError
-from strategies.fedavg import FedAvg, local_sgd
+from strategies.fedavg import ReweightedFedAvg, local_sgd
 
 WEIGHT = "scafflix-weight"
 
@@ -56,7 +55,7 @@ def server_weight(alpha: float, gamma: float) -> float:
     return alpha**2 / gamma
 
 
-class Scafflix(FedAvg):
+class Scafflix(ReweightedFedAvg):
     """Draws the round's local-step count ``L ~ Geometric(p)``; averages with weights alpha^2/gamma."""
 
     def __init__(self, p: float = 0.2, max_local_steps: int = 100, **kwargs):
@@ -77,17 +76,17 @@ class Scafflix(FedAvg):
         self._participants = [m.metadata.dst_node_id for m in messages]
         return messages
 
+    def client_weights(self, server_round, metrics):
+        return [float(m[WEIGHT]) for m in metrics]
+
     def aggregate_train(self, server_round, replies):
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            return None, None
-        contents = [m.content for m in valid]
-        arrays = aggregate_arrayrecords(contents, WEIGHT)
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: self._config})
-        self._grid.send_and_receive(
-            [Message(content=content, message_type="train.sync", dst_node_id=n) for n in self._participants]
-        )
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: self._config})
+            self._grid.send_and_receive(
+                [Message(content=content, message_type="train.sync", dst_node_id=n) for n in self._participants]
+            )
+        return arrays, metrics
 
 
 class ScafflixClient(ClientAlgorithm):
