@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -147,6 +149,18 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
     return out
 
 
+def _count_clients(cfg_yaml: str) -> int:
+    return FederatedData(OmegaConf.create(cfg_yaml)).num_clients
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Fail fast (missing dataset, impossible partition) before Ray starts, in a child process:
+    the driver, like a real federation's server, never holds the clients' data."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        pool.submit(_count_clients, OmegaConf.to_yaml(cfg, resolve=True)).result()
+
+
 def _quiet_logs() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -165,7 +179,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     from flwr.simulation import run_simulation  # after the env settings above
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    FederatedData(cfg)  # fail fast (missing dataset, impossible partition) before Ray starts; not kept
+    check_data(cfg)
     s = cfg.simulation
     recorder = RunRecorder(cfg)
     server_app = build_server_app(
