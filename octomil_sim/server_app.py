@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from octomil_sim.metrics import client_rows, summarize_clients
+from octomil_sim.metrics import client_rows
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -152,5 +152,3 @@ def build_server_app(
 
     return app
 
-
-__all__ = ["SimulationGrid", "SeededSampling", "build_server_app", "evaluate_all", "summarize_clients"]
