@@ -118,7 +118,7 @@ class ScafflixClient(ClientAlgorithm):
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
         alpha, gamma, d = self.alpha(task.client_id), task.hp.lr, task.data
-        p, steps = float(task.config["p"]), int(task.config["local-steps"])
+        steps = int(task.config["local-steps"])
         x_star = self.local_optimum(model, task)
         names = [k for k, _ in model.named_parameters()]
         x = [t.detach().clone() for t in model.parameters()]  # x_i = the received global x
