@@ -7,6 +7,8 @@ Client: ``local_epochs`` of minibatch SGD from the received weights.
 
 from __future__ import annotations
 
+import copy
+
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -62,6 +64,19 @@ def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
     options = {"epochs": hp.epochs, "lr": hp.lr, **kwargs}
     return sgd_epochs(model, d.x_train, d.y_train, batch_size=hp.batch_size,
                       generator=task.generator, **options)
+
+
+def stored_local_model(model: nn.Module, task: ClientTask, key: str, epochs: int) -> nn.Module:
+    """The client's own model under ``key`` in its state store; the first time, trained by
+    ``epochs`` of local SGD from ``model`` (left untouched) and stored."""
+    local = copy.deepcopy(model)
+    stored = task.state.load(key)
+    if stored is None:
+        local_sgd(local, task, epochs=epochs)
+        task.state.save(key, local.state_dict())
+    else:
+        local.load_state_dict(stored)
+    return local
 
 
 class FedAvgClient(ClientAlgorithm):

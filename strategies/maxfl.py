@@ -13,16 +13,14 @@ model serves it). ``results.json`` lists the served clients and recommends perso
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from octomil_sim.client_app import ClientTask, Tensors
 from octomil_sim.training import evaluate
-from strategies.fedavg import LOSS_BEFORE, FedAvgClient, ReweightedFedAvg, local_sgd
+from strategies.fedavg import LOSS_BEFORE, FedAvgClient, ReweightedFedAvg, stored_local_model
 
 LOCAL = "maxfl_local"
 
@@ -47,13 +45,7 @@ class MaxFLClient(FedAvgClient):
 
     def local_model(self, model: nn.Module, task: ClientTask) -> tuple[nn.Module, float]:
         """The client's own model (trained once, stored) and ``rho_i``, its training loss."""
-        local = copy.deepcopy(model)
-        stored = task.state.load(LOCAL)
-        if stored is None:
-            local_sgd(local, task, epochs=self.local_epochs_rho)
-            stored = local.state_dict()
-            task.state.save(LOCAL, stored)
-        local.load_state_dict(stored)
+        local = stored_local_model(model, task, LOCAL, self.local_epochs_rho)
         return local, evaluate(local, task.data.x_train, task.data.y_train)[0]
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
 from octomil_sim.errors import ConfigError
-from strategies.fedavg import ReweightedFedAvg, local_sgd
+from strategies.fedavg import ReweightedFedAvg, stored_local_model
 
 WEIGHT = "scafflix-weight"
 
@@ -108,13 +108,8 @@ class ScafflixClient(ClientAlgorithm):
 
     def local_optimum(self, model: nn.Module, task: ClientTask) -> list[torch.Tensor]:
         """``x_i*``: stored, or found once by local SGD from the received model and stored."""
-        stored = task.state.load("x_star")
-        if stored is None:
-            local = copy.deepcopy(model)
-            local_sgd(local, task, epochs=self.local_optimum_epochs)
-            stored = local.state_dict()
-            task.state.save("x_star", stored)
-        return [stored[k] for k, _ in model.named_parameters()]
+        local = stored_local_model(model, task, "x_star", self.local_optimum_epochs)
+        return [p.detach() for p in local.parameters()]
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
         alpha, gamma, d = self.alpha(task.client_id), task.hp.lr, task.data
