@@ -1,9 +1,10 @@
 """The one Flower ``ClientApp`` of the framework; the algorithm's client half does the work.
 
-A message carries the global ``ArrayRecord`` under ``arrays`` and a ``ConfigRecord`` under
-``config`` (with ``server-round`` and whatever the strategy adds). The reply carries the arrays the
-client uploads (train) and a ``MetricRecord`` under ``metrics`` with ``num-examples`` and
-``partition-id``.
+Each Flower message carries several simulated clients (``octomil_sim.batching``): for every client,
+the global ``ArrayRecord`` under ``arrays`` and a ``ConfigRecord`` under ``config`` (with
+``server-round`` and whatever the strategy adds). Each client's reply carries the arrays it uploads
+(train) and a ``MetricRecord`` under ``metrics`` with ``num-examples`` and ``partition-id``. A client
+that fails (its resource class drops out, or its code raises) is reported as failed; the others go on.
 
 Evaluation reports, on the client's held-out split, ``global_acc`` (the received model as is)
 and ``personalized_acc`` (the model the algorithm's ``personalize`` returns; never uploaded).
@@ -11,6 +12,7 @@ and ``personalized_acc`` (the model the algorithm's ``personalize`` returns; nev
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,9 +23,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from octomil_sim.batching import pack, unpack
 from octomil_sim.data import ClientData, FederatedData, federated_data
 from octomil_sim.state import ClientState, ClientStateStore, make_store
-from octomil_sim.training import LocalTraining, client_seed, evaluate
+from octomil_sim.system import ClientDropout, SystemModel
+from octomil_sim.training import LocalTraining, StepBudget, client_seed, evaluate
 
 Tensors = dict[str, torch.Tensor]
 
@@ -39,6 +43,11 @@ class ClientTask:
     generator: torch.Generator
     state: ClientState
     config: ConfigRecord
+    budget: StepBudget = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = StepBudget()
 
 
 class ClientAlgorithm:
@@ -82,18 +91,49 @@ class ClientRuntime:
     algorithm: ClientAlgorithm
     hp: LocalTraining
     store: ClientStateStore
+    system: SystemModel
 
     def model_from(self, arrays: ArrayRecord) -> nn.Module:
         model = build_model(self.cfg)
         model.load_state_dict(arrays.to_torch_state_dict())
         return model
 
-    def task(self, msg: Message, pid: int, salt: int) -> ClientTask:
-        config = msg.content.config_records.get("config", ConfigRecord())
+    def task(self, content: RecordDict, pid: int, salt: int, max_steps: int | None = None) -> ClientTask:
+        config = content.config_records.get("config", ConfigRecord())
         server_round = int(config.get("server-round", 0))
         generator = torch.Generator().manual_seed(client_seed(self.hp.seed + salt, server_round, pid))
         return ClientTask(pid, server_round, self.data.client(pid), self.hp, generator,
-                          self.store.bind(pid), config)
+                          self.store.bind(pid), config, StepBudget(max_steps))
+
+    # --- one client's share of a message --------------------------------------------------------
+    def train(self, pid: int, content: RecordDict) -> RecordDict:
+        resources = self.system.of(pid)
+        task = self.task(content, pid, salt=0, max_steps=resources.max_steps)
+        if self.system.drops_out(pid, task.server_round):
+            raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
+        upload, metrics = self.algorithm.train(self.model_from(content["arrays"]), task)
+        metrics.update({"num-examples": task.data.num_train, "partition-id": pid,
+                        "local-steps": task.budget.used, "sim-time": self.system.duration(pid, task.budget.used)})
+        return RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
+
+    def sync(self, pid: int, content: RecordDict) -> RecordDict:
+        task = self.task(content, pid, salt=2)
+        self.algorithm.sync(self.model_from(content["arrays"]), task)
+        return RecordDict({"metrics": MetricRecord({"partition-id": pid})})
+
+    def evaluate(self, pid: int, content: RecordDict) -> RecordDict:
+        task = self.task(content, pid, salt=1)
+        model, data = self.model_from(content["arrays"]), task.data
+        g_loss, g_acc = evaluate(model, data.x_test, data.y_test)
+        personal = self.algorithm.personalize(self.model_from(content["arrays"]), task)
+        p_loss, p_acc = evaluate(personal, data.x_test, data.y_test)
+        metrics = {
+            "global_loss": g_loss, "global_acc": g_acc,
+            "personalized_loss": p_loss, "personalized_acc": p_acc,
+            "num-examples": data.num_test, "partition-id": pid,
+            **self.algorithm.report(model, task),
+        }
+        return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 @lru_cache(maxsize=2)
@@ -107,50 +147,40 @@ def client_runtime(cfg_yaml: str) -> ClientRuntime:
         algorithm=instantiate(cfg.strategy.client),
         hp=LocalTraining(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed),
         store=make_store(s.state_store, s.state_dir),
+        system=SystemModel.from_config(cfg),
     )
+
+
+def run_clients(handler, packed: RecordDict) -> RecordDict:
+    """``handler(client, content)`` for every client packed in a message; failures are reported
+    per client (a dropout by the system model, or any error) and the other clients go on."""
+    contents, _ = unpack(packed)
+    done, failed = [], []
+    for pid, content in sorted(contents.items()):
+        try:
+            done.append((pid, handler(pid, content)))
+        except ClientDropout as err:
+            failed.append((pid, str(err)))
+        except Exception as err:  # noqa: BLE001 - a failing client must not take its batch down
+            traceback.print_exc()
+            failed.append((pid, f"{type(err).__name__}: {err}"))
+    return pack(done, failed)
 
 
 def build_client_app(cfg_yaml: str) -> ClientApp:
     """A ClientApp for the run described by ``cfg_yaml`` (the resolved Hydra config as YAML)."""
     app = ClientApp()
 
-    def receive(msg: Message, context: Context, salt: int) -> tuple[ClientRuntime, ClientTask, nn.Module]:
-        rt = client_runtime(cfg_yaml)
-        pid = int(context.node_config["partition-id"])
-        return rt, rt.task(msg, pid, salt), rt.model_from(msg.content["arrays"])
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
-
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        rt, task, model = receive(msg, context, salt=0)
-        upload, metrics = rt.algorithm.train(model, task)
-        metrics.update({"num-examples": task.data.num_train, "partition-id": task.client_id})
-        content = RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
-        return Message(content, reply_to=msg)
+        return Message(run_clients(client_runtime(cfg_yaml).train, msg.content), reply_to=msg)
 
     @app.train("sync")
     def sync(msg: Message, context: Context) -> Message:
-        rt, task, model = receive(msg, context, salt=2)
-        rt.algorithm.sync(model, task)
-        return Message(RecordDict({"metrics": MetricRecord({"partition-id": task.client_id})}), reply_to=msg)
+        return Message(run_clients(client_runtime(cfg_yaml).sync, msg.content), reply_to=msg)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        rt, task, model = receive(msg, context, salt=1)
-        data = task.data
-        g_loss, g_acc = evaluate(model, data.x_test, data.y_test)
-        personal = rt.algorithm.personalize(rt.model_from(msg.content["arrays"]), task)
-        p_loss, p_acc = evaluate(personal, data.x_test, data.y_test)
-        metrics = {
-            "global_loss": g_loss, "global_acc": g_acc,
-            "personalized_loss": p_loss, "personalized_acc": p_acc,
-            "num-examples": data.num_test, "partition-id": task.client_id,
-            **rt.algorithm.report(model, task),
-        }
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return Message(run_clients(client_runtime(cfg_yaml).evaluate, msg.content), reply_to=msg)
 
     return app

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from octomil_sim.errors import ConfigError
 
-GROUPS = ("dataset", "partition", "model", "strategy", "simulation", "logger", "experiment")
+GROUPS = ("dataset", "partition", "model", "strategy", "simulation", "system", "logger", "experiment")
 
 
 def config_dir() -> Path:
@@ -56,10 +56,16 @@ def validate(cfg: DictConfig) -> None:
     _require("simulation.fraction_evaluate", s.fraction_evaluate, 0 <= s.fraction_evaluate <= 1, "a number in [0, 1]")
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.num_cpus_per_client > 0, "a number > 0")
     _require("simulation.state_store", s.state_store, s.state_store in ("disk", "memory"), "disk, memory")
+    _require("simulation.num_nodes", s.num_nodes, s.num_nodes is None or (isinstance(s.num_nodes, int) and s.num_nodes >= 1),
+             "null or an integer >= 1")
+    _require("simulation.checkpoint_every", s.checkpoint_every, isinstance(s.checkpoint_every, int) and s.checkpoint_every >= 0,
+             "an integer >= 0 (0: no checkpoints)")
     actors = (s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or actors <= 1,
              f"disk with {actors} Ray actors (memory only with one: simulation.ray_num_cpus="
              "simulation.num_cpus_per_client)")
+    _require("simulation.state_store", s.state_store, s.state_store == "disk" or not s.checkpoint_every,
+             "disk when checkpointing (the memory store lives in a Ray actor; set simulation.checkpoint_every=0)")
     rank = cfg.model.get("input_rank")
     _require("dataset", cfg.dataset.name, rank is None or len(cfg.dataset.input_shape) == rank,
              f"model={cfg.model.name} needs {rank}-d inputs; datasets with them: mnist5k, femnist")
@@ -67,6 +73,9 @@ def validate(cfg: DictConfig) -> None:
         _require(f"strategy.{part}", cfg.strategy.get(part), bool(cfg.strategy.get(part)) and "_target_" in cfg.strategy[part],
                  "a mapping with a _target_ (see conf/strategy/*.yaml)")
     from octomil_sim.client_app import build_model
+    from octomil_sim.system import SystemModel
+
+    SystemModel.from_config(cfg)
 
     _instantiate(cfg.strategy.client).check(build_model(cfg))
 

@@ -1,8 +1,10 @@
 """Runs one configured experiment through Flower's simulation engine and writes its results.
 
 ``run(cfg, output_dir)`` checks the config, loads the data once (so a missing dataset fails before
-Ray starts), builds the ServerApp and ClientApp, runs them on the Ray backend and writes
-``results.json`` and ``results.png`` into ``output_dir``.
+Ray starts), builds the ServerApp and ClientApp, runs them on the Ray backend (one Flower node per
+Ray actor, each carrying a share of the round's clients) and writes ``results.json`` and
+``results.png`` into ``output_dir``. If ``output_dir`` holds a checkpoint of the same experiment, the
+run resumes from it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -21,9 +24,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from octomil_sim.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_model
 from octomil_sim.config import validate
 from octomil_sim.data import FederatedData
+from octomil_sim.errors import ConfigError
 from octomil_sim.loggers import make_logger
 from octomil_sim.metrics import (
     evaluate_aggregation,
@@ -33,7 +38,8 @@ from octomil_sim.metrics import (
     train_aggregation,
 )
 from octomil_sim.plots import plot_run
-from octomil_sim.server_app import build_server_app
+from octomil_sim.server_app import Session, SimulationGrid, build_server_app
+from octomil_sim.system import SystemModel
 
 
 def driver_rss_mb() -> float:
@@ -68,15 +74,16 @@ def initial_arrays(cfg: DictConfig) -> ArrayRecord:
     return ArrayRecord(build_model(cfg).state_dict())
 
 
-class RunRecorder:
-    """Collects per-round and per-client numbers into the ``results.json`` structure."""
+class RunSession(Session):
+    """Records per-round and per-client numbers into ``results.json``'s structure, checkpoints every
+    ``simulation.checkpoint_every`` rounds, and resumes from the run directory's last checkpoint."""
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.round_info: dict[int, dict] = {}
+    def __init__(self, cfg: DictConfig, output_dir: Path):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.rows: list[dict] = []
         self.results: dict | None = None
-        self._last = time.perf_counter()
         self._bytes: dict[str, int] = {}
+        self._last = time.perf_counter()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), disable=not cfg.get("progress", True),
@@ -85,30 +92,50 @@ class RunRecorder:
             f"{cfg.strategy.name} on {cfg.dataset.name}: rounds", total=cfg.simulation.rounds
         )
 
-    def on_round(self, server_round: int, arrays: ArrayRecord, bytes_so_far: dict[str, int]) -> None:
-        now = time.perf_counter()
-        if server_round > 0:
-            self.round_info[server_round] = {
-                "bytes_up": bytes_so_far.get("train_up", 0) - self._bytes.get("train_up", 0),
-                "bytes_down": bytes_so_far.get("train_down", 0) - self._bytes.get("train_down", 0),
-                "time_s": now - self._last,
-                "driver_rss_mb": driver_rss_mb(),
-            }
-            self.progress.advance(self.task)
-        self._bytes, self._last = bytes_so_far, now
+    @property
+    def client_state(self) -> Path | None:
+        return Path(self.cfg.simulation.state_dir) if self.cfg.simulation.state_store == "disk" else None
 
-    def on_done(self, result, rows: list[dict], total_bytes: dict[str, int], seconds: float) -> None:
-        rounds = []
-        for r in range(1, self.cfg.simulation.rounds + 1):
-            row = {"round": r, **dict(result.train_metrics_clientapp.get(r, {}))}
-            row.update(dict(result.evaluate_metrics_clientapp.get(r, {})))
-            row.update(self.round_info.get(r, {}))
-            rounds.append(row)
+    def start(self, strategy, grid: SimulationGrid) -> tuple[ArrayRecord, int]:
+        saved = load_checkpoint(self.output_dir, self.client_state)
+        if saved is None:
+            return initial_arrays(self.cfg), 1
+        vars(strategy).update(saved["strategy"])
+        grid.bytes.update(saved["bytes"])
+        grid.failed.update(saved["failed"])
+        grid.straggled.update(saved["straggled"])
+        self.rows, self._bytes = saved["rows"], dict(saved["bytes"])
+        self.progress.advance(self.task, saved["round"])
+        return ArrayRecord(saved["arrays"]), saved["round"] + 1
+
+    def after_round(self, server_round, arrays, train_metrics, evaluate_metrics, strategy, grid) -> None:
+        now, so_far = time.perf_counter(), dict(grid.bytes)
+        self.rows.append({
+            "round": server_round, **dict(train_metrics or {}), **dict(evaluate_metrics or {}),
+            "bytes_up": so_far.get("train_up", 0) - self._bytes.get("train_up", 0),
+            "bytes_down": so_far.get("train_down", 0) - self._bytes.get("train_down", 0),
+            "failed_clients": sum(grid.failed.values()) - sum(r.get("failed_clients", 0) for r in self.rows),
+            "stragglers": sum(grid.straggled.values()) - sum(r.get("stragglers", 0) for r in self.rows),
+            "time_s": now - self._last,
+            "driver_rss_mb": driver_rss_mb(),
+        })
+        self._bytes, self._last = so_far, now
+        self.progress.advance(self.task)
+        every = self.cfg.simulation.checkpoint_every
+        if every and (server_round % every == 0 or server_round == self.cfg.simulation.rounds):
+            save_checkpoint(self.output_dir, server_round, {
+                "round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy),
+                "rows": self.rows, "bytes": so_far, "failed": dict(grid.failed), "straggled": dict(grid.straggled),
+            }, self.client_state)
+
+    def done(self, arrays, rows: list[dict], grid: SimulationGrid) -> None:
         clients = sorted(
             ({"partition_id": int(c.pop("partition-id")), "num_test": int(c.pop("num-examples")), **c}
              for c in rows),
             key=lambda c: c["partition_id"],
         )
+        total_bytes = dict(grid.bytes)
         final = summarize_clients(clients, weight_key="num_test")
         final.update({
             "bytes_up": total_bytes.get("train_up", 0),
@@ -119,12 +146,63 @@ class RunRecorder:
         self.results = {
             "name": f"{self.cfg.strategy.name} on {self.cfg.dataset.name}",
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "rounds": rounds,
+            "rounds": self.rows,
             "clients": clients,
             "final": final,
+            "system": system_report(self.cfg, grid),
             **fairness_report(self.cfg, clients),
-            "wall_time_s": seconds,
         }
+
+
+def strategy_state(strategy) -> dict:
+    """The strategy's attributes that a resumed run needs: its public ones (hyperparameters, dual
+    variables, the arrays it last sent); ``_private`` ones hold per-round handles and are rebuilt."""
+    return {k: v for k, v in vars(strategy).items() if not k.startswith("_")}
+
+
+#: keys that may differ between a checkpointed run and its resumption
+RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "progress", "logger"}
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def check_same_experiment(saved: dict, cfg: DictConfig, output_dir: Path) -> None:
+    """A checkpoint resumes only the experiment that wrote it (more rounds are allowed)."""
+    old, new = _flatten(saved), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            raise ConfigError(f"{key}={new.get(key)!r}: the checkpoint in {output_dir} was made with "
+                              f"{key}={old.get(key)!r}; allowed: the same experiment (only simulation.rounds "
+                              "may grow), or a new hydra.run.dir")
+
+
+def system_report(cfg: DictConfig, grid: SimulationGrid) -> dict:
+    """Resource class of every client and which clients failed or straggled, and how often."""
+    classes = SystemModel.from_config(cfg).assignment
+    return {
+        "class_counts": dict(Counter(classes)),
+        "failed_rounds": sum(grid.failed.values()),
+        "straggler_rounds": sum(grid.straggled.values()),
+        "failed": {str(c): n for c, n in sorted(grid.failed.items()) if n},
+        "stragglers": {str(c): n for c, n in sorted(grid.straggled.items())},
+        "failed_by_class": _sum_by(classes, grid.failed),
+        "stragglers_by_class": _sum_by(classes, grid.straggled),
+        "last_failure_reason": {str(c): r for c, r in sorted(grid.last_failure.items())},
+    }
+
+
+def _sum_by(classes: list[str], counts: Counter) -> dict[str, int]:
+    out: Counter[str] = Counter()
+    for client, n in counts.items():
+        out[classes[client]] += n
+    return dict(out)
 
 
 def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
@@ -169,8 +247,16 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def num_nodes(cfg: DictConfig) -> int:
+    """Flower nodes to simulate: ``simulation.num_nodes``, or one per Ray actor; never more than clients."""
+    s = cfg.simulation
+    actors = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client))
+    return min(s.num_nodes or actors, s.num_clients)
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Run the experiment ``cfg``; returns the results dict also written to ``results.json``."""
+    """Run the experiment ``cfg`` (or resume it from ``output_dir``'s checkpoint); returns the
+    results dict also written to ``results.json``."""
     validate(cfg)
     _quiet_logs()
     output_dir = Path(output_dir)
@@ -179,16 +265,17 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     from flwr.simulation import run_simulation  # after the env settings above
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    if (saved := checkpoint_config(output_dir)) is not None:
+        check_same_experiment(saved, cfg, output_dir)
     check_data(cfg)
     s = cfg.simulation
-    recorder = RunRecorder(cfg)
+    started = time.perf_counter()
+    session = RunSession(cfg, output_dir)
+    nodes = num_nodes(cfg)
     server_app = build_server_app(
         make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg)),
-        initial_arrays=lambda: initial_arrays(cfg),
-        num_rounds=s.rounds,
-        num_nodes=s.num_clients,
-        on_round=recorder.on_round,
-        on_done=recorder.on_done,
+        session=session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
+        deadline=SystemModel.from_config(cfg).deadline,
     )
     client_app = build_client_app(OmegaConf.to_yaml(cfg, resolve=True))
     init_args = {"include_dashboard": False, "logging_level": logging.ERROR}
@@ -198,12 +285,13 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         "client_resources": {"num_cpus": s.num_cpus_per_client, "num_gpus": s.num_gpus_per_client},
         "init_args": init_args,
     }
-    with recorder.progress:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=s.num_clients,
+    with session.progress:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)
-    results = recorder.results
+    results = session.results
     if results is None:
         raise RuntimeError("the ServerApp ended without results; see the Flower log above")
+    results["wall_time_s"] = time.perf_counter() - started
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     plot_run(results, output_dir / "results.png")
     logger = make_logger(cfg, output_dir)

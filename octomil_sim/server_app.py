@@ -1,10 +1,16 @@
-"""The ServerApp: discovers clients, runs the configured Flower strategy, evaluates every client.
+"""The ServerApp: runs the configured Flower strategy round by round, then evaluates every client.
 
-Two pieces make any Flower strategy usable for reproducible research:
-- ``SimulationGrid`` wraps Flower's Grid: it counts the bytes every message carries down and up,
-  lists nodes in partition order and returns replies in partition order, so that aggregation sums
-  in the same order in every run;
-- ``SeededSampling`` makes a strategy's node sampling a function of (seed, round).
+``SimulationGrid`` wraps Flower's Grid and is what makes thousands of clients cheap while every
+strategy stays a plain Flower ``Strategy`` that addresses one message per client:
+- the strategy sees ``num_clients`` nodes, ids ``0..num_clients-1`` (the client ids);
+- a round's messages are packed into one message per Flower node (``octomil_sim.batching``; one
+  node per Ray actor), and each node's packed reply is unpacked into one reply per client, so Flower's
+  per-message and per-node costs are paid per actor, not per client;
+- it counts the bytes each client's message carries down and up, as a real federation would send them;
+- it returns replies in client order, so aggregation sums in the same order in every run;
+- it applies the system model's round deadline: a straggler's reply never reaches the strategy.
+
+``SeededSampling`` makes a strategy's client sampling a function of (seed, round).
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from octomil_sim.batching import pack, split_even, unpack
 from octomil_sim.metrics import client_rows
 
 
@@ -27,12 +35,18 @@ def content_bytes(content: RecordDict) -> int:
 
 
 class SimulationGrid(Grid):
-    """A Grid that delegates to Flower's and records bytes per message type and direction."""
+    """Flower's Grid seen as a federation of ``num_clients`` clients hosted on a few Flower nodes."""
 
-    def __init__(self, grid: Grid):
+    def __init__(self, grid: Grid, num_clients: int, deadline: float | None = None, pull_interval: float = 0.01):
         self._grid = grid
-        self.partition_of: dict[int, int] = {}
+        self.num_clients, self.deadline = num_clients, deadline
+        self.nodes: list[int] = []
         self.bytes: Counter[str] = Counter()
+        self.failed: Counter[int] = Counter()  # client -> rounds it failed in (dropout or error)
+        self.straggled: Counter[int] = Counter()  # client -> rounds its reply missed the deadline
+        self.last_failure: dict[int, str] = {}
+        if hasattr(grid, "pull_interval"):  # Flower's in-memory grid polls every 0.1 s by default
+            grid.pull_interval = pull_interval
 
     # --- delegation -------------------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -52,35 +66,52 @@ class SimulationGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     # --- what this wrapper adds ---------------------------------------------------------------
-    def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids(), key=lambda n: self.partition_of.get(n, n))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        messages = list(messages)
-        for m in messages:
-            self.bytes[f"{m.metadata.message_type.split('.')[0]}_down"] += content_bytes(m.content)
-        replies = self._exchange(messages, timeout)
-        for node, r in replies:
-            if not r.has_error():
-                self.bytes[f"{r.metadata.message_type.split('.')[0]}_up"] += content_bytes(r.content)
-        return [r for node, r in sorted(replies, key=lambda nr: self.partition_of.get(nr[0], nr[0]))]
-
-    def _exchange(self, messages: list[Message], timeout: float | None) -> list[tuple[int, Message]]:
-        """Send, wait, and pair each reply with the node it answers for (a reply's own
-        ``src_node_id`` is not reliable in simulation; its ``reply_to_message_id`` is)."""
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        return [(node_of[r.metadata.reply_to_message_id], r) for r in replies]
-
-    def discover(self, num_nodes: int) -> dict[int, int]:
-        """Wait for ``num_nodes`` nodes, then ask each for its partition id once; returns
-        ``{partition_id: node_id}``."""
-        while len(nodes := list(self._grid.get_node_ids())) < num_nodes:
+    def wait_for_nodes(self, num_nodes: int) -> None:
+        while len(nodes := sorted(self._grid.get_node_ids())) < num_nodes:
             time.sleep(0.05)
-        query = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        for node, reply in self._exchange(query, timeout=None):
-            self.partition_of[node] = int(reply.content["metrics"]["partition-id"])
-        return {p: n for n, p in self.partition_of.items()}
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(self.num_clients))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        if not messages:
+            return []
+        kinds = {m.metadata.message_type for m in messages}
+        if len(kinds) > 1:
+            raise ValueError(f"one message type per exchange, got {sorted(kinds)}")
+        kind = kinds.pop()
+        direction = kind.split(".")[0]
+        for m in messages:
+            self.bytes[f"{direction}_down"] += content_bytes(m.content)
+        chunks = [c for c in split_even(messages, min(len(self.nodes), len(messages))) if c]
+        packed = [Message(content=pack([(m.metadata.dst_node_id, m.content) for m in chunk]),
+                          message_type=kind, dst_node_id=node) for node, chunk in zip(self.nodes, chunks)]
+        replies = {r.metadata.reply_to_message_id: r for r in self._grid.send_and_receive(packed, timeout=timeout)}
+        out = []
+        for sent, chunk in zip(packed, chunks):
+            reply = replies.get(sent.metadata.message_id)
+            if reply is None or reply.has_error():
+                reason = "no reply from its node" if reply is None else reply.error.reason
+                contents, failures = {}, {m.metadata.dst_node_id: reason for m in chunk}
+            else:
+                contents, failures = unpack(reply.content)
+            for m in chunk:
+                client = m.metadata.dst_node_id
+                if client in failures:
+                    self.failed[client] += direction == "train"
+                    self.last_failure[client] = failures[client]
+                    out.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failures[client]), reply_to=m))
+                    continue
+                content = contents[client]
+                metrics = content.metric_records.get("metrics", {})
+                if self.deadline is not None and float(metrics.get("sim-time", 0.0)) > self.deadline:
+                    self.straggled[client] += 1  # its reply would arrive after the round closed
+                    continue
+                self.bytes[f"{direction}_up"] += content_bytes(content)
+                out.append(Message(content, reply_to=m))
+        return out
 
 
 @contextmanager
@@ -108,47 +139,61 @@ class SeededSampling:
             return list(super().configure_evaluate(server_round, arrays, config, grid))
 
 
+def successful(replies: Iterable[Message]) -> list[Message]:
+    return [r for r in replies if not r.has_error()]
+
+
 def evaluate_all(grid: SimulationGrid, arrays: ArrayRecord, server_round: int) -> list[dict]:
     """Evaluate ``arrays`` on every client's held-out split; one metrics row per client."""
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
     messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in grid.get_node_ids()]
-    replies = grid.send_and_receive(messages)
-    return client_rows([r.content for r in replies if not r.has_error()])
+    return client_rows([r.content for r in successful(grid.send_and_receive(messages))])
 
 
-RoundHook = Callable[[int, ArrayRecord, dict[str, int]], None]
+class Session:
+    """What a run does around the strategy (``octomil_sim.runner.RunSession`` implements it)."""
+
+    def start(self, strategy, grid: SimulationGrid) -> tuple[ArrayRecord, int]:
+        """The arrays to start from and the first round to run (> 1 when resuming a checkpoint)."""
+        raise NotImplementedError
+
+    def after_round(self, server_round: int, arrays: ArrayRecord, train_metrics: MetricRecord | None,
+                    evaluate_metrics: MetricRecord | None, strategy, grid: SimulationGrid) -> None:
+        raise NotImplementedError
+
+    def done(self, arrays: ArrayRecord, rows: list[dict], grid: SimulationGrid) -> None:
+        raise NotImplementedError
 
 
-def build_server_app(
-    make_strategy: Callable[[], object],
-    initial_arrays: Callable[[], ArrayRecord],
-    num_rounds: int,
-    num_nodes: int,
-    on_round: RoundHook,
-    on_done: Callable[[object, list[dict], dict[str, int], float], None],
-) -> ServerApp:
-    """A ServerApp that runs ``make_strategy()`` for ``num_rounds`` and then evaluates the final
-    model on every client; ``on_round(round, arrays, bytes_so_far)`` runs after each round and
-    ``on_done(result, client_rows, bytes, seconds)`` once at the end."""
+def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round: int, last_round: int,
+               after_round: Callable[..., None]) -> ArrayRecord:
+    """Flower's ``Strategy.start`` loop (train, aggregate, evaluate, aggregate) over rounds
+    ``first_round..last_round``, so that a resumed run keeps its round numbers (which seed sampling
+    and every client's SGD)."""
+    for server_round in range(first_round, last_round + 1):
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
+        after_round(server_round, arrays, train_metrics, evaluate_metrics, strategy, grid)
+    return arrays
+
+
+def build_server_app(make_strategy: Callable[[], object], session: Session, num_rounds: int, num_clients: int,
+                     num_nodes: int, deadline: float | None = None) -> ServerApp:
+    """A ServerApp that runs ``make_strategy()`` up to round ``num_rounds`` (from where ``session``
+    says to start) and then evaluates the final model on every client."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        started = time.perf_counter()
-        sim_grid = SimulationGrid(grid)
-        sim_grid.discover(num_nodes)
+        sim_grid = SimulationGrid(grid, num_clients, deadline)
+        sim_grid.wait_for_nodes(num_nodes)
         strategy = make_strategy()
-
-        def round_hook(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            on_round(server_round, arrays, dict(sim_grid.bytes))
-            return None
-
-        result = strategy.start(
-            grid=sim_grid, initial_arrays=initial_arrays(), num_rounds=num_rounds,
-            evaluate_fn=round_hook,
-        )
-        rows = evaluate_all(sim_grid, result.arrays, num_rounds)
-        on_done(result, rows, dict(sim_grid.bytes), time.perf_counter() - started)
+        arrays, first_round = session.start(strategy, sim_grid)
+        arrays = run_rounds(strategy, sim_grid, arrays, first_round, num_rounds, session.after_round)
+        session.done(arrays, evaluate_all(sim_grid, arrays, num_rounds), sim_grid)
 
     return app
-

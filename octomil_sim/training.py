@@ -19,6 +19,21 @@ class LocalTraining:
     seed: int
 
 
+class StepBudget:
+    """The local SGD steps a client may take for one message (its resource class's ``max_steps``,
+    see ``octomil_sim.system``); counts the steps taken, which set the client's simulated time."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit, self.used = limit, 0
+
+    def take(self) -> bool:
+        """Spend one step; False (and nothing spent) once the budget is used up."""
+        if self.limit is not None and self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """A seed that is a function of (run seed, round, client) alone, whatever actor runs it."""
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
@@ -43,16 +58,19 @@ def sgd_epochs(
     anchor: list[torch.Tensor] | None = None,
     lam: float = 0.0,
     params: list[torch.nn.Parameter] | None = None,
+    budget: StepBudget | None = None,
 ) -> float:
     """Minibatch SGD on cross-entropy, plus ``lam/2 ||theta - anchor||^2`` when ``anchor`` is given
-    (one tensor per parameter); only ``params`` move (default: all). Returns the mean training loss
-    of the last epoch."""
+    (one tensor per parameter); only ``params`` move (default: all); stops early when ``budget`` runs
+    out. Returns the mean training loss of the last epoch."""
     moving = {id(p) for p in (model.parameters() if params is None else params)}
     model.train()
     last = 0.0
     for _ in range(epochs):
         total, seen = 0.0, 0
         for idx in torch.randperm(len(y), generator=generator).split(batch_size):
+            if budget is not None and not budget.take():
+                break
             model.zero_grad()
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
@@ -66,7 +84,8 @@ def sgd_epochs(
                         p.copy_(prox_grad_step(p, p.grad, anchor[i], lam, lr))
             total += loss.item() * len(idx)
             seen += len(idx)
-        last = total / max(seen, 1)
+        if seen:
+            last = total / seen
     return last
 
 

@@ -61,7 +61,7 @@ class ReweightedFedAvg(FedAvg):
 def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
     """``hp.epochs`` of SGD on the client's training split (kwargs go to ``sgd_epochs``)."""
     hp, d = task.hp, task.data
-    options = {"epochs": hp.epochs, "lr": hp.lr, **kwargs}
+    options = {"epochs": hp.epochs, "lr": hp.lr, "budget": task.budget, **kwargs}
     return sgd_epochs(model, d.x_train, d.y_train, batch_size=hp.batch_size,
                       generator=task.generator, **options)
 
@@ -72,7 +72,7 @@ def stored_local_model(model: nn.Module, task: ClientTask, key: str, epochs: int
     local = copy.deepcopy(model)
     stored = task.state.load(key)
     if stored is None:
-        local_sgd(local, task, epochs=epochs)
+        local_sgd(local, task, epochs=epochs, budget=None)  # a one-off precomputation, outside the round budget
         task.state.save(key, local.state_dict())
     else:
         local.load_state_dict(stored)

@@ -67,6 +67,8 @@ class PFedMeClient(ClientAlgorithm):
         losses = []
         batches = torch.randperm(len(d.y_train), generator=task.generator).split(hp.batch_size)
         for r in range(self.local_rounds):
+            if not task.budget.take():  # one budget step per minibatch (its K inner steps)
+                break
             idx = batches[r % len(batches)]
             with torch.no_grad():
                 for t, w in zip(theta.parameters(), w_local):
@@ -82,7 +84,7 @@ class PFedMeClient(ClientAlgorithm):
             with torch.no_grad():
                 for t, w in zip(theta.parameters(), w_local):
                     w.copy_(local_update(w, t, self.lam, hp.lr))
-        return model.state_dict(), {"train_loss": sum(losses) / len(losses)}
+        return model.state_dict(), {"train_loss": sum(losses) / max(len(losses), 1)}
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         """``theta_hat(w)``: ``personal_epochs`` of prox-SGD on the client's data, anchored at ``w``."""

@@ -12,8 +12,9 @@ Scafflix solves it with probabilistic local training and control variates ``h_i`
 In the simulation a Flower round is one communication: the server draws the number of local steps
 ``L ~ Geometric(p)`` (the coin flips until the next communication) and sends it; the sampled clients
 take L steps, the last one uploaded. Right after averaging, the server sends the new ``x`` back to
-that round's clients (a ``train.sync`` message, counted in the bytes down), which apply the
-control-variate update with it; clients not sampled keep their ``h_i``. ``gamma_i`` is ``simulation.lr``; ``x_i*`` is found once with
+that round's clients that replied (a ``train.sync`` message, counted in the bytes down), which
+apply the control-variate update with it; other clients keep their ``h_i``. A client's resource
+class may cap its L (``system``). ``gamma_i`` is ``simulation.lr``; ``x_i*`` is found once with
 ``local_optimum_epochs`` of local SGD and kept, with ``h_i``, in the client-state store.
 """
 
@@ -71,21 +72,19 @@ class Scafflix(ReweightedFedAvg):
     def configure_train(self, server_round, arrays, config, grid):
         config["local-steps"] = self.local_steps(server_round)
         config["p"] = self.p
-        messages = super().configure_train(server_round, arrays, config, grid)
         self._grid, self._config = grid, config
-        self._participants = [m.metadata.dst_node_id for m in messages]
-        return messages
+        return super().configure_train(server_round, arrays, config, grid)
 
     def client_weights(self, server_round, metrics):
         return [float(m[WEIGHT]) for m in metrics]
 
     def aggregate_train(self, server_round, replies):
+        replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
+        if arrays is not None:  # the clients whose x_hat_i went into the average update h_i
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: self._config})
-            self._grid.send_and_receive(
-                [Message(content=content, message_type="train.sync", dst_node_id=n) for n in self._participants]
-            )
+            self._grid.send_and_receive([Message(content=content, message_type="train.sync", dst_node_id=r.metadata.src_node_id)
+                                         for r in replies if not r.has_error()])
         return arrays, metrics
 
 
@@ -122,6 +121,8 @@ class ScafflixClient(ClientAlgorithm):
         batches = torch.randperm(len(d.y_train), generator=task.generator).split(task.hp.batch_size)
         loss = torch.tensor(0.0)
         for step in range(steps):
+            if not task.budget.take():
+                break
             idx = batches[step % len(batches)]
             with torch.no_grad():
                 for q, xk, sk in zip(probe.parameters(), x, x_star):

@@ -127,12 +127,12 @@ def test_scafflix_server_weights_and_local_steps(task_identity):
             return []
 
     strategy = scafflix.Scafflix(p=0.25, seed=3)
-    strategy._grid, strategy._config, strategy._participants = Grid(), ConfigRecord({"p": 0.25}), [7, 8]
-    replies = [train_reply([np.array([1.0, 1.0], np.float32)], {"num-examples": 9, scafflix.WEIGHT: 0.5}),
-               train_reply([np.array([4.0, 4.0], np.float32)], {"num-examples": 1, scafflix.WEIGHT: 1.0})]
+    strategy._grid, strategy._config = Grid(), ConfigRecord({"p": 0.25})
+    replies = [train_reply([np.array([1.0, 1.0], np.float32)], {"num-examples": 9, scafflix.WEIGHT: 0.5}, node=7),
+               train_reply([np.array([4.0, 4.0], np.float32)], {"num-examples": 1, scafflix.WEIGHT: 1.0}, node=8)]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [3.0, 3.0])  # (0.5*1 + 1*4) / 1.5
-    # the round's clients get the new average at once, for their control-variate update
+    # the round's clients that replied get the new average at once, for their control-variate update
     assert [m.metadata.dst_node_id for m in Grid.sent] == [7, 8]
     assert all(m.metadata.message_type == "train.sync" for m in Grid.sent)
     np.testing.assert_allclose(Grid.sent[0].content["arrays"].to_numpy_ndarrays()[0], [3.0, 3.0])

@@ -44,4 +44,4 @@ def test_memory_store_needs_a_single_actor(make_cfg):
 
     with pytest.raises(ConfigError, match=r"simulation.state_store='memory': allowed: disk with 2 Ray actors"):
         validate(make_cfg("simulation.state_store=memory", "simulation.ray_num_cpus=2"))
-    validate(make_cfg("simulation.state_store=memory", "simulation.ray_num_cpus=1"))
+    validate(make_cfg("simulation.state_store=memory", "simulation.ray_num_cpus=1", "simulation.checkpoint_every=0"))

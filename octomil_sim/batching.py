@@ -1,0 +1,64 @@
+"""Several simulated clients per Flower message: the wire format both halves of the runtime share.
+
+Flower's simulation pays per message (dispatch to a Ray actor, polling for the reply) and per node
+(its engine walks every node's inbox ten times a second). The strategies still address one message
+per *client*; ``SimulationGrid`` packs the messages of a round into one message per Flower node
+(a worker, one per Ray actor), the ClientApp unpacks them, runs every client and packs the replies.
+
+A packed ``RecordDict`` holds each client's records under ``"<client>/<key>"``. A record that several
+clients share (FedAvg sends one ``ArrayRecord`` to all) travels once: later clients name it in the
+``clients`` ConfigRecord (``ref-keys`` -> ``ref-targets``). Failed clients are listed with their reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flwr.app import ConfigRecord, RecordDict
+
+CLIENTS = "clients"
+
+
+def pack(contents: Sequence[tuple[int, RecordDict]], failures: Sequence[tuple[int, str]] = ()) -> RecordDict:
+    """One RecordDict carrying every ``(client, content)``; shared records (same object) once."""
+    packed = RecordDict()
+    first_key: dict[int, str] = {}
+    ref_keys: list[str] = []
+    ref_targets: list[str] = []
+    for client, content in contents:
+        for key, record in content.items():
+            name = f"{client}/{key}"
+            if id(record) in first_key:
+                ref_keys.append(name)
+                ref_targets.append(first_key[id(record)])
+            else:
+                packed[name] = record
+                first_key[id(record)] = name
+    packed[CLIENTS] = ConfigRecord({
+        "ids": [c for c, _ in contents], "ref-keys": ref_keys, "ref-targets": ref_targets,
+        "failed-ids": [c for c, _ in failures], "failed-reasons": [r for _, r in failures],
+    })
+    return packed
+
+
+def unpack(packed: RecordDict) -> tuple[dict[int, RecordDict], dict[int, str]]:
+    """``({client: content}, {failed client: reason})`` of a packed RecordDict."""
+    index = packed[CLIENTS]
+    records: dict[int, dict] = {int(c): {} for c in index["ids"]}
+    targets = dict(zip(index["ref-keys"], index["ref-targets"]))
+    for name in [k for k in packed.keys() if k != CLIENTS] + list(targets):
+        client, key = name.split("/", 1)
+        records[int(client)][key] = packed[targets.get(name, name)]
+    failures = {int(c): str(r) for c, r in zip(index["failed-ids"], index["failed-reasons"])}
+    return {c: RecordDict(r) for c, r in records.items()}, failures
+
+
+def split_even(items: Sequence, parts: int) -> list[list]:
+    """``items`` in order, cut into ``parts`` contiguous chunks whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(list(items[start:end]))
+        start = end
+    return out
