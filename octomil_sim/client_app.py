@@ -44,10 +44,13 @@ class ClientTask:
     state: ClientState
     config: ConfigRecord
     budget: StepBudget = None  # type: ignore[assignment]
+    received: dict = None  # type: ignore[assignment]  # what ``ClientAlgorithm.load`` derived (e.g. masks)
 
     def __post_init__(self) -> None:
         if self.budget is None:
             self.budget = StepBudget()
+        if self.received is None:
+            self.received = {}
 
 
 class ClientAlgorithm:
@@ -62,6 +65,11 @@ class ClientAlgorithm:
         raise NotImplementedError
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
+        return model
+
+    def load(self, model: nn.Module, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
+        """Put the received arrays into ``model`` (override for compressed or partial formats)."""
+        model.load_state_dict(arrays.to_torch_state_dict())
         return model
 
     def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
@@ -93,10 +101,8 @@ class ClientRuntime:
     store: ClientStateStore
     system: SystemModel
 
-    def model_from(self, arrays: ArrayRecord) -> nn.Module:
-        model = build_model(self.cfg)
-        model.load_state_dict(arrays.to_torch_state_dict())
-        return model
+    def model_from(self, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
+        return self.algorithm.load(build_model(self.cfg), arrays, task)
 
     def task(self, content: RecordDict, pid: int, salt: int, max_steps: int | None = None) -> ClientTask:
         config = content.config_records.get("config", ConfigRecord())
@@ -111,21 +117,21 @@ class ClientRuntime:
         task = self.task(content, pid, salt=0, max_steps=resources.max_steps)
         if self.system.drops_out(pid, task.server_round):
             raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
-        upload, metrics = self.algorithm.train(self.model_from(content["arrays"]), task)
+        upload, metrics = self.algorithm.train(self.model_from(content["arrays"], task), task)
         metrics.update({"num-examples": task.data.num_train, "partition-id": pid,
                         "local-steps": task.budget.used, "sim-time": self.system.duration(pid, task.budget.used)})
         return RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
 
     def sync(self, pid: int, content: RecordDict) -> RecordDict:
         task = self.task(content, pid, salt=2)
-        self.algorithm.sync(self.model_from(content["arrays"]), task)
+        self.algorithm.sync(self.model_from(content["arrays"], task), task)
         return RecordDict({"metrics": MetricRecord({"partition-id": pid})})
 
     def evaluate(self, pid: int, content: RecordDict) -> RecordDict:
         task = self.task(content, pid, salt=1)
-        model, data = self.model_from(content["arrays"]), task.data
+        model, data = self.model_from(content["arrays"], task), task.data
         g_loss, g_acc = evaluate(model, data.x_test, data.y_test)
-        personal = self.algorithm.personalize(self.model_from(content["arrays"]), task)
+        personal = self.algorithm.personalize(self.model_from(content["arrays"], task), task)
         p_loss, p_acc = evaluate(personal, data.x_test, data.y_test)
         metrics = {
             "global_loss": g_loss, "global_acc": g_acc,

@@ -69,6 +69,8 @@ def validate(cfg: DictConfig) -> None:
     rank = cfg.model.get("input_rank")
     _require("dataset", cfg.dataset.name, rank is None or len(cfg.dataset.input_shape) == rank,
              f"model={cfg.model.name} needs {rank}-d inputs; datasets with them: mnist5k, femnist")
+    _require("model", cfg.model.name, bool(cfg.model.get("tokens", False)) == bool(cfg.dataset.get("tokens", False)),
+             "a token model (prompt_transformer) for token data (synthetic_tokens), another model otherwise")
     for part in ("server", "client"):
         _require(f"strategy.{part}", cfg.strategy.get(part), bool(cfg.strategy.get(part)) and "_target_" in cfg.strategy[part],
                  "a mapping with a _target_ (see conf/strategy/*.yaml)")

@@ -74,6 +74,44 @@ def synthetic_dataset(
     )
 
 
+def synthetic_tokens(
+    num_clients: int,
+    seq_len: int = 16,
+    vocab_size: int = 64,
+    num_classes: int = 4,
+    signal: float = 0.25,
+    label_skew: float = 0.3,
+    min_samples: int = 40,
+    max_samples: int = 200,
+    seed: int = 0,
+) -> datasets.Dataset:
+    """Token sequences for sequence classification, one natural client per generated user.
+
+    Each class c owns a block of ``vocab_size // num_classes`` tokens; a sequence of class y draws each
+    token from y's block with probability ``signal`` and uniformly otherwise. Client k draws its labels
+    from its own prior ``Dirichlet(label_skew)``, so what a client should predict for an ambiguous
+    sequence is personal: a per-client soft prompt can learn it, one shared model cannot.
+    """
+    if not 0 <= signal <= 1 or label_skew <= 0:
+        raise ConfigError(f"dataset.source.signal={signal}, dataset.source.label_skew={label_skew}: "
+                          "allowed: signal in [0, 1], label_skew > 0")
+    rng = np.random.default_rng(seed)
+    block = vocab_size // num_classes
+    xs, ys, ids = [], [], []
+    for k in range(num_clients):
+        n = int(rng.integers(min_samples, max_samples + 1))
+        y = rng.choice(num_classes, size=n, p=rng.dirichlet([label_skew] * num_classes))
+        from_block = rng.random((n, seq_len)) < signal
+        x = np.where(from_block, y[:, None] * block + rng.integers(0, block, (n, seq_len)),
+                     rng.integers(0, vocab_size, (n, seq_len)))
+        xs.append(x.astype(np.int64))
+        ys.append(y.astype(np.int64))
+        ids.append(np.full(n, k))
+    return datasets.Dataset.from_dict(
+        {"x": np.concatenate(xs), "y": np.concatenate(ys), "client_id": np.concatenate(ids).astype(np.int64)}
+    )
+
+
 def sklearn_digits() -> datasets.Dataset:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits
@@ -156,10 +194,14 @@ def _load_partitions(cfg: DictConfig):
 
 
 def _to_tensors(ds: datasets.Dataset, d: DictConfig):
-    """Features as float32 of shape ``(n, *dataset.input_shape)`` divided by ``dataset.scale``."""
+    """Features as float32 of shape ``(n, *dataset.input_shape)`` divided by ``dataset.scale`` (int64
+    token ids, unscaled, for ``dataset.tokens``)."""
     ds = ds.with_format("numpy")
-    x = np.asarray(ds[d.feature_key], dtype=np.float32) / d.scale
-    x = torch.from_numpy(x).reshape(len(x), *d.input_shape)
+    if d.get("tokens", False):  # token ids stay integers
+        x = torch.from_numpy(np.asarray(ds[d.feature_key], dtype=np.int64)).reshape(-1, *d.input_shape)
+    else:
+        x = np.asarray(ds[d.feature_key], dtype=np.float32) / d.scale
+        x = torch.from_numpy(x).reshape(len(x), *d.input_shape)
     y = torch.from_numpy(np.asarray(ds[d.label_key], dtype=np.int64))
     return x, y
 

@@ -46,7 +46,12 @@ class SystemModel:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "SystemModel":
-        system = cfg.get("system") or {"classes": {"full": {"share": 1.0}}, "deadline": None}
+        return cls.build(cfg.get("system"), int(cfg.simulation.seed), int(cfg.simulation.num_clients))
+
+    @classmethod
+    def build(cls, system, seed: int, num_clients: int) -> "SystemModel":
+        """From a ``conf/system`` mapping (None: every client in one class with full resources)."""
+        system = system or {"classes": {"full": {"share": 1.0}}, "deadline": None}
         classes = []
         for name, spec in system["classes"].items():
             rc = ResourceClass(name=str(name), **dict(spec))
@@ -57,11 +62,11 @@ class SystemModel:
             _check(f"system.classes.{name}.dropout", rc.dropout, 0 <= rc.dropout < 1, "a number in [0, 1)")
             classes.append(rc)
         total = sum(c.share for c in classes)
-        _check("system.classes", f"shares summing to {total:g}", classes and abs(total - 1) < 1e-6,
-               "shares that sum to 1")
+        _check("system.classes", {c.name: c.share for c in classes}, classes and abs(total - 1) < 1e-6,
+               "classes whose shares sum to 1")
         deadline = system.get("deadline")
         _check("system.deadline", deadline, deadline is None or deadline > 0, "null or a number > 0")
-        return cls(tuple(classes), deadline, int(cfg.simulation.seed), int(cfg.simulation.num_clients))
+        return cls(tuple(classes), deadline, seed, num_clients)
 
     @cached_property
     def assignment(self) -> list[str]:

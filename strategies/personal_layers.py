@@ -6,7 +6,9 @@ rest (``local_layers``) stay on the client, in the client-state store, and are n
 FedPer trains all layers together (``head_epochs=0``); FedRep first fits the local head with the
 shared body frozen for ``head_epochs``, then the body with the head frozen for ``local_epochs``.
 The server averages the uploaded layers and keeps the rest of the global model as it was
-(``merge_arrays``).
+(``merge_arrays``). Parameters the model freezes (a pretrained base) are neither trained nor
+uploaded: with ``local_layers: [prompt]`` and ``model=prompt_transformer`` this is prompt tuning
+(``conf/strategy/prompt_tuning.yaml``), each client's soft prompt kept in the client-state store.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class PersonalLayersClient(ClientAlgorithm):
             loss = local_sgd(model, task)
         state = model.state_dict()
         task.state.save(LOCAL, {k: v for k, v in state.items() if self.is_local(k)})
-        return {k: v for k, v in state.items() if not self.is_local(k)}, {"train_loss": loss}
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. a frozen base
+        return {k: v for k, v in state.items() if not self.is_local(k) and k not in frozen}, {"train_loss": loss}
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         local, _ = self._split(model)

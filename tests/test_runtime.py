@@ -1,0 +1,84 @@
+"""The runtime pieces added for scale and robustness: packing clients into Flower messages, the
+system model, checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from omegaconf import OmegaConf
+
+from octomil_sim.batching import pack, split_even, unpack
+from octomil_sim.checkpoint import load_checkpoint, save_checkpoint
+from octomil_sim.errors import ConfigError
+from octomil_sim.system import SystemModel
+from octomil_sim.training import StepBudget, sgd_epochs
+
+
+def test_pack_unpack_round_trip_sends_a_shared_record_once():
+    shared = ArrayRecord([np.arange(1000, dtype=np.float32)])
+    own = ConfigRecord({"server-round": 3})
+    contents = [(4, RecordDict({"arrays": shared, "config": own})),
+                (9, RecordDict({"arrays": shared, "config": ConfigRecord({"server-round": 3})}))]
+    packed = pack(contents, failures=[(5, "dropped")])
+    assert len(packed.array_records) == 1  # the model travels once for both clients
+    back, failed = unpack(packed)
+    assert sorted(back) == [4, 9] and failed == {5: "dropped"}
+    np.testing.assert_array_equal(back[9]["arrays"].to_numpy_ndarrays()[0], np.arange(1000))
+    assert back[9]["config"]["server-round"] == 3
+
+
+def test_split_even_keeps_order_and_balances():
+    assert split_even(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_even([1], 3) == [[1], [], []]
+
+
+def _system(**classes):
+    return OmegaConf.create({"simulation": {"seed": 0, "num_clients": 10},
+                             "system": {"classes": classes, "deadline": 10.0}})
+
+
+def test_system_classes_have_exact_shares_and_fixed_draws():
+    model = SystemModel.from_config(_system(low={"share": 0.3, "max_steps": 2, "speed": 0.5, "dropout": 0.5},
+                                            high={"share": 0.7}))
+    assert sorted(model.assignment).count("low") == 3
+    assert model.assignment == SystemModel.from_config(_system(
+        low={"share": 0.3, "max_steps": 2, "speed": 0.5, "dropout": 0.5}, high={"share": 0.7})).assignment
+    low = model.assignment.index("low")
+    assert model.duration(low, 4) == 8.0  # 4 steps at speed 0.5
+    drops = [model.drops_out(low, r) for r in range(400)]
+    assert 0.4 < np.mean(drops) < 0.6  # dropout 0.5
+    high = model.assignment.index("high")
+    assert not any(model.drops_out(high, r) for r in range(100))
+
+
+def test_system_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"system.classes=\{.a.: 0.5\}: allowed: classes whose shares sum to 1"):
+        SystemModel.from_config(_system(a={"share": 0.5}))
+    with pytest.raises(ConfigError, match=r"system.classes.a.dropout=1.5: allowed: a number in \[0, 1\)"):
+        SystemModel.from_config(_system(a={"share": 1.0, "dropout": 1.5}))
+
+
+def test_step_budget_cuts_local_sgd():
+    x, y = torch.randn(40, 2), torch.zeros(40, dtype=torch.long)
+    model = torch.nn.Linear(2, 2)
+    budget = StepBudget(3)
+    sgd_epochs(model, x, y, epochs=2, batch_size=4, lr=0.1, generator=torch.Generator().manual_seed(0), budget=budget)
+    assert budget.used == 3 and not budget.take()  # 20 steps asked, 3 allowed
+
+
+def test_checkpoint_restores_state_and_client_store(tmp_path):
+    store = tmp_path / "client_state"
+    (store / "key").mkdir(parents=True)
+    (store / "key" / "1.pt").write_text("round 2")
+    save_checkpoint(tmp_path, 2, {"round": 2, "mu": {"a": 0.5}}, store)
+    # after the checkpoint, the store changes the way DiskStateStore writes: new file, then rename
+    (store / "key" / "1.tmp").write_text("round 3")
+    (store / "key" / "1.tmp").replace(store / "key" / "1.pt")
+    (store / "key" / "2.pt").write_text("new in round 3")
+    state = load_checkpoint(tmp_path, store)
+    assert state == {"round": 2, "mu": {"a": 0.5}}
+    assert (store / "key" / "1.pt").read_text() == "round 2"
+    assert not (store / "key" / "2.pt").exists()
+    save_checkpoint(tmp_path, 4, {"round": 4}, store)
+    assert [p.name for p in (tmp_path / "checkpoint").glob("round_*")] == ["round_000004"]
+    assert load_checkpoint(tmp_path, store) == {"round": 4}
