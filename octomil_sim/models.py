@@ -59,7 +59,8 @@ class PromptTransformer(nn.Module):
     Lester et al. arXiv 2104.08691; per-client prompts as in pFedPrompt / FedPrompt).
 
     ``prompt`` (``prompt_length`` x d_model) is prepended to the token embeddings; the mean of the
-    encoder's outputs feeds ``head``. ``base`` (embeddings and encoder) never trains. The base is a
+    encoder's outputs at the prompt positions (which attend to the whole sequence, like a [CLS]
+    token whose query is the client's own) feeds ``head``. ``base`` (embeddings and encoder) never trains. The base is a
     small encoder built from this config (``vocab_size``, ``d_model``, ``num_layers``, ``num_heads``),
     or, with ``hf_name``, any Hugging Face encoder loaded by name (needs ``transformers`` and the hub).
     """
@@ -94,7 +95,7 @@ class PromptTransformer(nn.Module):
             embeds = torch.cat([prompt, self.base["embed"](tokens)], dim=1)
             embeds = embeds + self.base["position"].weight[: embeds.shape[1]]
             hidden = self.base["encoder"](embeds)
-        return self.head(hidden.mean(dim=1))
+        return self.head(hidden[:, : self.prompt.shape[0]].mean(dim=1))
 
 
 def _hf_encoder(name: str) -> nn.Module:

@@ -12,10 +12,13 @@ from octomil_sim.config import GROUPS, check_group_choices, group_options, valid
 from octomil_sim.errors import ConfigError
 from octomil_sim.runner import strategy_kwargs
 
-STRATEGIES = ("bounded_group_loss, ditto, fedavg, finetune, maxfl, personal_layers, pfedme, qffl, "
-              "scafflix, tilted")
-NEEDS = {"femnist_cnn": ["dataset=mnist5k", "partition=iid"], "personal_layers": ["model=mlp"]}
-DATASET_SHAPES = {"synthetic": (60,), "digits": (64,), "mnist5k": (1, 28, 28), "femnist": (1, 28, 28)}
+STRATEGIES = ("bounded_group_loss, ditto, fedavg, fedp3, finetune, maxfl, personal_layers, pfedme, "
+              "prompt_tuning, qffl, scafflix, tilted")
+TOKENS = ["dataset=synthetic_tokens", "model=prompt_transformer"]
+NEEDS = {"femnist_cnn": ["dataset=mnist5k", "partition=iid"], "personal_layers": ["model=mlp"],
+         "synthetic_tokens": TOKENS, "prompt_transformer": TOKENS, "prompt_tuning": TOKENS}
+DATASET_SHAPES = {"synthetic": (60,), "digits": (64,), "mnist5k": (1, 28, 28), "femnist": (1, 28, 28),
+                  "synthetic_tokens": (16,)}
 
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
