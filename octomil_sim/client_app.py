@@ -12,8 +12,9 @@ and ``personalized_acc`` (the model the algorithm's ``personalize`` returns; nev
 
 from __future__ import annotations
 
+import copy
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -43,14 +44,8 @@ class ClientTask:
     generator: torch.Generator
     state: ClientState
     config: ConfigRecord
-    budget: StepBudget = None  # type: ignore[assignment]
-    received: dict = None  # type: ignore[assignment]  # what ``ClientAlgorithm.load`` derived (e.g. masks)
-
-    def __post_init__(self) -> None:
-        if self.budget is None:
-            self.budget = StepBudget()
-        if self.received is None:
-            self.received = {}
+    budget: StepBudget = field(default_factory=StepBudget)  # local steps this message allows
+    received: dict = field(default_factory=dict)  # what ``ClientAlgorithm.load`` derived (e.g. masks)
 
 
 class ClientAlgorithm:
@@ -100,9 +95,10 @@ class ClientRuntime:
     hp: LocalTraining
     store: ClientStateStore
     system: SystemModel
+    template: nn.Module  # built once: Hydra's instantiate costs as much as a small client's update
 
     def model_from(self, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
-        return self.algorithm.load(build_model(self.cfg), arrays, task)
+        return self.algorithm.load(copy.deepcopy(self.template), arrays, task)
 
     def task(self, content: RecordDict, pid: int, salt: int, max_steps: int | None = None) -> ClientTask:
         config = content.config_records.get("config", ConfigRecord())
@@ -154,6 +150,7 @@ def client_runtime(cfg_yaml: str) -> ClientRuntime:
         hp=LocalTraining(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed),
         store=make_store(s.state_store, s.state_dir),
         system=SystemModel.from_config(cfg),
+        template=build_model(cfg),
     )
 
 

@@ -11,8 +11,14 @@ with the same schema (``image``, ``writer_id``, ``character``), which is what th
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import Partitioner
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from octomil_sim.errors import ConfigError
@@ -172,9 +178,35 @@ def _partitioner(cfg: DictConfig) -> Partitioner:
     return instantiate(kwargs)
 
 
+def cache_root() -> Path:
+    """Where generated datasets are kept (``OCTOMIL_SIM_CACHE``, default ``~/.cache/octomil_sim``)."""
+    return Path(os.environ.get("OCTOMIL_SIM_CACHE", Path.home() / ".cache" / "octomil_sim")) / "datasets"
+
+
+def _source(cfg: DictConfig):
+    """The configured source. A dataset generated in memory (synthetic, digits, mnist5k) is written
+    once to the cache as Arrow files and memory-mapped from there: every Ray actor then shares the
+    same pages instead of holding its own copy, so memory does not grow with actors x clients."""
+    spec = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+    if spec["_target_"].endswith("HubDataset"):
+        return instantiate(spec)
+    generator = get_method(spec["_target_"])  # its code is part of the key: a fix makes new data
+    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + inspect.getsource(generator)).encode()).hexdigest()[:16]
+    path = cache_root() / f"{cfg.dataset.name}-{key}"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        datasets.disable_progress_bars()
+        instantiate(spec).save_to_disk(str(tmp))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(path))
+
+
 def _load_partitions(cfg: DictConfig):
     """Return a function ``partition_id -> datasets.Dataset`` and the number of partitions."""
-    source = instantiate(cfg.dataset.source)
+    source = _source(cfg)
     partitioner = _partitioner(cfg)
     if isinstance(source, HubDataset):
         fds = FederatedDataset(dataset=source.path, partitioners={source.split: partitioner})
@@ -196,13 +228,14 @@ def _load_partitions(cfg: DictConfig):
 def _to_tensors(ds: datasets.Dataset, d: DictConfig):
     """Features as float32 of shape ``(n, *dataset.input_shape)`` divided by ``dataset.scale`` (int64
     token ids, unscaled, for ``dataset.tokens``)."""
-    ds = ds.with_format("numpy")
+    batch = ds.with_format("numpy")[:]  # one Arrow-to-NumPy conversion (a column read goes row by row)
+    features = np.stack(batch[d.feature_key]) if batch[d.feature_key].dtype == object else batch[d.feature_key]
     if d.get("tokens", False):  # token ids stay integers
-        x = torch.from_numpy(np.asarray(ds[d.feature_key], dtype=np.int64)).reshape(-1, *d.input_shape)
+        x = torch.from_numpy(np.asarray(features, dtype=np.int64)).reshape(-1, *d.input_shape)
     else:
-        x = np.asarray(ds[d.feature_key], dtype=np.float32) / d.scale
+        x = np.asarray(features, dtype=np.float32) / d.scale
         x = torch.from_numpy(x).reshape(len(x), *d.input_shape)
-    y = torch.from_numpy(np.asarray(ds[d.label_key], dtype=np.int64))
+    y = torch.from_numpy(np.asarray(batch[d.label_key], dtype=np.int64))
     return x, y
 
 

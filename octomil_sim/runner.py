@@ -243,6 +243,7 @@ def _quiet_logs() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # flwr-datasets' per-actor partitioning bars
     for name in ("flwr", "alembic", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
