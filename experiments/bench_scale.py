@@ -131,6 +131,15 @@ def plain_loop(out: Path, args: list[str]) -> None:
                                                  "total_s": time.perf_counter() - started}))
 
 
+def warm_cache(args: list[str]) -> None:
+    from hydra import compose, initialize_config_module
+
+    from octomil_sim.data import FederatedData
+
+    with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):
+        FederatedData(compose("config", overrides=args))
+
+
 def flower_final_weights(run_dir: Path) -> dict:
     ckpt = run_dir / "checkpoint"
     state = pickle.loads((ckpt / (ckpt / "LATEST").read_text() / "state.pkl").read_bytes())
@@ -143,9 +152,12 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--plain", nargs=argparse.REMAINDER)
+    parser.add_argument("--warm", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.plain:
         return plain_loop(Path(args.plain[0]), args.plain[1:])
+    if args.warm:
+        return warm_cache(args.warm)
 
     import numpy as np
 
@@ -161,6 +173,8 @@ def main() -> None:
         plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(plain_dir), *ov]
         for d in (flower_dir, plain_dir):
             subprocess.run(["rm", "-rf", str(d)], check=True)
+        # generate the dataset into the cache first: both sides then read the same memory-mapped files
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", *ov], check=True)
         t_flower, m_flower = measure(flower_cmd)
         t_plain, m_plain = measure(plain_cmd)
         a, b = flower_final_weights(flower_dir), pickle.loads((plain_dir / "weights.pkl").read_bytes())

@@ -231,12 +231,23 @@ def _count_clients(cfg_yaml: str) -> int:
     return FederatedData(OmegaConf.create(cfg_yaml)).num_clients
 
 
-def check_data(cfg: DictConfig) -> None:
-    """Fail fast (missing dataset, impossible partition) before Ray starts, in a child process:
-    the driver, like a real federation's server, never holds the clients' data."""
+def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
+    """Fail fast (missing dataset, impossible partition) before any client runs. The check loads the
+    data in a child process, since the driver, like a real federation's server, never holds the
+    clients' data; meanwhile Ray starts here through Flower's own backend code (which then finds it
+    running), so the two start-up costs overlap. A failed check stops Ray again."""
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        pool.submit(_count_clients, OmegaConf.to_yaml(cfg, resolve=True)).result()
+        checked = pool.submit(_count_clients, OmegaConf.to_yaml(cfg, resolve=True))
+        RayBackend(backend_config)
+        try:
+            checked.result()
+        except BaseException:
+            ray.shutdown()
+            raise
 
 
 def _quiet_logs() -> None:
@@ -268,14 +279,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     if (saved := checkpoint_config(output_dir)) is not None:
         check_same_experiment(saved, cfg, output_dir)
-    check_data(cfg)
     s = cfg.simulation
     started = time.perf_counter()
-    session = RunSession(cfg, output_dir)
     nodes = num_nodes(cfg)
     server_app = build_server_app(
         make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg)),
-        session=session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
+        session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
         deadline=SystemModel.from_config(cfg).deadline,
     )
     client_app = build_client_app(OmegaConf.to_yaml(cfg, resolve=True))
@@ -286,6 +295,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         "client_resources": {"num_cpus": s.num_cpus_per_client, "num_gpus": s.num_gpus_per_client},
         "init_args": init_args,
     }
+    check_data_while_ray_starts(cfg, backend_config)
+    session = RunSession(cfg, output_dir)
     with session.progress:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)

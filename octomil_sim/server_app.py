@@ -181,9 +181,9 @@ def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round:
     return arrays
 
 
-def build_server_app(make_strategy: Callable[[], object], session: Session, num_rounds: int, num_clients: int,
-                     num_nodes: int, deadline: float | None = None) -> ServerApp:
-    """A ServerApp that runs ``make_strategy()`` up to round ``num_rounds`` (from where ``session``
+def build_server_app(make_strategy: Callable[[], object], session: Callable[[], Session], num_rounds: int,
+                     num_clients: int, num_nodes: int, deadline: float | None = None) -> ServerApp:
+    """A ServerApp that runs ``make_strategy()`` up to round ``num_rounds`` (from where ``session()``
     says to start) and then evaluates the final model on every client."""
     app = ServerApp()
 
@@ -191,9 +191,9 @@ def build_server_app(make_strategy: Callable[[], object], session: Session, num_
     def main(grid: Grid, context: Context) -> None:
         sim_grid = SimulationGrid(grid, num_clients, deadline)
         sim_grid.wait_for_nodes(num_nodes)
-        strategy = make_strategy()
-        arrays, first_round = session.start(strategy, sim_grid)
-        arrays = run_rounds(strategy, sim_grid, arrays, first_round, num_rounds, session.after_round)
-        session.done(arrays, evaluate_all(sim_grid, arrays, num_rounds), sim_grid)
+        strategy, run = make_strategy(), session()
+        arrays, first_round = run.start(strategy, sim_grid)
+        arrays = run_rounds(strategy, sim_grid, arrays, first_round, num_rounds, run.after_round)
+        run.done(arrays, evaluate_all(sim_grid, arrays, num_rounds), sim_grid)
 
     return app
