@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -225,9 +226,9 @@ def _load_partitions(cfg: DictConfig):
     return partitioner.load_partition, partitioner.num_partitions
 
 
-def _to_tensors(ds: datasets.Dataset, d: DictConfig):
+def _to_tensors(ds: datasets.Dataset, d: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Features as float32 of shape ``(n, *dataset.input_shape)`` divided by ``dataset.scale`` (int64
-    token ids, unscaled, for ``dataset.tokens``)."""
+    token ids, unscaled, for ``dataset.tokens``), and int64 labels."""
     batch = ds.with_format("numpy")[:]  # one Arrow-to-NumPy conversion (a column read goes row by row)
     features = np.stack(batch[d.feature_key]) if batch[d.feature_key].dtype == object else batch[d.feature_key]
     if d.get("tokens", False):  # token ids stay integers
@@ -235,8 +236,19 @@ def _to_tensors(ds: datasets.Dataset, d: DictConfig):
     else:
         x = np.asarray(features, dtype=np.float32) / d.scale
         x = torch.from_numpy(x).reshape(len(x), *d.input_shape)
-    y = torch.from_numpy(np.asarray(batch[d.label_key], dtype=np.int64))
-    return x, y
+    return x, torch.from_numpy(np.asarray(batch[d.label_key], dtype=np.int64))
+
+
+def train_test_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of an ``n``-row partition in its train and test split: exactly those of HF's
+    ``Dataset.train_test_split(test_size=test_fraction, seed=seed)`` (ceil(test_fraction n) test rows
+    first in ``default_rng(seed).permutation(n)``), without building two more datasets."""
+    n_test = math.ceil(test_fraction * n)
+    if n - n_test < 1:
+        raise ConfigError(f"simulation.test_fraction={test_fraction}: a client with {n} examples keeps none for "
+                          "training; allowed: a smaller fraction, or a partition with larger clients")
+    permutation = np.random.default_rng(seed).permutation(n)
+    return permutation[n_test:], permutation[:n_test]
 
 
 class FederatedData:
@@ -257,11 +269,9 @@ class FederatedData:
     def client(self, partition_id: int) -> ClientData:
         if partition_id not in self._clients:
             d, s = self.cfg.dataset, self.cfg.simulation
-            part = self._load(partition_id)
-            split = part.train_test_split(test_size=s.test_fraction, seed=s.seed + partition_id)
-            xtr, ytr = _to_tensors(split["train"], d)
-            xte, yte = _to_tensors(split["test"], d)
-            self._clients[partition_id] = ClientData(xtr, ytr, xte, yte)
+            x, y = _to_tensors(self._load(partition_id), d)
+            train, test = (torch.from_numpy(i) for i in train_test_indices(len(y), s.test_fraction, s.seed + partition_id))
+            self._clients[partition_id] = ClientData(x[train], y[train], x[test], y[test])
         return self._clients[partition_id]
 
 

@@ -12,6 +12,7 @@ import copy
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+import torch
 from torch import nn
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
@@ -19,6 +20,12 @@ from octomil_sim.server_app import SeededSampling
 from octomil_sim.training import evaluate, sgd_epochs
 
 LOSS_BEFORE = "loss_before"
+
+
+def server_step(w: torch.Tensor, w_avg: torch.Tensor, lr: float) -> torch.Tensor:
+    """``(1 - lr) w + lr w_avg``: a server step of size ``lr`` from the model sent toward the clients'
+    average (FedOpt's server learning rate with SGD, arXiv 2003.00295; pFedMe's beta, Eq. 9)."""
+    return (1 - lr) * w + lr * w_avg
 
 
 class FedAvg(SeededSampling, FlowerFedAvg):
@@ -33,6 +40,13 @@ class FedAvg(SeededSampling, FlowerFedAvg):
     def configure_train(self, server_round, arrays, config, grid):
         self.sent = arrays
         return super().configure_train(server_round, arrays, config, grid)
+
+    def step_toward(self, averaged: ArrayRecord | None, lr: float) -> ArrayRecord | None:
+        """``server_step`` from the arrays sent this round toward ``averaged`` (as is when lr = 1)."""
+        if averaged is None or self.sent is None or lr == 1:
+            return averaged
+        previous = self.sent.to_torch_state_dict()
+        return ArrayRecord({k: server_step(previous[k], v, lr) for k, v in averaged.to_torch_state_dict().items()})
 
 
 class ReweightedFedAvg(FedAvg):

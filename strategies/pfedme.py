@@ -14,14 +14,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn import functional as F
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
 from octomil_sim.errors import ConfigError
 from octomil_sim.training import prox_grad_step
-from strategies.fedavg import FedAvg, local_sgd
+from strategies.fedavg import FedAvg, local_sgd, server_step
 
 
 def local_update(w_local: torch.Tensor, theta: torch.Tensor, lam: float, lr: float) -> torch.Tensor:
@@ -30,8 +29,8 @@ def local_update(w_local: torch.Tensor, theta: torch.Tensor, lam: float, lr: flo
 
 
 def server_update(w: torch.Tensor, w_avg: torch.Tensor, beta: float) -> torch.Tensor:
-    """pFedMe Eq. 9: ``(1 - beta) w + beta w_avg``."""
-    return (1 - beta) * w + beta * w_avg
+    """pFedMe Eq. 9: ``(1 - beta) w + beta w_avg``, the server step any strategy can take."""
+    return server_step(w, w_avg, beta)
 
 
 class PFedMe(FedAvg):
@@ -45,11 +44,7 @@ class PFedMe(FedAvg):
 
     def aggregate_train(self, server_round, replies):
         averaged, metrics = super().aggregate_train(server_round, replies)
-        if averaged is None or self.sent is None:
-            return averaged, metrics
-        previous = self.sent.to_torch_state_dict()
-        mixed = {k: server_update(previous[k], v, self.beta) for k, v in averaged.to_torch_state_dict().items()}
-        return ArrayRecord(mixed), metrics
+        return self.step_toward(averaged, self.beta), metrics
 
 
 class PFedMeClient(ClientAlgorithm):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from octomil_sim.errors import ConfigError
 from strategies.fedavg import LOSS_BEFORE, FedAvgClient, ReweightedFedAvg
 
 __all__ = ["TiltedFedAvg", "FedAvgClient", "tilted_weights"]
@@ -25,11 +26,20 @@ def tilted_weights(losses: Sequence[float], sizes: Sequence[float], t: float) ->
 
 
 class TiltedFedAvg(ReweightedFedAvg):
-    """``t``: the tilt (TERM's t); 0 is FedAvg, larger values favour high-loss clients."""
+    """``t``: the tilt (TERM's t); 0 is FedAvg, larger values favour high-loss clients.
+    ``server_lr``: the server's step toward the tilted average (1: take it whole). A large tilt puts
+    nearly all weight on the worst client of the round, whose local model then replaces the global
+    one and the worst client changes every round; a smaller step damps that oscillation."""
 
-    def __init__(self, t: float = 1.0, **kwargs):
+    def __init__(self, t: float = 1.0, server_lr: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        self.t = t
+        if not 0 < server_lr <= 1:
+            raise ConfigError(f"strategy.server.server_lr={server_lr}: allowed: a number in (0, 1]")
+        self.t, self.server_lr = t, server_lr
+
+    def aggregate_train(self, server_round, replies):
+        averaged, metrics = super().aggregate_train(server_round, replies)
+        return self.step_toward(averaged, self.server_lr), metrics
 
     def client_weights(self, server_round, metrics):
         return tilted_weights([float(m[LOSS_BEFORE]) for m in metrics],

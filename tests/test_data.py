@@ -94,3 +94,17 @@ def test_missing_dataset_offline_is_one_line(make_cfg, tmp_path):
 def test_natural_id_on_a_dataset_without_clients(make_cfg):
     with pytest.raises(ConfigError, match="partition=natural_id: dataset=digits .* allowed partitions"):
         FederatedData(make_cfg("dataset=digits"))
+
+
+def test_train_test_indices_are_hf_train_test_split():
+    """Clients split their rows exactly as HF's ``train_test_split`` does (the numbers before this
+    fast path and after it are the same)."""
+    import datasets
+
+    from octomil_sim.data import train_test_indices
+
+    for n, fraction, seed in ((10, 0.2, 0), (57, 0.2, 3), (5, 0.5, 11)):
+        ds = datasets.Dataset.from_dict({"i": list(range(n))})
+        split = ds.train_test_split(test_size=fraction, seed=seed)
+        train, test = train_test_indices(n, fraction, seed)
+        assert train.tolist() == split["train"]["i"] and test.tolist() == split["test"]["i"]

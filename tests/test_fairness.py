@@ -135,3 +135,20 @@ def test_maxfl_deploys_the_better_model_and_reports_it():
     good.load_state_dict(local)
     assert client.report(good, task) == {"served": 1.0}
     assert client.personalize(good, task) is good
+
+
+def test_server_step_by_hand_and_tilted_damping(task_identity):
+    from flwr.app import ArrayRecord
+
+    from strategies.fedavg import server_step
+    from strategies.tilted import TiltedFedAvg
+
+    torch.testing.assert_close(server_step(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0]), 0.25),
+                               torch.tensor([1.5, 1.5]))  # 0.75 * w + 0.25 * avg
+    strategy = TiltedFedAvg(t=0.0, server_lr=0.5)
+    strategy.sent = ArrayRecord([np.zeros(2, np.float32)])
+    replies = _replies([[2.0, 4.0], [6.0, 8.0]], [{"num-examples": 1, "loss_before": 0.1},
+                                                  {"num-examples": 3, "loss_before": 0.2}])
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # average (2*1 + 6*3)/4 = 5, (4*1 + 8*3)/4 = 7; half a step from 0
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [2.5, 3.5])
