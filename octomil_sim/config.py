@@ -80,15 +80,18 @@ def validate(cfg: DictConfig) -> None:
     SystemModel.from_config(cfg)
 
     _instantiate(cfg.strategy.client).check(build_model(cfg))
+    from octomil_sim.runner import strategy_kwargs
+
+    _instantiate(cfg.strategy.server, **strategy_kwargs(cfg))  # its own checks (p, sparsity, groups, ...)
 
 
-def _instantiate(node):
+def _instantiate(node, **kwargs):
     """Hydra's instantiate, with a ``ConfigError`` raised inside a constructor passed through."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node)
+        return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         while cause is not None and not isinstance(cause, ConfigError):

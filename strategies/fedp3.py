@@ -99,12 +99,12 @@ class FedP3(FedAvg):
                  system: dict | None = None, num_clients: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.system = SystemModel.build(system, self.seed, num_clients)
-        names = [c.name for c in self.system.classes]
+        names, given = [c.name for c in self.system.classes], target_sparsity
         if isinstance(target_sparsity, (int, float)):
             target_sparsity = {n: float(target_sparsity) for n in names}
         target_sparsity = dict(target_sparsity)
         if set(target_sparsity) != set(names) or not all(0 <= s < 1 for s in target_sparsity.values()):
-            raise ConfigError(f"strategy.server.target_sparsity={target_sparsity}: allowed: a number in [0, 1), "
+            raise ConfigError(f"strategy.server.target_sparsity={given}: allowed: a number in [0, 1), "
                               f"or one for each resource class of system ({', '.join(names)})")
         if upload_layers is not None and upload_layers < 1:
             raise ConfigError(f"strategy.server.upload_layers={upload_layers}: allowed: null or an integer >= 1")
