@@ -20,12 +20,12 @@ from functools import lru_cache
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from octomil_sim.batching import pack, unpack
 from octomil_sim.data import ClientData, FederatedData, federated_data
+from octomil_sim.errors import instantiate
 from octomil_sim.state import ClientState, ClientStateStore, make_store
 from octomil_sim.system import ClientDropout, SystemModel
 from octomil_sim.training import LocalTraining, StepBudget, client_seed, evaluate

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from octomil_sim.errors import ConfigError
+from octomil_sim.errors import ConfigError, instantiate
 
 GROUPS = ("dataset", "partition", "model", "strategy", "simulation", "system", "logger", "experiment")
 
@@ -79,23 +79,7 @@ def validate(cfg: DictConfig) -> None:
 
     SystemModel.from_config(cfg)
 
-    _instantiate(cfg.strategy.client).check(build_model(cfg))
+    instantiate(cfg.strategy.client).check(build_model(cfg))
     from octomil_sim.runner import strategy_kwargs
 
-    _instantiate(cfg.strategy.server, **strategy_kwargs(cfg))  # its own checks (p, sparsity, groups, ...)
-
-
-def _instantiate(node, **kwargs):
-    """Hydra's instantiate, with a ``ConfigError`` raised inside a constructor passed through."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+    instantiate(cfg.strategy.server, **strategy_kwargs(cfg))  # its own checks (p, sparsity, groups, ...)
