@@ -197,7 +197,11 @@ def _source(cfg: DictConfig):
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         datasets.disable_progress_bars()
-        instantiate(spec).save_to_disk(str(tmp))
+        generated = instantiate(spec)
+        try:
+            generated.save_to_disk(str(tmp))
+        except OSError:  # no writable cache: every process generates its own copy
+            return generated
         try:
             os.replace(tmp, path)
         except OSError:  # another process finished first
