@@ -104,6 +104,7 @@ class RunSession(Session):
         grid.bytes.update(saved["bytes"])
         grid.failed.update(saved["failed"])
         grid.straggled.update(saved["straggled"])
+        grid.last_failure.update(saved["last_failure"])
         self.rows, self._bytes = saved["rows"], dict(saved["bytes"])
         self.progress.advance(self.task, saved["round"])
         return ArrayRecord(saved["arrays"]), saved["round"] + 1
@@ -127,6 +128,7 @@ class RunSession(Session):
                 "round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy),
                 "rows": self.rows, "bytes": so_far, "failed": dict(grid.failed), "straggled": dict(grid.straggled),
+                "last_failure": dict(grid.last_failure),
             }, self.client_state)
 
     def done(self, arrays, rows: list[dict], grid: SimulationGrid) -> None:

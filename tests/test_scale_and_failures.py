@@ -45,8 +45,10 @@ def test_resume_from_checkpoint_equals_uninterrupted(make_cfg, tmp_path):
 
 
 def test_killed_run_resumes_to_identical_results(tmp_path):
-    """SIGKILL the whole process group once round 4's checkpoint exists, rerun the same command."""
-    args = [sys.executable, "-m", "octomil_sim", "strategy=ditto", "simulation.num_clients=20",
+    """SIGKILL the whole process group once round 4's checkpoint exists, rerun the same command
+    (heterogeneous clients, so dropouts and stragglers must also come out the same)."""
+    args = [sys.executable, "-m", "octomil_sim", "strategy=ditto", "system=heterogeneous", "system.deadline=20",
+            "simulation.num_clients=20",
             "simulation.clients_per_round=6", "simulation.rounds=8", "simulation.checkpoint_every=2",
             "simulation.fraction_evaluate=0", "+progress=false"]
     straight = tmp_path / "straight"
@@ -69,6 +71,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
 
     a, b = (json.loads((d / "results.json").read_text()) for d in (straight, killed))
     assert _numbers(a) == _numbers(b)
+    assert a["system"] == b["system"] and a["system"]["failed_rounds"] > 0
 
 
 def test_heterogeneous_clients_fail_and_straggle_but_the_run_finishes(make_cfg, tmp_path):
