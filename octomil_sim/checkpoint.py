@@ -46,14 +46,21 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict, client_state:
     return root / name
 
 
-def load_checkpoint(run_dir: Path, client_state: Path | None) -> dict | None:
-    """The newest checkpoint's state, with the client-state store put back as it was then; None if
-    the run has none."""
+def _latest(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint's folder and state, or None if the run has none."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not (root / "LATEST").exists():
         return None
     folder = root / (root / "LATEST").read_text().strip()
-    state = pickle.loads((folder / "state.pkl").read_bytes())
+    return folder, pickle.loads((folder / "state.pkl").read_bytes())
+
+
+def load_checkpoint(run_dir: Path, client_state: Path | None) -> dict | None:
+    """The newest checkpoint's state, with the client-state store put back as it was then; None if
+    the run has none."""
+    if (latest := _latest(run_dir)) is None:
+        return None
+    folder, state = latest
     if client_state is not None:
         shutil.rmtree(client_state, ignore_errors=True)
         if (folder / "client_state").exists():
@@ -63,8 +70,5 @@ def load_checkpoint(run_dir: Path, client_state: Path | None) -> dict | None:
 
 def checkpoint_config(run_dir: Path) -> dict | None:
     """The config of the run directory's newest checkpoint, or None."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    if not (root / "LATEST").exists():
-        return None
-    folder = root / (root / "LATEST").read_text().strip()
-    return pickle.loads((folder / "state.pkl").read_bytes())["config"]
+    latest = _latest(run_dir)
+    return None if latest is None else latest[1]["config"]

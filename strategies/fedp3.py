@@ -24,8 +24,7 @@ from torch import nn
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
 from octomil_sim.errors import ConfigError
 from octomil_sim.system import SystemModel
-from octomil_sim.training import sgd_epochs
-from strategies.fedavg import FedAvg
+from strategies.fedavg import FedAvg, local_sgd
 
 PERSONAL = "fedp3_personal"
 VALUES, BITS = "::values", "::mask"
@@ -189,7 +188,7 @@ class FedP3Client(ClientAlgorithm):
         global model for one local pass and keeps nothing."""
         stored = task.state.load(PERSONAL)
         if stored is None:
-            sgd_epochs(model, task.data.x_train, task.data.y_train, 1, task.hp.batch_size, task.hp.lr, task.generator)
+            local_sgd(model, task, epochs=1)
         else:
             model.load_state_dict(stored)
         return model
@@ -204,9 +203,7 @@ def masked_sgd(model: nn.Module, masks: dict[str, torch.Tensor], task: ClientTas
     named = dict(model.named_parameters())
     hooks = [named[n].register_hook(lambda g, m=m: g * m) for n, m in masks.items() if n in named]
     try:
-        hp, d = task.hp, task.data
-        return sgd_epochs(model, d.x_train, d.y_train, hp.epochs, hp.batch_size, hp.lr, task.generator,
-                          budget=task.budget)
+        return local_sgd(model, task)
     finally:
         for h in hooks:
             h.remove()
