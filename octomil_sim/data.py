@@ -25,12 +25,16 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import Partitioner
-from hydra.utils import get_method, instantiate
-from omegaconf import DictConfig, OmegaConf
 
-from octomil_sim.errors import ConfigError
+from octomil_sim.lazy_imports import defer_flwr_datasets_plots
+
+defer_flwr_datasets_plots()
+from flwr_datasets import FederatedDataset  # noqa: E402
+from flwr_datasets.partitioner import Partitioner  # noqa: E402
+from hydra.utils import get_method, instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from octomil_sim.errors import ConfigError  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------

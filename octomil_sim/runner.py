@@ -278,6 +278,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         cfg = OmegaConf.merge(cfg, {"simulation": {"state_dir": str(output_dir.resolve() / "client_state")}})
     from flwr.simulation import run_simulation  # after the env settings above
 
+    from octomil_sim.polling import prompt_simulation_runtime
+
     output_dir.mkdir(parents=True, exist_ok=True)
     if (saved := checkpoint_config(output_dir)) is not None:
         check_same_experiment(saved, cfg, output_dir)
@@ -299,7 +301,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     }
     check_data_while_ray_starts(cfg, backend_config)
     session = RunSession(cfg, output_dir)
-    with session.progress:
+    with session.progress, prompt_simulation_runtime():
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)
     results = session.results

@@ -37,7 +37,7 @@ def content_bytes(content: RecordDict) -> int:
 class SimulationGrid(Grid):
     """Flower's Grid seen as a federation of ``num_clients`` clients hosted on a few Flower nodes."""
 
-    def __init__(self, grid: Grid, num_clients: int, deadline: float | None = None, pull_interval: float = 0.01):
+    def __init__(self, grid: Grid, num_clients: int, deadline: float | None = None, pull_interval: float = 0.002):
         self._grid = grid
         self.num_clients, self.deadline = num_clients, deadline
         self.nodes: list[int] = []

@@ -82,3 +82,47 @@ def test_checkpoint_restores_state_and_client_store(tmp_path):
     save_checkpoint(tmp_path, 4, {"round": 4}, store)
     assert [p.name for p in (tmp_path / "checkpoint").glob("round_*")] == ["round_000004"]
     assert load_checkpoint(tmp_path, store) == {"round": 4}
+
+
+def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
+    import queue
+    import threading
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from octomil_sim.polling import prompt_simulation_runtime
+
+    original = vce_api.add_messages_to_queue, vce_api.Queue
+
+    class FakeState:  # two nodes' inboxes, read one message at a time as the LinkState is
+        def __init__(self):
+            self.inbox = {1: ["a", "b"], 2: ["c"]}
+
+        def get_message_ins(self, node_id, limit):
+            box = self.inbox[node_id]
+            return [box.pop(0)] if box else []
+
+    with prompt_simulation_runtime(scan_interval=0.001, stop_check=0.01):
+        q, stop = vce_api.Queue(), threading.Event()
+        scanner = threading.Thread(target=vce_api.add_messages_to_queue, args=(FakeState(), q, {1: 0, 2: 1}, stop))
+        scanner.start()
+        got = sorted(q.get(timeout=5) for _ in range(3))
+        stop.set()
+        scanner.join(timeout=5)
+        assert not scanner.is_alive()
+        with pytest.raises(queue.Empty):
+            q.get(timeout=3600)  # returns after stop_check: the caller's loop then sees its stop event
+    assert got == ["a", "b", "c"]
+    assert (vce_api.add_messages_to_queue, vce_api.Queue) == original
+
+
+def test_flwr_datasets_plots_load_only_when_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, octomil_sim.data\n"
+            "assert 'seaborn' not in sys.modules and 'scipy.stats' not in sys.modules\n"
+            "from flwr_datasets.partitioner import DirichletPartitioner\n"
+            "from flwr_datasets.visualization import plot_label_distributions\n"
+            "assert callable(plot_label_distributions) and 'seaborn' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
