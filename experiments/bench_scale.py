@@ -71,9 +71,17 @@ def tree_pss_mb(root: int) -> float:
     return total / 1024
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, peak PSS of its process tree in MB)."""
+def measure(cmd: list[str], out: Path) -> tuple[float, float]:
+    """Run ``cmd`` twice; return (wall seconds of a run left alone, peak PSS of its process tree in MB
+    sampled during a second run). Reading smaps of a dozen large processes every 0.1 s takes a
+    noticeable share of 2 cores, more for the Flower tree than for the single plain process, so
+    time and memory come from separate runs, each into an emptied ``out`` (no resume)."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE.parent).returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed; run it by hand to see why")
+    wall = time.perf_counter() - start
+    subprocess.run(["rm", "-rf", str(out)], check=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE.parent)
     peak = 0.0
     while proc.poll() is None:
@@ -81,7 +89,7 @@ def measure(cmd: list[str]) -> tuple[float, float]:
         time.sleep(0.1)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return time.perf_counter() - start, peak
+    return wall, peak
 
 
 # --- the plain loop (runs in a child: python bench_scale.py --plain OUT OVERRIDES...) ---------------
@@ -171,12 +179,10 @@ def main() -> None:
         flower_cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.checkpoint_every={args.rounds}",
                       f"hydra.run.dir={flower_dir}", "+progress=false"]
         plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(plain_dir), *ov]
-        for d in (flower_dir, plain_dir):
-            subprocess.run(["rm", "-rf", str(d)], check=True)
         # generate the dataset into the cache first: both sides then read the same memory-mapped files
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", *ov], check=True)
-        t_flower, m_flower = measure(flower_cmd)
-        t_plain, m_plain = measure(plain_cmd)
+        t_flower, m_flower = measure(flower_cmd, flower_dir)
+        t_plain, m_plain = measure(plain_cmd, plain_dir)
         a, b = flower_final_weights(flower_dir), pickle.loads((plain_dir / "weights.pkl").read_bytes())
         same = all(np.array_equal(a[k], b[k]) for k in a)
         # round 1 of the Flower run also holds Ray's and the actors' start-up: compare the rounds after it

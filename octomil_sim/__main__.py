@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import threading
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -38,6 +41,20 @@ def cli() -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     main()
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """End the process once the run (or sweep) is written: run the exit handlers (Ray's, logging's,
+    wandb's), flush, and skip the interpreter's module-by-module teardown of torch, Ray and datasets,
+    which costs about 0.8 s on 2 cores (4% of a 1,000-client benchmark run). Falls back to a normal
+    exit while a non-daemon thread still runs, since the interpreter would wait for it."""
+    if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -229,21 +228,17 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
     return out
 
 
-def _count_clients(cfg_yaml: str) -> int:
-    return FederatedData(OmegaConf.create(cfg_yaml)).num_clients
-
-
 def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
-    """Fail fast (missing dataset, impossible partition) before any client runs. The check loads the
-    data in a child process, since the driver, like a real federation's server, never holds the
-    clients' data; meanwhile Ray starts here through Flower's own backend code (which then finds it
-    running), so the two start-up costs overlap. A failed check stops Ray again."""
+    """Fail fast (missing dataset, impossible partition) before any client runs. The check opens the
+    data in a thread of this process (the data module is imported here already; partitions are
+    memory-mapped Arrow and are dropped once counted) while Ray starts through Flower's own backend
+    code (which then finds it running), so the two start-up costs overlap. A failed check stops
+    Ray again."""
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        checked = pool.submit(_count_clients, OmegaConf.to_yaml(cfg, resolve=True))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        checked = pool.submit(lambda: FederatedData(cfg).num_clients)
         RayBackend(backend_config)
         try:
             checked.result()
@@ -257,6 +252,10 @@ def _quiet_logs() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TQDM_DISABLE", "1")  # flwr-datasets' per-actor partitioning bars
+    # Ray prestarts one idle task worker per CPU; Flower's actors start their own worker processes,
+    # so those would only compete for the cores while Ray, the data check and the actors start
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     for name in ("flwr", "alembic", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

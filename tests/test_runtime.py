@@ -90,9 +90,11 @@ def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
 
     from flwr.server.superlink.fleet.vce import vce_api
 
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
     from octomil_sim.polling import prompt_simulation_runtime
 
-    original = vce_api.add_messages_to_queue, vce_api.Queue
+    original = vce_api.add_messages_to_queue, vce_api.Queue, RayBackend.terminate
 
     class FakeState:  # two nodes' inboxes, read one message at a time as the LinkState is
         def __init__(self):
@@ -112,8 +114,49 @@ def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
         assert not scanner.is_alive()
         with pytest.raises(queue.Empty):
             q.get(timeout=3600)  # returns after stop_check: the caller's loop then sees its stop event
+        assert RayBackend.terminate is not original[2]
     assert got == ["a", "b", "c"]
-    assert (vce_api.add_messages_to_queue, vce_api.Queue) == original
+    assert (vce_api.add_messages_to_queue, vce_api.Queue, RayBackend.terminate) == original
+
+
+def test_local_autoscaler_monitor_is_stopped_before_ray_shutdown():
+    import ray
+    from ray._private import ray_constants, worker
+
+    from octomil_sim.polling import stop_local_autoscaler
+
+    stop_local_autoscaler()  # no Ray running: nothing to do
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        monitor = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+        assert monitor.poll() is None
+        stop_local_autoscaler()
+        assert monitor.poll() is not None
+        assert ray.get(ray.remote(lambda: 7).remote()) == 7  # the cluster itself still works
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("busy_thread", [False, True])
+def test_cli_exit_runs_exit_handlers_and_skips_teardown(busy_thread):
+    """``exit_without_teardown`` ends the process after the exit handlers and flushed output, unless
+    a non-daemon thread still runs (then the interpreter must wait for it, so it returns)."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys, threading\n"
+            "from octomil_sim.__main__ import exit_without_teardown\n"
+            "atexit.register(lambda: print('handler ran'))\n"
+            "done = threading.Event()\n"
+            f"if {busy_thread}: threading.Thread(target=done.wait).start()\n"
+            "print('written', end=' ')\n"
+            "exit_without_teardown()\n"
+            "print('returned')\n"
+            "done.set()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == (["written", "returned", "handler", "ran"] if busy_thread
+                                   else ["written", "handler", "ran"])
 
 
 def test_flwr_datasets_plots_load_only_when_used():
