@@ -64,7 +64,7 @@ class ClientAlgorithm:
 
     def load(self, model: nn.Module, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
         """Put the received arrays into ``model`` (override for compressed or partial formats)."""
-        model.load_state_dict(arrays.to_torch_state_dict())
+        model.load_state_dict(received_state_dict(arrays))
         return model
 
     def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
@@ -77,6 +77,18 @@ class ClientAlgorithm:
 
     def check(self, model: nn.Module) -> None:
         """Raise ``ConfigError`` if this algorithm cannot work with ``model`` (run before Ray starts)."""
+
+
+_last_received: list = [None, None]  # [ArrayRecord, its state dict]: the one a message's clients share
+
+
+def received_state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """``arrays.to_torch_state_dict()``, decoded once for all the clients of a message that share
+    the record (the model is sent once per message). The tensors are shared: read them or copy
+    them (``load_state_dict`` copies), never change them in place."""
+    if _last_received[0] is not arrays:
+        _last_received[:] = arrays, arrays.to_torch_state_dict()
+    return _last_received[1]
 
 
 def build_model(cfg: DictConfig) -> nn.Module:

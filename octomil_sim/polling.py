@@ -7,16 +7,15 @@ ServerApp and the ClientApp actors with three kinds of thread, all polling:
 - the worker threads and ``put_message_into_state`` read their queues with a 1 s timeout only to
   look at the stop event: the run's end waits for them, up to a second each;
 - the ServerApp's ``InMemoryGrid`` pulls replies every 0.1 s (``SimulationGrid`` sets its own interval).
-At the end, ``RayBackend.terminate`` shuts the local Ray down, and ``ray.shutdown`` stops the GCS
-before Ray's autoscaler monitor, whose SIGTERM handler then tries to report to the stopped GCS until
-Ray kills it a second later.
+At the end, ``RayBackend.terminate`` shuts the local Ray down, which waits a second for an
+autoscaler monitor (see ``octomil_sim.local_ray``).
 
 ``prompt_simulation_runtime`` runs a simulation with the same functions and shorter waits: the scan
 repeats after ``scan_interval`` (or four times its own duration, when scanning many nodes is slow, so
 it never takes more than a fifth of a core) and the queue reads check the stop event every
-``stop_check`` seconds; the autoscaler monitor of a Ray this process started (a local cluster, which
-never scales) is killed just before the backend's own shutdown. Nothing else changes: the same
-threads, queues, LinkState and Ray backend.
+``stop_check`` seconds; an autoscaler monitor of a Ray node this process started is stopped just
+before the backend's own shutdown. Nothing else changes: the same threads, queues, LinkState and
+Ray backend.
 """
 
 from __future__ import annotations
@@ -30,20 +29,9 @@ from contextlib import contextmanager
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-__all__ = ["prompt_simulation_runtime", "stop_local_autoscaler"]
+from octomil_sim.local_ray import stop_local_autoscaler
 
-
-def stop_local_autoscaler() -> None:
-    """Kill the autoscaler monitor of the Ray node this process started, if any (none when it joined
-    a running cluster): a local single-node cluster has nothing to scale, and the monitor's exit
-    handler would otherwise hold ``ray.shutdown`` for a second."""
-    from ray._private import ray_constants, worker
-
-    node = worker._global_node
-    for info in (node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []):
-        if info.process.poll() is None:
-            info.process.kill()
-            info.process.wait(5)
+__all__ = ["prompt_simulation_runtime"]
 
 
 @contextmanager

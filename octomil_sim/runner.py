@@ -237,9 +237,12 @@ def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
+    from octomil_sim.local_ray import without_autoscaler
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         checked = pool.submit(lambda: FederatedData(cfg).num_clients)
-        RayBackend(backend_config)
+        with without_autoscaler():
+            RayBackend(backend_config)
         try:
             checked.result()
         except BaseException:

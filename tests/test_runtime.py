@@ -123,7 +123,7 @@ def test_local_autoscaler_monitor_is_stopped_before_ray_shutdown():
     import ray
     from ray._private import ray_constants, worker
 
-    from octomil_sim.polling import stop_local_autoscaler
+    from octomil_sim.local_ray import stop_local_autoscaler, without_autoscaler
 
     stop_local_autoscaler()  # no Ray running: nothing to do
     ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
@@ -133,6 +133,13 @@ def test_local_autoscaler_monitor_is_stopped_before_ray_shutdown():
         stop_local_autoscaler()
         assert monitor.poll() is not None
         assert ray.get(ray.remote(lambda: 7).remote()) == 7  # the cluster itself still works
+    finally:
+        ray.shutdown()
+    with without_autoscaler():  # how the runner starts Ray: no monitor at all, the cluster works
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        assert ray_constants.PROCESS_TYPE_MONITOR not in worker._global_node.all_processes
+        assert ray.get(ray.remote(lambda: 8).remote()) == 8
     finally:
         ray.shutdown()
 
@@ -169,3 +176,13 @@ def test_flwr_datasets_plots_load_only_when_used():
             "from flwr_datasets.visualization import plot_label_distributions\n"
             "assert callable(plot_label_distributions) and 'seaborn' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_received_state_dict_decodes_a_shared_record_once():
+    from octomil_sim.client_app import received_state_dict
+
+    ones, zeros = ArrayRecord({"w": torch.ones(2)}), ArrayRecord({"w": torch.zeros(2)})
+    first = received_state_dict(ones)
+    assert received_state_dict(ones) is first  # the next client of the same message: no decoding
+    assert torch.equal(received_state_dict(zeros)["w"], torch.zeros(2))
+    assert torch.equal(received_state_dict(ones)["w"], torch.ones(2))  # a new record is decoded again
