@@ -99,7 +99,8 @@ def main() -> None:
         names = ["FedAvg" if prefix == "tilted t=" and v == 0 else f"{prefix}{v:g}" for v in values]
         for key, style in (("global_acc", "-o"), ("global_acc_bottom10", "--o"), ("global_acc_std", ":o")):
             ax.plot(values, [statistics.mean(x[key] for x in finals[n]) for n in names], style, label=key)
-        ax.axhline(statistics.mean(x["global_acc_bottom10"] for x in finals["FedAvg"]), color="grey", lw=0.8)
+        ax.axhline(statistics.mean(x["global_acc_bottom10"] for x in finals["FedAvg"]), color="grey", lw=0.8,
+                   label="FedAvg bottom10")
         ax.set(xlabel=label, title=f"Synthetic(1, 1): {label}")
     tilt.set_ylabel("accuracy across clients")
     tilt.legend(fontsize=8)
