@@ -5,8 +5,7 @@ Python process that imports Ray's autoscaler (about 0.3 s of a core while the ac
 ``ray.shutdown``, holds the shutdown for a second: Ray stops the GCS before it, and the monitor's
 SIGTERM handler keeps trying to report to the stopped GCS until Ray kills it. A single-node
 simulation has nothing to scale; ``ray start --no-monitor`` leaves the monitor out of a head node,
-and ``without_autoscaler`` does the same for a node started by ``ray.init``. ``stop_local_autoscaler``
-stops a monitor that was started anyway, before the shutdown.
+and ``without_autoscaler`` does the same for a node started by ``ray.init``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["stop_local_autoscaler", "without_autoscaler"]
+__all__ = ["without_autoscaler"]
 
 
 @contextmanager
@@ -29,14 +28,3 @@ def without_autoscaler() -> Iterator[None]:
     finally:
         Node.start_monitor = start_monitor
 
-
-def stop_local_autoscaler() -> None:
-    """Kill the autoscaler monitor of the Ray node this process started, if it has one (none when it
-    joined a running cluster, or started its node ``without_autoscaler``)."""
-    from ray._private import ray_constants, worker
-
-    node = worker._global_node
-    for info in (node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []):
-        if info.process.poll() is None:
-            info.process.kill()
-            info.process.wait(5)

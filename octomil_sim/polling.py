@@ -7,15 +7,11 @@ ServerApp and the ClientApp actors with three kinds of thread, all polling:
 - the worker threads and ``put_message_into_state`` read their queues with a 1 s timeout only to
   look at the stop event: the run's end waits for them, up to a second each;
 - the ServerApp's ``InMemoryGrid`` pulls replies every 0.1 s (``SimulationGrid`` sets its own interval).
-At the end, ``RayBackend.terminate`` shuts the local Ray down, which waits a second for an
-autoscaler monitor (see ``octomil_sim.local_ray``).
 
 ``prompt_simulation_runtime`` runs a simulation with the same functions and shorter waits: the scan
 repeats after ``scan_interval`` (or four times its own duration, when scanning many nodes is slow, so
 it never takes more than a fifth of a core) and the queue reads check the stop event every
-``stop_check`` seconds; an autoscaler monitor of a Ray node this process started is stopped just
-before the backend's own shutdown. Nothing else changes: the same threads, queues, LinkState and
-Ray backend.
+``stop_check`` seconds. Nothing else changes: the same threads, queues, LinkState and Ray backend.
 """
 
 from __future__ import annotations
@@ -27,9 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
-from octomil_sim.local_ray import stop_local_autoscaler
 
 __all__ = ["prompt_simulation_runtime"]
 
@@ -51,16 +44,9 @@ def prompt_simulation_runtime(scan_interval: float = 0.002, stop_check: float = 
                     messages.put(msg)
             f_stop.wait(max(scan_interval, 4 * (time.perf_counter() - started)))
 
-    flower_terminate = RayBackend.terminate
-
-    def terminate(self) -> None:
-        stop_local_autoscaler()
-        flower_terminate(self)
-
     saved = vce_api.add_messages_to_queue, vce_api.Queue
-    vce_api.add_messages_to_queue, vce_api.Queue, RayBackend.terminate = add_messages_to_queue, StopCheckingQueue, terminate
+    vce_api.add_messages_to_queue, vce_api.Queue = add_messages_to_queue, StopCheckingQueue
     try:
         yield
     finally:
         vce_api.add_messages_to_queue, vce_api.Queue = saved
-        RayBackend.terminate = flower_terminate

@@ -250,7 +250,8 @@ def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
             raise
 
 
-def _quiet_logs() -> None:
+def _runtime_environment() -> None:
+    """Quiet logs and a lean Ray, set before Flower and Ray are imported."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -274,7 +275,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     """Run the experiment ``cfg`` (or resume it from ``output_dir``'s checkpoint); returns the
     results dict also written to ``results.json``."""
     validate(cfg)
-    _quiet_logs()
+    _runtime_environment()
     output_dir = Path(output_dir)
     if cfg.simulation.state_dir is None:
         cfg = OmegaConf.merge(cfg, {"simulation": {"state_dir": str(output_dir.resolve() / "client_state")}})

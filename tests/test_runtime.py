@@ -90,11 +90,9 @@ def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
 
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
     from octomil_sim.polling import prompt_simulation_runtime
 
-    original = vce_api.add_messages_to_queue, vce_api.Queue, RayBackend.terminate
+    original = vce_api.add_messages_to_queue, vce_api.Queue
 
     class FakeState:  # two nodes' inboxes, read one message at a time as the LinkState is
         def __init__(self):
@@ -114,29 +112,21 @@ def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
         assert not scanner.is_alive()
         with pytest.raises(queue.Empty):
             q.get(timeout=3600)  # returns after stop_check: the caller's loop then sees its stop event
-        assert RayBackend.terminate is not original[2]
     assert got == ["a", "b", "c"]
-    assert (vce_api.add_messages_to_queue, vce_api.Queue, RayBackend.terminate) == original
+    assert (vce_api.add_messages_to_queue, vce_api.Queue) == original
 
 
-def test_local_autoscaler_monitor_is_stopped_before_ray_shutdown():
+def test_ray_started_without_autoscaler_has_no_monitor_and_works():
     import ray
     from ray._private import ray_constants, worker
+    from ray._private.node import Node
 
-    from octomil_sim.local_ray import stop_local_autoscaler, without_autoscaler
+    from octomil_sim.local_ray import without_autoscaler
 
-    stop_local_autoscaler()  # no Ray running: nothing to do
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
-    try:
-        monitor = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
-        assert monitor.poll() is None
-        stop_local_autoscaler()
-        assert monitor.poll() is not None
-        assert ray.get(ray.remote(lambda: 7).remote()) == 7  # the cluster itself still works
-    finally:
-        ray.shutdown()
-    with without_autoscaler():  # how the runner starts Ray: no monitor at all, the cluster works
+    start_monitor = Node.start_monitor
+    with without_autoscaler():  # how the runner starts Ray
         ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    assert Node.start_monitor is start_monitor
     try:
         assert ray_constants.PROCESS_TYPE_MONITOR not in worker._global_node.all_processes
         assert ray.get(ray.remote(lambda: 8).remote()) == 8
