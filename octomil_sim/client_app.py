@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -46,6 +47,15 @@ class ClientTask:
     config: ConfigRecord
     budget: StepBudget = field(default_factory=StepBudget)  # local steps this message allows
     received: dict = field(default_factory=dict)  # what ``ClientAlgorithm.load`` derived (e.g. masks)
+    initial: Callable[[], nn.Module] | None = None  # a fresh copy of the run's round-0 global model
+
+    def initial_model(self) -> nn.Module:
+        """The run's initial global model (the same weights every client and the server start
+        from), e.g. the shared starting point of a model a client trains alone (Scafflix's x_i*,
+        MaxFL's rho_i). Without a runtime (unit tests) there is none."""
+        if self.initial is None:
+            raise RuntimeError("this task has no initial model (built outside a ClientRuntime)")
+        return self.initial()
 
 
 class ClientAlgorithm:
@@ -97,6 +107,14 @@ def build_model(cfg: DictConfig) -> nn.Module:
     return instantiate(cfg.model.net, input_shape=tuple(d.input_shape), num_classes=d.num_classes)
 
 
+def build_initial_model(cfg: DictConfig) -> nn.Module:
+    """The round-0 global model of a run: ``build_model`` under ``torch.manual_seed(simulation.seed)``
+    (the global RNG is restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.simulation.seed)
+        return build_model(cfg)
+
+
 @dataclass
 class ClientRuntime:
     """What one process (a Ray actor) keeps between messages: data, model shape, algorithm."""
@@ -108,6 +126,12 @@ class ClientRuntime:
     store: ClientStateStore
     system: SystemModel
     template: nn.Module  # built once: Hydra's instantiate costs as much as a small client's update
+    _initial: nn.Module | None = None
+
+    def initial_model(self) -> nn.Module:
+        if self._initial is None:
+            self._initial = build_initial_model(self.cfg)
+        return copy.deepcopy(self._initial)
 
     def model_from(self, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
         return self.algorithm.load(copy.deepcopy(self.template), arrays, task)
@@ -117,7 +141,7 @@ class ClientRuntime:
         server_round = int(config.get("server-round", 0))
         generator = torch.Generator().manual_seed(client_seed(self.hp.seed + salt, server_round, pid))
         return ClientTask(pid, server_round, self.data.client(pid), self.hp, generator,
-                          self.store.bind(pid), config, StepBudget(max_steps))
+                          self.store.bind(pid), config, StepBudget(max_steps), initial=self.initial_model)
 
     # --- one client's share of a message --------------------------------------------------------
     def train(self, pid: int, content: RecordDict) -> RecordDict:

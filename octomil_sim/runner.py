@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from octomil_sim.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
-from octomil_sim.client_app import build_client_app, build_model
+from octomil_sim.client_app import build_client_app, build_initial_model
 from octomil_sim.config import validate
 from octomil_sim.data import FederatedData
 from octomil_sim.errors import ConfigError
@@ -69,8 +69,8 @@ def strategy_kwargs(cfg: DictConfig) -> dict:
 
 
 def initial_arrays(cfg: DictConfig) -> ArrayRecord:
-    torch.manual_seed(cfg.simulation.seed)
-    return ArrayRecord(build_model(cfg).state_dict())
+    torch.manual_seed(cfg.simulation.seed)  # the driver's RNG after this point stays what it always was
+    return ArrayRecord(build_initial_model(cfg).state_dict())
 
 
 class RunSession(Session):
