@@ -81,9 +81,12 @@ def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
 
 
 def stored_local_model(model: nn.Module, task: ClientTask, key: str, epochs: int) -> nn.Module:
-    """The client's own model under ``key`` in its state store; the first time, trained by
-    ``epochs`` of local SGD from ``model`` (left untouched) and stored."""
-    local = copy.deepcopy(model)
+    """The client's own model under ``key`` in its state store: the model it trains alone,
+    ``argmin f_i`` approximated the first time by ``epochs`` of local SGD from the run's initial
+    global model (the same start for every client, whatever round it is first sampled in; Scafflix's
+    x_i*, MaxFL's rho_i), then stored. Outside a client runtime (unit tests) it starts from a copy of
+    ``model``, which is left untouched either way."""
+    local = task.initial_model() if task.initial is not None else copy.deepcopy(model)
     stored = task.state.load(key)
     if stored is None:
         local_sgd(local, task, epochs=epochs, budget=None)  # a one-off precomputation, outside the round budget
