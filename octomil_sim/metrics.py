@@ -11,33 +11,95 @@ from flwr.app import MetricRecord, RecordDict
 
 from octomil_sim.errors import ConfigError
 
-#: per-client metrics that get a weighted mean, bottom-10% mean and spread in every summary
+#: per-client metrics that get a summary in every evaluation round and in ``final``
 SUMMARIZED = ("global_acc", "personalized_acc", "global_loss", "personalized_loss")
 
+#: what each summary key means; written into ``results.json`` as ``metric_definitions``
+DEFINITIONS = {
+    "<m>": "pooled over clients: sum_k n_k m_k / sum_k n_k with n_k the client's test examples; for an "
+           "accuracy this is correct predictions / test examples of all clients (pFedMe, Ditto, Flower's "
+           "weighted default)",
+    "<m>_client_mean": "unweighted mean over clients: 1/K sum_k m_k (q-FFL, TERM, FederatedScope's fairness "
+                       "reports)",
+    "<m>_bottom10": "mean over the worst 10% of clients (at least one): the lowest accuracies, the highest "
+                    "losses",
+    "<m>_top10": "mean over the best 10% of clients (at least one): the highest accuracies, the lowest losses",
+    "<m>_std": "population std of the unweighted per-client values around their unweighted mean",
+    "<m>_var": "population variance of the unweighted per-client values (q-FFL reports it x 10^4)",
+    "worst_group_improvement": "min over groups g of the mean over g's clients of (personalized_acc - "
+                               "global_acc); without groups, one group: the worst 10% of clients by "
+                               "global_acc (the same clients on both sides)",
+    "best_round": "per round-level key, the best value over the evaluation rounds and its round (max for "
+                  "accuracies, min for losses); over the clients evaluated in that round "
+                  "(simulation.fraction_evaluate), so it is optimistic unless every client is evaluated",
+}
 
-def summarize(values: Sequence[float], weights: Sequence[float]) -> dict[str, float]:
-    """Example-weighted mean, mean of the worst 10% of clients (at least one) and the std across
-    clients (population std, each client counted once)."""
+
+def higher_is_better(key: str) -> bool:
+    """Accuracies go up, losses go down: which end of a metric is its worst."""
+    return "loss" not in key
+
+
+def summarize(values: Sequence[float], weights: Sequence[float], higher_better: bool = True) -> dict[str, float]:
+    """Pooled (``weights``-weighted) mean, unweighted ``client_mean``, the means of the worst and the
+    best 10% of clients (at least one each; worst = lowest when ``higher_better``, else highest),
+    and the population std and variance of the unweighted values (each client counted once)."""
     n = len(values)
     if n == 0:
-        return {"mean": float("nan"), "bottom10": float("nan"), "std": float("nan")}
+        return {k: float("nan") for k in ("mean", "client_mean", "bottom10", "top10", "std", "var")}
     total = sum(weights)
-    mean = sum(v * w for v, w in zip(values, weights)) / total if total else sum(values) / n
-    worst = sorted(values)[: max(1, math.floor(0.1 * n))]
     avg = sum(values) / n
-    std = math.sqrt(sum((v - avg) ** 2 for v in values) / n)
-    return {"mean": mean, "bottom10": sum(worst) / len(worst), "std": std}
+    mean = sum(v * w for v, w in zip(values, weights)) / total if total else avg
+    tail = max(1, math.floor(0.1 * n))
+    ordered = sorted(values, reverse=not higher_better)  # worst first
+    var = sum((v - avg) ** 2 for v in values) / n
+    return {"mean": mean, "client_mean": avg, "bottom10": sum(ordered[:tail]) / tail,
+            "top10": sum(ordered[-tail:]) / tail, "std": math.sqrt(var), "var": var}
 
 
 def summarize_clients(rows: Sequence[dict], weight_key: str = "num-examples") -> dict[str, float]:
-    """Flat summary of per-client rows: ``global_acc`` (weighted mean), ``global_acc_bottom10``,
-    ``global_acc_std``, and the same for every other key in ``SUMMARIZED`` that the rows carry."""
+    """Flat summary of per-client rows: ``global_acc`` (pooled), ``global_acc_client_mean``,
+    ``global_acc_bottom10`` / ``_top10`` (worst / best tenth), ``global_acc_std`` / ``_var``, the same
+    for every other key in ``SUMMARIZED`` that the rows carry, and ``worst_group_improvement`` (over
+    the worst tenth by global accuracy) when the rows carry both accuracies."""
     out: dict[str, float] = {"num_clients": float(len(rows))}
     weights = [float(r[weight_key]) for r in rows]
     for key in SUMMARIZED:
         if rows and key in rows[0]:
-            s = summarize([float(r[key]) for r in rows], weights)
-            out[key], out[f"{key}_bottom10"], out[f"{key}_std"] = s["mean"], s["bottom10"], s["std"]
+            s = summarize([float(r[key]) for r in rows], weights, higher_is_better(key))
+            out[key] = s.pop("mean")
+            out.update({f"{key}_{name}": v for name, v in s.items()})
+    if rows and "global_acc" in rows[0] and "personalized_acc" in rows[0]:
+        out["worst_group_improvement"] = mean_improvement(worst_tenth(rows, "global_acc"))
+    return out
+
+
+def worst_tenth(rows: Sequence[dict], key: str) -> list[dict]:
+    """The worst 10% of ``rows`` by ``key`` (at least one), ties broken by position."""
+    tail = max(1, math.floor(0.1 * len(rows)))
+    order = sorted(range(len(rows)), key=lambda i: (float(rows[i][key]) * (1 if higher_is_better(key) else -1), i))
+    return [rows[i] for i in order[:tail]]
+
+
+def mean_improvement(rows: Sequence[dict]) -> float:
+    """Mean over ``rows`` (clients) of ``personalized_acc - global_acc``: what personalization gains them."""
+    if not rows:
+        return float("nan")
+    return sum(float(r["personalized_acc"]) - float(r["global_acc"]) for r in rows) / len(rows)
+
+
+def best_rounds(rounds: Sequence[dict], keys: Sequence[str] | None = None) -> dict[str, dict]:
+    """For every evaluated per-round ``key`` (default: the accuracies and losses, pooled and client
+    mean), ``{"value": best, "round": r}``: the maximum over rounds for accuracies, the minimum for
+    losses; the earliest round wins a tie."""
+    keys = keys or [f"{m}{suffix}" for m in SUMMARIZED for suffix in ("", "_client_mean")]
+    out = {}
+    for key in keys:
+        seen = [(float(r[key]), r["round"]) for r in rounds if key in r and not math.isnan(float(r[key]))]
+        if seen:
+            sign = 1 if higher_is_better(key) else -1
+            value, rnd = max(seen, key=lambda vr: (sign * vr[0], -vr[1]))
+            out[key] = {"value": value, "round": rnd}
     return out
 
 
@@ -82,6 +144,23 @@ def load_groups(path: str | Path, num_clients: int | None = None) -> dict[int, s
 
 
 def group_summaries(rows: Sequence[dict], groups: dict[int, str], weight_key: str) -> dict[str, dict]:
-    """``summarize_clients`` of each group's clients."""
+    """``summarize_clients`` of each group's clients; ``improvement`` is the mean over the group's
+    clients of ``personalized_acc - global_acc`` (when the rows carry both)."""
     names = sorted({groups[r["partition_id"]] for r in rows})
-    return {g: summarize_clients([r for r in rows if groups[r["partition_id"]] == g], weight_key) for g in names}
+    out = {}
+    for g in names:
+        members = [r for r in rows if groups[r["partition_id"]] == g]
+        out[g] = summarize_clients(members, weight_key)
+        out[g].pop("worst_group_improvement", None)
+        if "personalized_acc" in members[0]:
+            out[g]["improvement"] = mean_improvement(members)
+    return out
+
+
+def worst_group_improvement(summaries: dict[str, dict]) -> dict:
+    """The worst group's ``improvement`` (personalized minus global accuracy) and which group it is."""
+    scored = {g: m["improvement"] for g, m in summaries.items() if "improvement" in m}
+    if not scored:
+        return {}
+    worst = min(sorted(scored), key=lambda g: scored[g])
+    return {"value": scored[worst], "group": worst, "per_group": scored}

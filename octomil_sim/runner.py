@@ -30,11 +30,14 @@ from octomil_sim.data import FederatedData
 from octomil_sim.errors import ConfigError
 from octomil_sim.loggers import make_logger
 from octomil_sim.metrics import (
+    DEFINITIONS,
+    best_rounds,
     evaluate_aggregation,
     group_summaries,
     load_groups,
     summarize_clients,
     train_aggregation,
+    worst_group_improvement,
 )
 from octomil_sim.plots import plot_run
 from octomil_sim.server_app import Session, SimulationGrid, build_server_app
@@ -143,8 +146,10 @@ class RunSession(Session):
             "bytes_down": total_bytes.get("train_down", 0),
             "bytes_evaluate_down": total_bytes.get("evaluate_down", 0),
             "driver_rss_mb": driver_rss_mb(),
+            "best_round": best_rounds(self.rows),
         })
         self.results = {
+            "metric_definitions": DEFINITIONS,
             "name": f"{self.cfg.strategy.name} on {self.cfg.dataset.name}",
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "rounds": self.rows,
@@ -213,6 +218,7 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
     if cfg.get("groups_file"):
         groups = load_groups(cfg.groups_file, cfg.simulation.num_clients)
         out["groups"] = group_summaries(clients, groups, "num_test")
+        out["worst_group_improvement"] = worst_group_improvement(out["groups"])
         bound = cfg.strategy.server.get("max_group_loss")
         if bound is not None:
             losses = {g: m["global_loss"] for g, m in out["groups"].items()}
