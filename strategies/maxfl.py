@@ -1,14 +1,38 @@
-"""Appeal-aware MaxFL (Cho, Wang, Joshi, Smith; arXiv 2205.14840).
+"""Appeal-aware MaxFL (Cho, Jhunjhunwala, Li, Smith, Joshi; "Maximizing Global Model Appeal in
+Federated Learning", arXiv 2205.14840).
 
 A client finds the global model appealing when its loss there is below the loss of the model it
 could train alone: ``f_i(w) < rho_i``. MaxFL maximises the number of such clients through the
-smooth surrogate ``sum_i sigmoid(rho_i - f_i(w))``, whose gradient weighs client i's update by
-``sigma'(f_i(w) - rho_i)`` (``appeal_weights``): clients near the appeal boundary count most.
+smooth surrogate ``sum_i sigmoid(rho_i - f_i(w))``, whose gradient (up to sign) is
+``sum_i q_i grad f_i(w)`` with ``q_i = sigma'(f_i(w) - rho_i)``: clients near the appeal boundary
+count most, clients far on either side count almost nothing.
 
-Client half: trains its local model once (``local_epochs_rho`` epochs, kept in the state store),
-reports ``rho_i`` (that model's training loss) beside ``loss_before`` = f_i(w), deploys whichever of
-the global and its local model has the lower training loss, and reports ``served`` (1 if the global
-model serves it). ``results.json`` lists the served clients and recommends personalization for the rest.
+Map to the paper (Sec. 4, Algorithm 1) and to this file:
+
+- ``appeal_weights``: ``q_i = sigma'(f_i(w) - rho_i)``, the weight of client i's update (Algorithm 1,
+  the q_i each sampled client computes at the received global model).
+- ``appeal_coefficients`` and ``MaxFL.aggregate_train``: the server step
+  ``w <- w - eta_g sum_i q_i Delta_i / (sum_i q_i + eps)``, ``Delta_i = w - w_i`` the client's local
+  update (Algorithm 1's global update; ``eta_g`` the global learning rate, ``eps`` > 0 keeps the
+  step finite). The weights are not normalised to sum to 1: when every sampled client is far from
+  its boundary all q_i underflow to 0 and the model stays where it is.
+- ``MaxFLClient``: local SGD from the received model (Algorithm 1's local steps), plus ``rho_i``:
+  the training loss of the client's model trained alone (``stored_local_model``: trained once from
+  the run's initial model and kept in the client's state store).
+
+Deliberate differences:
+
+- The server computes q_i from the reported ``loss_before`` (= f_i(w)) and ``rho`` instead of the
+  client sending q_i; the numbers are the same.
+- ``sigma'`` is evaluated as ``e^{-|x|} / (1 + e^{-|x|})^2`` so that a gap of any size gives a
+  number (0 for |x| beyond ~745) rather than an overflow.
+- No official MaxFL code was found to compare with; the third-party Flower implementations we could
+  read use the same ``eta_g / (sum q + eps)`` step. We could not confirm the paper's values of
+  ``eta_g`` and ``eps`` from the text available to us: the defaults (1 and 1e-3) make the step a plain
+  q-weighted average whenever ``sum q`` is well above ``eps``.
+- Deployment (``personalize``/``report``) is ours: each client deploys whichever of the global and its
+  local model has the lower training loss and reports ``served``; ``results.json`` lists the served
+  clients and recommends personalization for the rest.
 """
 
 from __future__ import annotations
@@ -19,24 +43,57 @@ from collections.abc import Sequence
 from torch import nn
 
 from octomil_sim.client_app import ClientTask, Tensors
+from octomil_sim.errors import ConfigError
 from octomil_sim.training import evaluate
 from strategies.fedavg import LOSS_BEFORE, FedAvgClient, ReweightedFedAvg, stored_local_model
+
+__all__ = ["MaxFL", "MaxFLClient", "appeal_weights", "appeal_coefficients"]
 
 LOCAL = "maxfl_local"
 
 
 def appeal_weights(global_losses: Sequence[float], local_losses: Sequence[float]) -> list[float]:
-    """``sigma'(f_i - rho_i) = s (1 - s)`` with ``s = sigmoid(f_i - rho_i)``."""
+    """``q_i = sigma'(f_i - rho_i) = s (1 - s)``, ``s = sigmoid(f_i - rho_i)``, computed as
+    ``e^{-|x|} / (1 + e^{-|x|})^2`` (sigma' is even), which never overflows."""
     out = []
     for f, rho in zip(global_losses, local_losses):
-        s = 1.0 / (1.0 + math.exp(-(f - rho)))
-        out.append(s * (1.0 - s))
+        e = math.exp(-abs(f - rho))
+        out.append(e / (1.0 + e) ** 2)
     return out
 
 
+def appeal_coefficients(q: Sequence[float], eta_g: float, eps: float) -> list[float]:
+    """``eta_g q_i / (sum_j q_j + eps)``: the coefficient of client i's update ``w_i - w`` in the
+    server step ``w + sum_i c_i (w_i - w)``. All zero when every q_i is 0."""
+    scale = eta_g / (sum(q) + eps)
+    return [scale * qi for qi in q]
+
+
 class MaxFL(ReweightedFedAvg):
+    """``eta_g``: the global learning rate; ``eps``: the constant added to ``sum q_i`` in the step's
+    denominator. Server step ``w + sum_i c_i (w_i - w)`` with ``c = appeal_coefficients``."""
+
+    def __init__(self, eta_g: float = 1.0, eps: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        if not eta_g > 0:
+            raise ConfigError(f"strategy.server.eta_g={eta_g}: allowed: a number > 0")
+        if not eps > 0:
+            raise ConfigError(f"strategy.server.eps={eps}: allowed: a number > 0")
+        self.eta_g, self.eps = eta_g, eps
+        self._step = 1.0
+
     def client_weights(self, server_round, metrics):
-        return appeal_weights([float(m[LOSS_BEFORE]) for m in metrics], [float(m["rho"]) for m in metrics])
+        q = appeal_weights([float(m[LOSS_BEFORE]) for m in metrics], [float(m["rho"]) for m in metrics])
+        coefficients = appeal_coefficients(q, self.eta_g, self.eps)
+        # w + sum c_i (w_i - w) = w + S (avg_c - w), S = sum c_i, avg_c the c-weighted average.
+        self._step = sum(coefficients)
+        if self._step == 0:  # no client near its boundary: the step is 0 (equal weights only avoid 0/0)
+            return [1.0] * len(coefficients)
+        return coefficients
+
+    def aggregate_train(self, server_round, replies):
+        averaged, metrics = super().aggregate_train(server_round, replies)
+        return self.step_toward(averaged, self._step), metrics
 
 
 class MaxFLClient(FedAvgClient):
