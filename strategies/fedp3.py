@@ -1,20 +1,66 @@
 """FedP3 (Yi, Gazagnadou, Richtárik, Lyu; arXiv 2404.09816, Algorithm 1): federated personalized and
-privacy-friendly network pruning under model heterogeneity.
+privacy-friendly network pruning under model heterogeneity. Official code: SonyResearch/FedP3
+(``main.py`` round loop, ``models/distributed_training_utils.py`` Client/Server, ``utils/options.py``).
 
-Server (global pruning): for each sampled client i it prunes the global model to the client's
-capacity, ``target_sparsity`` of its resource class (``system``), by magnitude, layer by layer
-(``magnitude_mask``; weight matrices and kernels only, biases stay dense), and sends the pruned
-network sparse-coded (``sparse_encode``: the kept values and a bit mask), so smaller clients cost
-fewer bytes down. It also names the ``upload_layers`` layers the client will send back this round
-(drawn per round and client from the seed; all layers if null).
-Client (local pruning, personalized training): prunes a further ``local_sparsity`` of what it got,
-trains that subnetwork (masked SGD: pruned weights stay zero), keeps it as its personalized model
-in the client-state store, and uploads only its assigned layers, sparse-coded (partial-layer upload).
-Server aggregation (``masked_average``): each entry of each layer is the weighted average over the
-clients that uploaded that layer and kept that entry; an entry nobody sent keeps its value.
+A round, function by function:
+
+- Layer assignment (which layers client i sends back; the paper's L_i, Algorithm 1's upload step):
+  ``uploaded_layers``. As ``main.py`` does for OPU2/OPU3 (and LowerB): the non-final layers are
+  split into consecutive client-id blocks, client i starts at layer ``i * (L-1) // N`` (official:
+  ``int(client.id / 25)`` for 100 clients and 4 non-final layers) and takes ``upload_layers``
+  consecutive layers from there, wrapping around the non-final ones; the final layer is always
+  added (``w_final_keys``). ``upload_layers`` = 1, 2, 3 is LowerB, OPU2, OPU3; null: every layer.
+- Server-side global pruning (Algorithm 1's global pruning; ``Client.synchronize_with_server`` +
+  ``Client.sparsity``): ``global_masks``. Only the layers the client does NOT upload are pruned, by
+  magnitude, each weight tensor keeping its ``int(global_keep * numel)`` largest entries
+  (``magnitude_mask``; official ``--global_prune`` = 0.9 is this share kept); biases stay dense;
+  the layers the client uploads go down dense. ``global_keep`` can be one number per resource class
+  of ``system`` (per-device sparsity). The pruned model is sent sparse-coded (``sparse_encode``).
+- Client-side local pruning (Algorithm 1's local pruning; the README's ``fixed|uniform|od``):
+  ``local_sparsity_draw`` + ``local_mask``, on the layers the client keeps home only.
+- Local training: ``masked_sgd`` (all uploaded entries train; pruned ones stay zero).
+- Upload: the assigned layers, dense (``FedP3Client.train``).
+- Aggregation (``Server.aggregate_weight_updates_subset``): ``client_weights`` + ``masked_average``,
+  per layer over the clients that uploaded it: ``mean`` (official default ``--aggregation mean``,
+  not weighted by examples) or ``weighted_mean`` (weights proportional to the number of layers each
+  client uploaded); a layer nobody uploaded keeps its value.
+- Personalized model: the client keeps its own final layer between rounds (official: the final
+  layer is not in ``w_glob_keys``, so ``synchronize_with_server`` never overwrites it) and its last
+  trained network is its deployed model (``FedP3Client.personalize``; official ``Client.evaluate``).
+
+Why pruned entries now train: before, every layer was pruned and masks were enforced on upload, so
+clients of equal sparsity shared one magnitude mask and the entries it dropped were never trained by
+anyone. As in the official code, the layers a client uploads reach it dense and every entry of them
+trains; pruning only shapes the layers it keeps home.
+
+Deliberate differences from the official code:
+- Pruned entries of kept-home layers stay zero during local training (masked SGD); the official
+  code zeroes them on download but then trains them like any other weight, so the device never
+  really runs a smaller network.
+- ``weighted_mean`` normalizes each layer's weights to sum to one (the official code divides the
+  layer counts by the number of uploaders, so the weights sum to the layer count, and its
+  ``[:, None, None, None]`` broadcast fits 4-d kernels only).
+- Layer block of client i: ``i * (L-1) // N`` generalizes the hard-coded ``int(client.id / 25)``
+  (100 clients, 5-layer networks); the two agree there and for EMNIST's 3-layer net, where OPU2/OPU3
+  upload every layer as in the official code.
+- Partial participation (official: every client every round; a README "future work"): a client
+  sampled for the first time starts from the server's current final layer.
+- The server still sends the final layer (it cannot know whether the client kept its own), so
+  bytes down count it; the client then uses its own from its second round on.
+- Magnitude ties go to the lower index (``torch.topk`` leaves them unspecified); "bias" means a 1-d
+  tensor rather than a name containing "bias".
+- Local pruning (``fixed|uniform|od``) is advertised in the official README but ``utils/options.py``
+  has no ``--pruning`` flag and no code for it; the definitions here are ours: ``fixed`` prunes
+  ``local_sparsity`` every round, ``uniform`` draws the round's sparsity from U[0, local_sparsity],
+  ``od`` (ordered dropout, FjORD arXiv 2102.13673) draws it the same way and drops the trailing
+  output units (rows and their biases) instead of the smallest weights.
+- OPR2 (random layers per round, in ``main.py`` but crashing there for lack of ``w_final_keys``)
+  is not offered.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -28,20 +74,79 @@ from strategies.fedavg import FedAvg, local_sgd
 
 PERSONAL = "fedp3_personal"
 VALUES, BITS = "::values", "::mask"
+AGGREGATIONS = ("mean", "weighted_mean")
+LOCAL_PRUNING = ("fixed", "uniform", "od")
 
 
 # --- update math ---------------------------------------------------------------------------------
-def magnitude_mask(tensor: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the ``round((1 - sparsity) * numel)`` entries of largest magnitude (ties: lower index);
-    1-d tensors (biases) are kept whole."""
-    if tensor.dim() < 2 or sparsity <= 0:
+def layer_of(name: str) -> str:
+    """A parameter's layer: its module path (``body.0.weight`` -> ``body.0``)."""
+    return name.rsplit(".", 1)[0]
+
+
+def layers_in_order(names) -> list[str]:
+    """The layers of a state dict in model order (the last one is the final layer)."""
+    return list(dict.fromkeys(layer_of(n) for n in names))
+
+
+def uploaded_layers(client: int, num_clients: int, layers: list[str], upload_layers: int | None) -> list[str]:
+    """L_i: ``upload_layers`` consecutive non-final layers from block ``client * (L-1) // N``
+    (wrapping around), plus the final layer; all layers when ``upload_layers`` is None."""
+    body = layers[:-1]
+    if upload_layers is None or not body:
+        return list(layers)
+    first = client * len(body) // num_clients
+    picked = {(first + j) % len(body) for j in range(upload_layers)}
+    return [body[i] for i in sorted(picked)] + [layers[-1]]
+
+
+def magnitude_mask(tensor: torch.Tensor, keep: float) -> torch.Tensor:
+    """Keep the ``int(keep * numel)`` entries of largest magnitude (official ``Client.sparsity``;
+    ties: lower index); 1-d tensors (biases) are kept whole."""
+    if tensor.dim() < 2 or keep >= 1:
         return torch.ones_like(tensor, dtype=torch.bool)
     flat = tensor.detach().abs().flatten()
-    keep = int(round((1 - sparsity) * flat.numel()))
     order = torch.from_numpy(np.argsort(-flat.numpy(), kind="stable"))
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[:keep]] = True
+    mask[order[: int(keep * flat.numel())]] = True
     return mask.reshape(tensor.shape)
+
+
+def global_masks(state: Tensors, upload: list[str], keep: float) -> dict[str, torch.Tensor]:
+    """Server-side pruning for one client: ``magnitude_mask(keep)`` on the layers it does not
+    upload, dense on the layers it does."""
+    up = set(upload)
+    return {n: torch.ones_like(t, dtype=torch.bool) if layer_of(n) in up else magnitude_mask(t, keep)
+            for n, t in state.items()}
+
+
+def local_sparsity_draw(strategy: str, local_sparsity: float, rng: np.random.Generator) -> float:
+    """This round's client-side sparsity: ``local_sparsity`` (fixed) or U[0, local_sparsity]
+    (uniform, od)."""
+    return local_sparsity if strategy == "fixed" else float(rng.uniform(0.0, local_sparsity))
+
+
+def local_mask(tensor: torch.Tensor, received: torch.Tensor, strategy: str, sparsity: float) -> torch.Tensor:
+    """Client-side pruning of one tensor on top of the ``received`` mask. fixed/uniform: keep the
+    ``int((1 - sparsity) * kept)`` largest received entries (biases whole); od: keep the first
+    ``ceil((1 - sparsity) * rows)`` output units (rows of a weight, entries of a bias)."""
+    if sparsity <= 0:
+        return received
+    if strategy == "od":
+        rows = tensor.shape[0]
+        lead = torch.zeros(rows, dtype=torch.bool)
+        lead[: math.ceil((1 - sparsity) * rows)] = True
+        return received & lead.reshape(-1, *([1] * (tensor.dim() - 1))).expand_as(tensor)
+    kept = int(received.sum())
+    if tensor.dim() < 2 or kept == 0:
+        return received
+    return received & magnitude_mask(tensor * received, int((1 - sparsity) * kept) / tensor.numel())
+
+
+def client_weights(layer_counts: list[int], aggregation: str) -> list[float]:
+    """Each uploader's weight for one layer: 1 (mean) or the number of layers it uploaded
+    (weighted_mean); ``masked_average`` normalizes them."""
+    return [1.0 if aggregation == "mean" else float(c) for c in layer_counts]
 
 
 def masked_average(values: list[torch.Tensor], masks: list[torch.Tensor], weights: list[float],
@@ -84,51 +189,47 @@ def sparse_decode(record: ArrayRecord, like: Tensors) -> tuple[Tensors, dict[str
     return tensors, masks
 
 
-def layer_of(name: str) -> str:
-    """A parameter's layer: its module path (``body.0.weight`` -> ``body.0``)."""
-    return name.rsplit(".", 1)[0]
-
-
 # --- server half ---------------------------------------------------------------------------------
 class FedP3(FedAvg):
-    """``target_sparsity``: one fraction in [0, 1) for every client, or ``{resource class: fraction}``
-    over the classes of ``system``; ``upload_layers``: layers each client uploads per round (null: all)."""
+    """``global_keep``: share of each pruned weight tensor the server keeps, one number in (0, 1] or
+    ``{resource class: share}`` over the classes of ``system``; ``upload_layers``: non-final layers
+    each client uploads (1 LowerB, 2 OPU2, 3 OPU3; null: all); ``aggregation``: mean | weighted_mean."""
 
-    def __init__(self, target_sparsity: float | dict = 0.5, upload_layers: int | None = None,
+    def __init__(self, global_keep: float | dict = 0.9, upload_layers: int | None = 2, aggregation: str = "mean",
                  system: dict | None = None, num_clients: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.system = SystemModel.build(system, self.seed, num_clients)
-        names, given = [c.name for c in self.system.classes], target_sparsity
-        if isinstance(target_sparsity, (int, float)):
-            target_sparsity = {n: float(target_sparsity) for n in names}
-        target_sparsity = dict(target_sparsity)
-        if set(target_sparsity) != set(names) or not all(0 <= s < 1 for s in target_sparsity.values()):
-            raise ConfigError(f"strategy.server.target_sparsity={given}: allowed: a number in [0, 1), "
+        names, given = [c.name for c in self.system.classes], global_keep
+        if isinstance(global_keep, (int, float)):
+            global_keep = {n: float(global_keep) for n in names}
+        global_keep = dict(global_keep)
+        if set(global_keep) != set(names) or not all(0 < k <= 1 for k in global_keep.values()):
+            raise ConfigError(f"strategy.server.global_keep={given}: allowed: a number in (0, 1], "
                               f"or one for each resource class of system ({', '.join(names)})")
-        if upload_layers is not None and upload_layers < 1:
+        if upload_layers is not None and (not isinstance(upload_layers, int) or upload_layers < 1):
             raise ConfigError(f"strategy.server.upload_layers={upload_layers}: allowed: null or an integer >= 1")
-        self.target_sparsity, self.upload_layers = target_sparsity, upload_layers
+        if aggregation not in AGGREGATIONS:
+            raise ConfigError(f"strategy.server.aggregation={aggregation}: allowed: {', '.join(AGGREGATIONS)}")
+        self.global_keep, self.upload_layers, self.aggregation = global_keep, upload_layers, aggregation
+        self.num_clients = num_clients
 
-    def sparsity(self, client: int) -> float:
-        return self.target_sparsity[self.system.of(client).name]
+    def keep(self, client: int) -> float:
+        return self.global_keep[self.system.of(client).name]
 
-    def assigned_layers(self, server_round: int, client: int, layers: list[str]) -> list[str]:
-        if self.upload_layers is None or self.upload_layers >= len(layers):
-            return list(layers)
-        rng = np.random.default_rng([self.seed, server_round, client, 79])
-        return sorted(rng.choice(layers, size=self.upload_layers, replace=False).tolist())
+    def plan(self, client: int, state: Tensors) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """The layers ``client`` uploads and the server's masks for what it sends down."""
+        upload = uploaded_layers(client, self.num_clients, layers_in_order(state), self.upload_layers)
+        return upload, global_masks(state, upload, self.keep(client))
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = super().configure_train(server_round, arrays, config, grid)
         state = arrays.to_torch_state_dict()
-        layers = sorted({layer_of(n) for n in state})
         out = []
         for m in messages:
             client = m.metadata.dst_node_id
-            masks = {n: magnitude_mask(t, self.sparsity(client)) for n, t in state.items()}
+            upload, masks = self.plan(client, state)
             pruned = {n: t * masks[n] for n, t in state.items()}
-            cfg = ConfigRecord({**dict(m.content[self.configrecord_key]),
-                                "upload": self.assigned_layers(server_round, client, layers)})
+            cfg = ConfigRecord({**dict(m.content[self.configrecord_key]), "upload": upload})
             content = RecordDict({self.arrayrecord_key: ArrayRecord(sparse_encode(pruned, masks)),
                                   self.configrecord_key: cfg})
             out.append(Message(content=content, message_type=m.metadata.message_type, dst_node_id=client))
@@ -140,35 +241,45 @@ class FedP3(FedAvg):
             return None, None
         previous = self.sent.to_torch_state_dict()
         decoded = [sparse_decode(r.content[self.arrayrecord_key], previous) for r in valid]
-        weights = [float(r.content["metrics"][self.weighted_by_key]) for r in valid]
+        counts = [len(layers_in_order(t)) for t, _ in decoded]
+        weights = client_weights(counts, self.aggregation)
         merged = {}
         for name, prev in previous.items():
             got = [(t[name], m[name], w) for (t, m), w in zip(decoded, weights) if name in t]
-            merged[name] = masked_average([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], prev) \
-                if got else prev
+            merged[name] = masked_average(*map(list, zip(*got)), prev) if got else prev
         contents = [r.content for r in valid]
         return ArrayRecord(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
 # --- client half ---------------------------------------------------------------------------------
 class FedP3Client(ClientAlgorithm):
-    """``local_sparsity``: the share of the received (already pruned) weights the client prunes away
-    itself, by magnitude, before training."""
+    """``local_pruning``: fixed | uniform | od; ``local_sparsity``: the share of the received weights
+    of its kept-home layers the client prunes away itself (at most, for uniform and od)."""
 
-    def __init__(self, local_sparsity: float = 0.0):
+    def __init__(self, local_pruning: str = "fixed", local_sparsity: float = 0.0):
+        if local_pruning not in LOCAL_PRUNING:
+            raise ConfigError(f"strategy.client.local_pruning={local_pruning}: allowed: {', '.join(LOCAL_PRUNING)}")
         if not 0 <= local_sparsity < 1:
             raise ConfigError(f"strategy.client.local_sparsity={local_sparsity}: allowed: a number in [0, 1)")
-        self.local_sparsity = local_sparsity
+        self.local_pruning, self.local_sparsity = local_pruning, local_sparsity
 
     def load(self, model: nn.Module, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
-        """Decode the pruned global model, prune ``local_sparsity`` more by magnitude, and keep the
-        client's masks (global ∧ local) in ``task.received``."""
-        tensors, masks = sparse_decode(arrays, model.state_dict())
+        """Decode the pruned global model, take the client's own final layer if it has one, prune
+        its kept-home layers further (``local_pruning``), and keep the masks in ``task.received``."""
+        own = model.state_dict()
+        tensors, masks = sparse_decode(arrays, own)
+        final = layers_in_order(own)[-1]
+        stored = task.state.load(PERSONAL)
+        if stored is not None:
+            for name in own:
+                if layer_of(name) == final:
+                    tensors[name], masks[name] = stored[name].clone(), torch.ones_like(own[name], dtype=torch.bool)
+        upload = set(task.config.get("upload", layers_in_order(own)))
+        rng = np.random.default_rng([task.hp.seed, task.server_round, task.client_id, 83])
+        sparsity = local_sparsity_draw(self.local_pruning, self.local_sparsity, rng)
         for name, t in tensors.items():
-            kept = int(masks[name].sum())
-            if self.local_sparsity > 0 and t.dim() >= 2 and kept:
-                keep_total = (1 - self.local_sparsity) * kept
-                masks[name] = masks[name] & magnitude_mask(t * masks[name], 1 - keep_total / t.numel())
+            if layer_of(name) not in upload:
+                masks[name] = local_mask(t, masks[name], self.local_pruning, sparsity)
             tensors[name] = t * masks[name]
         model.load_state_dict(tensors)
         task.received["masks"] = masks
@@ -184,7 +295,7 @@ class FedP3Client(ClientAlgorithm):
         return sparse_encode(upload, masks), {"train_loss": loss, "density": density(masks)}
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
-        """The subnetwork this client last trained; a client never sampled fine-tunes the dense
+        """The network this client last trained; a client never sampled fine-tunes the dense
         global model for one local pass and keeps nothing."""
         stored = task.state.load(PERSONAL)
         if stored is None:
@@ -199,7 +310,7 @@ def density(masks: dict[str, torch.Tensor]) -> float:
 
 
 def masked_sgd(model: nn.Module, masks: dict[str, torch.Tensor], task: ClientTask) -> float:
-    """Local SGD in which pruned weights stay zero: the mask is re-applied after every step."""
+    """Local SGD in which pruned weights stay zero (their gradients are masked)."""
     named = dict(model.named_parameters())
     hooks = [named[n].register_hook(lambda g, m=m: g * m) for n, m in masks.items() if n in named]
     try:
