@@ -29,7 +29,7 @@ from octomil_sim.data import ClientData, FederatedData, federated_data
 from octomil_sim.errors import instantiate
 from octomil_sim.state import ClientState, ClientStateStore, make_store
 from octomil_sim.system import ClientDropout, SystemModel
-from octomil_sim.training import LocalTraining, StepBudget, client_seed, evaluate
+from octomil_sim.training import BatchStream, LocalTraining, StepBudget, client_seed, evaluate
 
 Tensors = dict[str, torch.Tensor]
 
@@ -48,6 +48,10 @@ class ClientTask:
     budget: StepBudget = field(default_factory=StepBudget)  # local steps this message allows
     received: dict = field(default_factory=dict)  # what ``ClientAlgorithm.load`` derived (e.g. masks)
     initial: Callable[[], nn.Module] | None = None  # a fresh copy of the run's round-0 global model
+
+    def batch_stream(self) -> BatchStream:
+        """This client's minibatch stream, carried over from its previous round (``BatchStream``)."""
+        return BatchStream(self.data.num_train, self.hp.batch_size, self.state)
 
     def initial_model(self) -> nn.Module:
         """The run's initial global model (the same weights every client and the server start
@@ -183,7 +187,8 @@ def client_runtime(cfg_yaml: str) -> ClientRuntime:
         cfg=cfg,
         data=federated_data(cfg),
         algorithm=instantiate(cfg.strategy.client),
-        hp=LocalTraining(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed),
+        hp=LocalTraining(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+                         local_steps=s.get("local_steps")),
         store=make_store(s.state_store, s.state_dir),
         system=SystemModel.from_config(cfg),
         template=build_model(cfg),

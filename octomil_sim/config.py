@@ -50,6 +50,10 @@ def validate(cfg: DictConfig) -> None:
              f"an integer in 1..simulation.num_clients ({s.num_clients})")
     _require("simulation.rounds", s.rounds, isinstance(s.rounds, int) and s.rounds >= 1, "an integer >= 1")
     _require("simulation.local_epochs", s.local_epochs, isinstance(s.local_epochs, int) and s.local_epochs >= 1, "an integer >= 1")
+    _require("simulation.local_steps", s.get("local_steps"), s.get("local_steps") is None
+             or (isinstance(s.local_steps, int) and s.local_steps >= 1), "null or an integer >= 1")
+    _require("simulation.train_all_clients", s.get("train_all_clients"), isinstance(s.get("train_all_clients", False), bool),
+             "true, false")
     _require("simulation.batch_size", s.batch_size, isinstance(s.batch_size, int) and s.batch_size >= 1, "an integer >= 1")
     _require("simulation.lr", s.lr, isinstance(s.lr, (int, float)) and s.lr > 0, "a number > 0")
     _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")

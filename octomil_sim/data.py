@@ -85,6 +85,37 @@ def synthetic_dataset(
     )
 
 
+def pfedme_synthetic_dataset(alpha: float, beta: float, num_clients: int = 100, seed: int = 0,
+                             dimension: int = 60, num_classes: int = 10) -> datasets.Dataset:
+    """Synthetic(alpha, beta) exactly as pFedMe's official generator makes it
+    (CharlieDinh/pFedMe ``data/Synthetic/generate_synthetic_05_05.py``, non-IID branch): the same
+    legacy ``np.random.RandomState(seed)`` stream drawn in the same order (client sizes
+    ``(lognormal(4, 2) + 50) * 5`` with no cap, ``u_k``, ``B_k``, every client's ``v_k``, then per
+    client ``W_k``, ``b_k`` and ``x ~ N(v_k, Sigma)`` by ``multivariate_normal``), so seed 0 gives the
+    official data set (205,795 examples for 100 clients). Differences: labels are ``argmax(W_k x + b_k)``
+    computed for all rows at once (the softmax the official code applies first does not change the
+    argmax), and the 90/10 train/test split is ``simulation.test_fraction=0.1`` over a seeded permutation
+    (``dataset.split_seed``) where the official script shuffles with Python's unseeded ``random``."""
+    if alpha < 0 or beta < 0:
+        raise ConfigError(f"dataset.source.alpha={alpha}, dataset.source.beta={beta}: both must be >= 0")
+    rng = np.random.RandomState(seed)
+    sizes = (rng.lognormal(4, 2, num_clients).astype(int) + 50) * 5
+    mean_w = rng.normal(0, alpha, num_clients)
+    shift = rng.normal(0, beta, num_clients)
+    cov = np.diag(np.power(np.arange(1, dimension + 1, dtype=np.float64), -1.2))
+    mean_x = np.stack([rng.normal(shift[k], 1, dimension) for k in range(num_clients)])
+    xs, ys, ids = [], [], []
+    for k in range(num_clients):
+        w = rng.normal(mean_w[k], 1, (dimension, num_classes))
+        b = rng.normal(mean_w[k], 1, num_classes)
+        x = rng.multivariate_normal(mean_x[k], cov, sizes[k])
+        xs.append(x.astype(np.float32))
+        ys.append(np.argmax(x @ w + b, axis=1))
+        ids.append(np.full(sizes[k], k))
+    return datasets.Dataset.from_dict({"x": np.concatenate(xs), "y": np.concatenate(ys).astype(np.int64),
+                                       "client_id": np.concatenate(ids).astype(np.int64)})
+
+
 def synthetic_tokens(
     num_clients: int,
     seq_len: int = 16,
@@ -278,7 +309,8 @@ class FederatedData:
         if partition_id not in self._clients:
             d, s = self.cfg.dataset, self.cfg.simulation
             x, y = _to_tensors(self._load(partition_id), d)
-            train, test = (torch.from_numpy(i) for i in train_test_indices(len(y), s.test_fraction, s.seed + partition_id))
+            split_seed = s.seed if d.get("split_seed") is None else d.split_seed
+            train, test = (torch.from_numpy(i) for i in train_test_indices(len(y), s.test_fraction, split_seed + partition_id))
             self._clients[partition_id] = ClientData(x[train], y[train], x[test], y[test])
         return self._clients[partition_id]
 

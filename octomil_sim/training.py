@@ -17,6 +17,7 @@ class LocalTraining:
     batch_size: int
     lr: float
     seed: int
+    local_steps: int | None = None  # minibatch steps per round instead of epochs (``BatchStream``)
 
 
 class StepBudget:
@@ -47,6 +48,55 @@ def prox_grad_step(theta: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor
     return theta - lr * (grad + lam * (theta - anchor))
 
 
+class BatchStream:
+    """A client's training minibatches as one endless stream that carries over between rounds: the
+    rows of its training split in their fixed order, ``batch_size`` at a time (the last batch of a
+    pass may be smaller), starting again from the first row when the pass ends. This is the official
+    pFedMe code's ``get_next_train_batch`` (a ``DataLoader`` without shuffling whose iterator lives
+    as long as the client), with which its "local epochs" are R minibatch steps. The position is
+    kept in the client's state store under ``KEY``; call ``save`` after the round's steps."""
+
+    KEY = "batch_position"
+
+    def __init__(self, num_rows: int, batch_size: int, state=None):
+        self.num_rows, self.batch_size, self.state = num_rows, batch_size, state
+        saved = state.load(self.KEY) if state is not None else None
+        self.position = int(saved["position"]) if saved else 0
+
+    def next(self) -> torch.Tensor:
+        if self.position >= self.num_rows:
+            self.position = 0
+        end = min(self.position + self.batch_size, self.num_rows)
+        idx = torch.arange(self.position, end)
+        self.position = end
+        return idx
+
+    def take(self, steps: int) -> list[torch.Tensor]:
+        return [self.next() for _ in range(steps)]
+
+    def save(self) -> None:
+        if self.state is not None:
+            self.state.save(self.KEY, {"position": torch.tensor(self.position)})
+
+
+def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, moving: set[int], lr: float,
+             anchor: list[torch.Tensor] | None = None, lam: float = 0.0) -> float:
+    """One SGD step on the cross-entropy of ``(x, y)`` (plus ``lam/2 ||theta - anchor||^2``) for the
+    parameters whose ``id`` is in ``moving``; returns the minibatch loss."""
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            if p.grad is None or id(p) not in moving:
+                continue
+            if anchor is None:
+                p -= lr * p.grad
+            else:
+                p.copy_(prox_grad_step(p, p.grad, anchor[i], lam, lr))
+    return loss.item()
+
+
 def sgd_epochs(
     model: nn.Module,
     x: torch.Tensor,
@@ -59,30 +109,24 @@ def sgd_epochs(
     lam: float = 0.0,
     params: list[torch.nn.Parameter] | None = None,
     budget: StepBudget | None = None,
+    batches: list[torch.Tensor] | None = None,
 ) -> float:
     """Minibatch SGD on cross-entropy, plus ``lam/2 ||theta - anchor||^2`` when ``anchor`` is given
     (one tensor per parameter); only ``params`` move (default: all); stops early when ``budget`` runs
-    out. Returns the mean training loss of the last epoch."""
+    out. ``epochs`` passes over a fresh permutation each, or, when ``batches`` is given, one step per
+    listed index tensor (``BatchStream``). Returns the mean training loss of the last epoch (of the
+    listed batches)."""
     moving = {id(p) for p in (model.parameters() if params is None else params)}
     model.train()
+    passes = [batches] if batches is not None else (
+        torch.randperm(len(y), generator=generator).split(batch_size) for _ in range(epochs))
     last = 0.0
-    for _ in range(epochs):
+    for pass_batches in passes:
         total, seen = 0.0, 0
-        for idx in torch.randperm(len(y), generator=generator).split(batch_size):
+        for idx in pass_batches:
             if budget is not None and not budget.take():
                 break
-            model.zero_grad()
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            with torch.no_grad():
-                for i, p in enumerate(model.parameters()):
-                    if p.grad is None or id(p) not in moving:
-                        continue
-                    if anchor is None:
-                        p -= lr * p.grad
-                    else:
-                        p.copy_(prox_grad_step(p, p.grad, anchor[i], lam, lr))
-            total += loss.item() * len(idx)
+            total += sgd_step(model, x[idx], y[idx], moving, lr, anchor, lam) * len(idx)
             seen += len(idx)
         if seen:
             last = total / seen

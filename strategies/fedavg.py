@@ -73,8 +73,14 @@ class ReweightedFedAvg(FedAvg):
 
 
 def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
-    """``hp.epochs`` of SGD on the client's training split (kwargs go to ``sgd_epochs``)."""
+    """``hp.epochs`` of SGD on the client's training split (kwargs go to ``sgd_epochs``), or, with
+    ``simulation.local_steps`` and no ``epochs`` given, that many minibatch steps from the client's
+    ``BatchStream`` (the official pFedMe code's local work)."""
     hp, d = task.hp, task.data
+    if hp.local_steps is not None and "epochs" not in kwargs:
+        stream = task.batch_stream()
+        kwargs["batches"] = stream.take(hp.local_steps)
+        stream.save()
     options = {"epochs": hp.epochs, "lr": hp.lr, "budget": task.budget, **kwargs}
     return sgd_epochs(model, d.x_train, d.y_train, batch_size=hp.batch_size,
                       generator=task.generator, **options)

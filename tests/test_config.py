@@ -17,7 +17,7 @@ STRATEGIES = ("bounded_group_loss, ditto, fedavg, fedp3, finetune, maxfl, person
 TOKENS = ["dataset=synthetic_tokens", "model=prompt_transformer"]
 NEEDS = {"femnist_cnn": ["dataset=mnist5k", "partition=iid"], "personal_layers": ["model=mlp"],
          "synthetic_tokens": TOKENS, "prompt_transformer": TOKENS, "prompt_tuning": TOKENS}
-DATASET_SHAPES = {"synthetic": (60,), "digits": (64,), "mnist5k": (1, 28, 28), "femnist": (1, 28, 28),
+DATASET_SHAPES = {"synthetic": (60,), "synthetic_pfedme": (60,), "digits": (64,), "mnist5k": (1, 28, 28), "femnist": (1, 28, 28),
                   "synthetic_tokens": (16,)}
 
 
