@@ -3,8 +3,10 @@ uniform clients and with three resource classes (system=heterogeneous: budgets, 
 
 FedP3 (arXiv 2404.09816) reports accuracy at a fraction of FedAvg's communication (its Tables 2-4,
 on CIFAR/FEMNIST with larger networks; not reproduced here). This table shows the mechanism on
-offline data: bytes down fall with the server's per-client sparsity, bytes up with sparsity and
-partial-layer upload, and the personalized subnetworks beat the one global model.
+offline data: each client uploads the head plus `upload_layers` of the two hidden layers, picked by
+client id (official OPU rule; on this 3-layer MLP, 2 = OPU2 uploads every layer, 1 = LowerB one hidden
+layer); the server prunes the hidden layer a client keeps home to `global_keep` (0.9 official) and
+the client keeps its own head. Bytes down fall with `global_keep`, bytes up with the layers kept home.
 
     python experiments/fedp3_synthetic.py --seeds 0
 """
@@ -18,16 +20,19 @@ from common import HERE, mean_std, run_cell, slug, write_block
 RESULTS = HERE / "results" / "fedp3_synthetic"
 MLP = ["model=mlp", "model.net.hidden=[200,200]"]
 HETERO = ["system=heterogeneous"]
-PER_CLASS = "strategy.server.target_sparsity={low:0.8,mid:0.5,high:0.2}"
+PER_CLASS = "strategy.server.global_keep={low:0.2,mid:0.5,high:0.8}"
 
 ROWS = [
     ("FedAvg", ["strategy=fedavg"]),
-    ("FedP3, sparsity 0.5, all layers up", ["strategy=fedp3", "strategy.server.target_sparsity=0.5"]),
-    ("FedP3, sparsity 0.5, 2 of 3 layers up", ["strategy=fedp3", "strategy.server.target_sparsity=0.5",
-                                               "strategy.server.upload_layers=2"]),
+    ("FedP3 OPU2 (all layers up), keep 0.9", ["strategy=fedp3", "strategy.server.upload_layers=2"]),
+    ("FedP3 LowerB (1 hidden layer + head up), keep 0.9", ["strategy=fedp3", "strategy.server.upload_layers=1"]),
+    ("FedP3 LowerB, keep 0.5, ordered dropout up to 0.5",
+     ["strategy=fedp3", "strategy.server.upload_layers=1", "strategy.server.global_keep=0.5",
+      "strategy.client.local_pruning=od",
+      "strategy.client.local_sparsity=0.5"]),
     ("FedAvg, heterogeneous clients", ["strategy=fedavg", *HETERO]),
-    ("FedP3, sparsity by class 0.8/0.5/0.2, 2 of 3 layers up, heterogeneous clients",
-     ["strategy=fedp3", PER_CLASS, "strategy.server.upload_layers=2", *HETERO]),
+    ("FedP3 LowerB, keep by class 0.2/0.5/0.8, heterogeneous clients",
+     ["strategy=fedp3", PER_CLASS, "strategy.server.upload_layers=1", *HETERO]),
 ]
 
 
