@@ -1,7 +1,9 @@
 """Paper fidelity of MaxFL, bounded group loss and TERM's running normalizer: each server update against
 numbers worked out by hand (see each module's docstring for the equation it implements)."""
 
+import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -9,6 +11,9 @@ from flwr.app import ArrayRecord
 
 from helpers import train_reply
 from octomil_sim.errors import ConfigError
+from octomil_sim.runner import strategy_state
+from strategies.bounded_group_loss import (BoundedGroupLoss, dual_ascent, lagrangian_weights, project_duals,
+                                          running_mean)
 from strategies.maxfl import MaxFL, appeal_coefficients, appeal_weights
 
 
@@ -59,3 +64,81 @@ def test_maxfl_config_errors():
         MaxFL(eps=0.0)
     with pytest.raises(ConfigError, match=r"strategy.server.eta_g=-1.0: allowed: a number > 0"):
         MaxFL(eta_g=-1.0)
+
+
+# --- bounded group loss (arXiv 2203.10190, 1905.12843) ------------------------------------------------
+def test_project_duals_by_hand():
+    # inside the set after clipping: only the clip
+    assert project_duals({"a": 0.3, "b": -0.1}, 1.0) == {"a": 0.3, "b": 0.0}
+    # clipped (0.8, 0.6, 0) sums to 1.4 > 1: theta = (0.8 + 0.6 - 1) / 2 = 0.2 (0 - theta < 0 leaves c out)
+    assert project_duals({"a": 0.8, "b": 0.6, "c": -0.2}, 1.0) == pytest.approx({"a": 0.6, "b": 0.4, "c": 0.0})
+    # (3, 0.5), B = 1: theta = 3 - 1 = 2 (k = 2 would give 1.25 > 0.5): (1, 0)
+    assert project_duals({"a": 3.0, "b": 0.5}, 1.0) == pytest.approx({"a": 1.0, "b": 0.0})
+    # no bound: the clip alone
+    assert project_duals({"a": 3.0, "b": -0.5}, math.inf) == {"a": 3.0, "b": 0.0}
+
+
+def test_dual_ascent_is_projected_by_hand():
+    # a: 0.5 + 2 (1.0 - 0.5) = 1.5; b: 0 + 2 (2.0 - 0.5) = 3; c keeps 0.7 -> (1.5, 3, 0.7), sum 5.2 > B = 2:
+    # theta = (3 + 1.5 - 2) / 2 = 1.25 (k = 3: (5.2 - 2) / 3 = 1.0667 > 0.7 leaves c out): (0.25, 1.75, 0)
+    assert dual_ascent({"a": 0.5, "c": 0.7}, {"a": 1.0, "b": 2.0}, bound=0.5, step=2.0, dual_bound=2.0) == pytest.approx(
+        {"a": 0.25, "b": 1.75, "c": 0.0})
+
+
+def test_lagrangian_coefficients_sum_to_one_plus_duals():
+    # N = 4, N_a = 3, N_b = 1, mu = (0.5, 2): [1/4 + 0.5/3, 2/4 + 1/3, 1/4 + 2] sums to 1 + 2.5
+    weights = lagrangian_weights([1, 2, 1], ["a", "a", "b"], {"a": 0.5, "b": 2.0})
+    assert weights == pytest.approx([0.25 + 0.5 / 3, 0.5 + 1 / 3, 2.25])
+    assert sum(weights) == pytest.approx(3.5)
+
+
+def test_running_mean_by_hand():
+    assert running_mean(running_mean(2.0, 4.0, 2), 9.0, 3) == pytest.approx(5.0)  # (2 + 4 + 9) / 3
+
+
+def _bgl(tmp_path, **kwargs):
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps({"0": "a", "1": "b"}))
+    return BoundedGroupLoss(groups_file=str(path), max_group_loss=1.0, num_clients=2, **kwargs)
+
+
+def test_bounded_group_loss_rounds_project_and_average(tmp_path, task_identity):
+    strategy = _bgl(tmp_path, dual_step=1.0, dual_bound=1.5)
+    strategy.sent = _sent([0.0])
+    metrics = [{"num-examples": 1, "loss_before": 0.5, "partition-id": 0},
+               {"num-examples": 1, "loss_before": 3.0, "partition-id": 1}]
+    # round 1, mu = 0: coefficients [1/2, 1/2] (FedAvg): w1 = 0.5 (2 - 0) + 0.5 (4 - 0) = 3.
+    # duals: a: max(0, 0 + (0.5 - 1)) = 0; b: 0 + (3 - 1) = 2, projected onto sum <= 1.5: b = 1.5
+    arrays, m = strategy.aggregate_train(1, _replies([[2.0], [4.0]], [dict(x) for x in metrics]))
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [3.0])
+    assert strategy.mu == pytest.approx({"a": 0.0, "b": 1.5})
+    assert m["dual_b"] == pytest.approx(1.5) and m["dual_avg_b"] == pytest.approx(1.5)
+    # round 2 from w = 3, mu_b = 1.5: coefficients [1/2, 1/2 + 1.5] = [0.5, 2]:
+    # w2 = 3 + 0.5 (2 - 3) + 2 (4 - 3) = 4.5 (a normalised average would give (2 * 0.5 + 4 * 2) / 2.5 = 3.6).
+    # duals: b: 1.5 + 2 = 3.5 -> 1.5 (the bound binds); averages: w_bar = (3 + 4.5) / 2, mu_bar_b = 1.5
+    strategy.sent = arrays
+    arrays, m = strategy.aggregate_train(2, _replies([[2.0], [4.0]], [dict(x) for x in metrics]))
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [4.5])
+    assert strategy.mu == pytest.approx({"a": 0.0, "b": 1.5})
+    assert strategy.rounds_averaged == 2
+    np.testing.assert_allclose(strategy.average_arrays().to_numpy_ndarrays()[0], [3.75])
+    assert strategy.mu_average == pytest.approx({"a": 0.0, "b": 1.5})
+    # the averages are public state, so a checkpoint keeps them
+    saved = pickle.loads(pickle.dumps(strategy_state(strategy)))
+    assert saved["rounds_averaged"] == 2 and float(saved["model_average"]["0"]) == pytest.approx(3.75)
+
+
+def test_bounded_group_loss_duals_average_by_hand(tmp_path, task_identity):
+    strategy = _bgl(tmp_path, dual_step=0.5, dual_bound=10.0)
+    strategy.sent = _sent([0.0])
+    # b's loss 3 each round: mu_b = 1, 2, 3 after rounds 1..3 -> mu_bar_b = 2; a's loss 2: mu_a = 0.5, 1, 1.5 -> 1
+    for r in (1, 2, 3):
+        strategy.aggregate_train(r, _replies([[0.0], [0.0]], [{"num-examples": 1, "loss_before": 2.0, "partition-id": 0},
+                                                              {"num-examples": 1, "loss_before": 3.0, "partition-id": 1}]))
+    assert strategy.mu == pytest.approx({"a": 1.5, "b": 3.0})
+    assert strategy.mu_average == pytest.approx({"a": 1.0, "b": 2.0})
+
+
+def test_dual_bound_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"strategy.server.dual_bound=0.0: allowed: a number > 0"):
+        _bgl(tmp_path, dual_bound=0.0)
