@@ -15,6 +15,7 @@ from octomil_sim.runner import strategy_state
 from strategies.bounded_group_loss import (BoundedGroupLoss, dual_ascent, lagrangian_weights, project_duals,
                                           running_mean)
 from strategies.maxfl import MaxFL, appeal_coefficients, appeal_weights
+from strategies.tilted import TiltedFedAvg, normalized_tilted_coefficients, update_log_normalizer
 
 
 def _replies(arrays, metrics):
@@ -142,3 +143,45 @@ def test_bounded_group_loss_duals_average_by_hand(tmp_path, task_identity):
 def test_dual_bound_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"strategy.server.dual_bound=0.0: allowed: a number > 0"):
         _bgl(tmp_path, dual_bound=0.0)
+
+
+# --- TERM's running normalizer (arXiv 2007.01162 Algorithm 1; fair_flearn/flearn/trainers/tilting.py) ---
+def test_running_normalizer_by_hand():
+    # t = 1, F = (0, ln 3), p = (1/2, 1/2): mean exp(t F) = (1 + 3) / 2 = 2.
+    # R starts at 0: R1 = 0.5 * 0 + 0.5 * 2 = 1 -> c = (0.5 * 1, 0.5 * 3) / 1 = (0.5, 1.5)
+    losses, sizes = [0.0, math.log(3)], [1, 1]
+    log_r = update_log_normalizer(None, losses, sizes, t=1.0, rate=0.5)
+    assert log_r == pytest.approx(0.0, abs=1e-12)
+    assert normalized_tilted_coefficients(losses, sizes, 1.0, log_r) == pytest.approx([0.5, 1.5])
+    # R2 = 0.5 * 1 + 0.5 * 2 = 1.5 -> c = (0.5, 1.5) / 1.5 = (1/3, 1)
+    log_r = update_log_normalizer(log_r, losses, sizes, t=1.0, rate=0.5)
+    assert math.exp(log_r) == pytest.approx(1.5)
+    assert normalized_tilted_coefficients(losses, sizes, 1.0, log_r) == pytest.approx([1 / 3, 1.0])
+
+
+def test_running_normalizer_does_not_overflow():
+    # F = (1000, 1001), t = 1: R1 = 0.25 e^1000 (1 + e), c = (2 / (1 + e), 2 e / (1 + e))
+    log_r = update_log_normalizer(None, [1000.0, 1001.0], [1, 1], t=1.0, rate=0.5)
+    assert log_r == pytest.approx(1000 + math.log(0.25 * (1 + math.e)))
+    assert normalized_tilted_coefficients([1000.0, 1001.0], [1, 1], 1.0, log_r) == pytest.approx(
+        [2 / (1 + math.e), 2 * math.e / (1 + math.e)])
+
+
+def test_tilted_with_running_normalizer_rounds_by_hand(task_identity):
+    strategy = TiltedFedAvg(t=1.0, normalizer_rate=0.5)
+    metrics = [{"num-examples": 1, "loss_before": 0.0}, {"num-examples": 1, "loss_before": math.log(3)}]
+    # round 1: c = (0.5, 1.5), not normalised: w = 0 + 0.5 * 2 + 1.5 * 4 = 7 (a tilted average would give 3.5)
+    strategy.sent = _sent([0.0])
+    arrays, _ = strategy.aggregate_train(1, _replies([[2.0], [4.0]], [dict(m) for m in metrics]))
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [7.0], rtol=1e-6)
+    # round 2 from 0 again: c = (1/3, 1): 2/3 + 4 = 14/3; server_lr = 1/2 halves the step
+    strategy.server_lr = 0.5
+    arrays, _ = strategy.aggregate_train(2, _replies([[2.0], [4.0]], [dict(m) for m in metrics]))
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [7 / 3], rtol=1e-6)
+    assert math.exp(strategy.log_normalizer) == pytest.approx(1.5)  # public: kept in checkpoints
+
+
+def test_tilted_normalizer_off_by_default_and_config_error():
+    assert TiltedFedAvg(t=1.0).normalizer_rate is None
+    with pytest.raises(ConfigError, match=r"strategy.server.normalizer_rate=0.0: allowed: null \(off\) or a number in \(0, 1\]"):
+        TiltedFedAvg(normalizer_rate=0.0)
