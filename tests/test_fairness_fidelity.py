@@ -82,8 +82,8 @@ def test_project_duals_by_hand():
 def test_dual_ascent_is_projected_by_hand():
     # a: 0.5 + 2 (1.0 - 0.5) = 1.5; b: 0 + 2 (2.0 - 0.5) = 3; c keeps 0.7 -> (1.5, 3, 0.7), sum 5.2 > B = 2:
     # theta = (3 + 1.5 - 2) / 2 = 1.25 (k = 3: (5.2 - 2) / 3 = 1.0667 > 0.7 leaves c out): (0.25, 1.75, 0)
-    assert dual_ascent({"a": 0.5, "c": 0.7}, {"a": 1.0, "b": 2.0}, bound=0.5, step=2.0, dual_bound=2.0) == pytest.approx(
-        {"a": 0.25, "b": 1.75, "c": 0.0})
+    new = dual_ascent({"a": 0.5, "c": 0.7}, {"a": 1.0, "b": 2.0}, bound=0.5, step=2.0, dual_bound=2.0)
+    assert new == pytest.approx({"a": 0.25, "b": 1.75, "c": 0.0})
 
 
 def test_lagrangian_coefficients_sum_to_one_plus_duals():
@@ -133,9 +133,10 @@ def test_bounded_group_loss_duals_average_by_hand(tmp_path, task_identity):
     strategy = _bgl(tmp_path, dual_step=0.5, dual_bound=10.0)
     strategy.sent = _sent([0.0])
     # b's loss 3 each round: mu_b = 1, 2, 3 after rounds 1..3 -> mu_bar_b = 2; a's loss 2: mu_a = 0.5, 1, 1.5 -> 1
+    metrics = [{"num-examples": 1, "loss_before": 2.0, "partition-id": 0},
+               {"num-examples": 1, "loss_before": 3.0, "partition-id": 1}]
     for r in (1, 2, 3):
-        strategy.aggregate_train(r, _replies([[0.0], [0.0]], [{"num-examples": 1, "loss_before": 2.0, "partition-id": 0},
-                                                              {"num-examples": 1, "loss_before": 3.0, "partition-id": 1}]))
+        strategy.aggregate_train(r, _replies([[0.0], [0.0]], [dict(m) for m in metrics]))
     assert strategy.mu == pytest.approx({"a": 1.5, "b": 3.0})
     assert strategy.mu_average == pytest.approx({"a": 1.0, "b": 2.0})
 
@@ -183,5 +184,6 @@ def test_tilted_with_running_normalizer_rounds_by_hand(task_identity):
 
 def test_tilted_normalizer_off_by_default_and_config_error():
     assert TiltedFedAvg(t=1.0).normalizer_rate is None
-    with pytest.raises(ConfigError, match=r"strategy.server.normalizer_rate=0.0: allowed: null \(off\) or a number in \(0, 1\]"):
+    allowed = r"strategy.server.normalizer_rate=0.0: allowed: null \(off\) or a number in \(0, 1\]"
+    with pytest.raises(ConfigError, match=allowed):
         TiltedFedAvg(normalizer_rate=0.0)
