@@ -1,14 +1,30 @@
 """Personal layers: FedPer (Arivazhagan et al., arXiv 1912.00818) and FedRep (Collins et al.,
-arXiv 2102.07078).
+arXiv 2102.07078, Algorithm 1; official code lgcollins/FedRep, which also runs FedPer).
 
 Parameters whose names start with one of ``sync_layers`` are shared and averaged by the server; the
 rest (``local_layers``) stay on the client, in the client-state store, and are never uploaded.
 FedPer trains all layers together (``head_epochs=0``); FedRep first fits the local head with the
-shared body frozen for ``head_epochs``, then the body with the head frozen for ``local_epochs``.
+shared body frozen for ``head_epochs``, then the body with the head frozen for ``local_epochs``
+(``models/Update.py`` ``LocalUpdate.train``: ``local_ep - local_rep_ep`` head epochs, then
+``local_rep_ep`` body epochs; the paper's CIFAR scripts use 10 and 1, FEMNIST 10 and 5).
 The server averages the uploaded layers and keeps the rest of the global model as it was
 (``merge_arrays``). Parameters the model freezes (a pretrained base) are neither trained nor
 uploaded: with ``local_layers: [prompt]`` and ``model=prompt_transformer`` this is prompt tuning
 (``conf/strategy/prompt_tuning.yaml``), each client's soft prompt kept in the client-state store.
+
+Deployment (``personalize``). A stored head was fitted to the body of the last round the client
+trained in; the body has moved since, and a client never sampled has only the untrained initial head
+(every client's head starts as the initial global one, as in the official ``main_fedrep.py``). The
+official code ends, for FedRep and FedPer alike, with a round in which every client fits its head on
+the final body with the body frozen, for ``max(10, local_ep - local_rep_ep)`` epochs, and reports
+accuracy after it. ``head_finetune_epochs > 0`` does that before every evaluation: the client's own
+head (or the initial one) fitted for that many epochs on the current body, not stored. With
+``head_finetune_epochs=0`` the stored head is deployed as is (a never-sampled client fits one for
+``max(head_epochs, local_epochs)`` epochs).
+
+Deliberate differences from the official code: plain SGD with ``simulation.lr`` (official: momentum
+0.5, weight decay 1e-4, lr 0.01, batch 10); the head fit at deployment runs at every evaluation
+instead of in one extra training round, and leaves the stored head unchanged.
 """
 
 from __future__ import annotations
@@ -42,16 +58,21 @@ class PartialUpload(FedAvg):
 
 
 class PersonalLayersClient(ClientAlgorithm):
-    """Give ``sync_layers`` or ``local_layers`` (name prefixes of the model's parameters)."""
+    """Give ``sync_layers`` or ``local_layers`` (name prefixes of the model's parameters).
+    ``head_epochs``: FedRep's head epochs per round (0 = FedPer); ``head_finetune_epochs``: epochs of
+    fitting the local layers on the current shared ones before deploying (0 = deploy as stored)."""
 
     def __init__(self, sync_layers: list[str] | None = None, local_layers: list[str] | None = None,
-                 head_epochs: int = 0):
+                 head_epochs: int = 0, head_finetune_epochs: int = 0):
         if (sync_layers is None) == (local_layers is None):
             raise ConfigError(f"strategy.client.sync_layers={sync_layers}, strategy.client.local_layers="
                               f"{local_layers}: allowed: exactly one of the two, a list of layer-name prefixes")
         self.sync_layers = None if sync_layers is None else tuple(sync_layers)
         self.local_layers = None if local_layers is None else tuple(local_layers)
-        self.head_epochs = head_epochs
+        for key, value in (("head_epochs", head_epochs), ("head_finetune_epochs", head_finetune_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"strategy.client.{key}={value}: allowed: an integer >= 0")
+        self.head_epochs, self.head_finetune_epochs = head_epochs, head_finetune_epochs
 
     def is_local(self, name: str) -> bool:
         if self.local_layers is not None:
@@ -91,7 +112,12 @@ class PersonalLayersClient(ClientAlgorithm):
         return {k: v for k, v in state.items() if not self.is_local(k) and k not in frozen}, {"train_loss": loss}
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
+        """The client's own local layers (the received ones if it never trained), fitted on the
+        current shared layers for ``head_finetune_epochs`` (or, when that is 0, only if it never
+        trained); nothing is stored."""
         local, _ = self._split(model)
-        if not self._with_own_layers(model, task):  # never selected: fit a head, keep nothing
-            local_sgd(model, task, epochs=max(self.head_epochs, task.hp.epochs), params=local)
+        own = self._with_own_layers(model, task)
+        epochs = self.head_finetune_epochs or (0 if own else max(self.head_epochs, task.hp.epochs))
+        if epochs:
+            local_sgd(model, task, epochs=epochs, params=local)
         return model
