@@ -132,7 +132,8 @@ class Scafflix(ReweightedFedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:  # the clients whose x_hat_i went into the average update h_i
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: self._config})
-            self._grid.send_and_receive([Message(content=content, message_type="train.sync", dst_node_id=r.metadata.src_node_id)
+            self._grid.send_and_receive([Message(content=content, message_type="train.sync",
+                                                 dst_node_id=r.metadata.src_node_id)
                                          for r in replies if not r.has_error()])
         return arrays, metrics
 
