@@ -38,7 +38,8 @@ ROWS += [(f"tilted t={t:g}", ["strategy=tilted", f"strategy.server.t={t}"], "") 
 ROWS += [(f"q-FFL q={q:g}", ["strategy=qffl", f"strategy.server.q={q}"], "31.1 (q-FFL paper, q=1)" if q == 1 else "")
          for q in QS]
 ROWS += [("MaxFL", ["strategy=maxfl"], ""),
-         ("FedAvg, MaxFL clients", ["strategy=maxfl", "strategy.server._target_=strategies.fedavg.FedAvg"], "")]
+         ("FedAvg, MaxFL clients", ["strategy=maxfl", "strategy.server._target_=strategies.fedavg.FedAvg",
+                                    "~strategy.server.eta_g", "~strategy.server.eps"], "")]
 
 
 def size_groups(seed: int) -> str:

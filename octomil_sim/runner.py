@@ -61,6 +61,7 @@ def strategy_kwargs(cfg: DictConfig) -> dict:
     n_eval = max(1, round(s.fraction_evaluate * s.num_clients)) if s.fraction_evaluate > 0 else 0
     return {
         "seed": s.seed,
+        "train_all_clients": bool(s.get("train_all_clients", False)),
         "fraction_train": s.clients_per_round / s.num_clients,
         "min_train_nodes": s.clients_per_round,
         "fraction_evaluate": s.fraction_evaluate,
@@ -69,6 +70,15 @@ def strategy_kwargs(cfg: DictConfig) -> dict:
         "train_metrics_aggr_fn": train_aggregation,
         "evaluate_metrics_aggr_fn": evaluate_aggregation,
     }
+
+
+def client_sizes(cfg: DictConfig) -> dict:
+    """``{"client_sizes": [n_k]}`` (training examples per client) for a strategy that samples clients
+    by size (``strategy.server.sampling=size_proportional``), else nothing."""
+    if cfg.strategy.server.get("sampling") != "size_proportional":
+        return {}
+    data = FederatedData(cfg)
+    return {"client_sizes": [data.client(k).num_train for k in range(data.num_clients)]}
 
 
 def initial_arrays(cfg: DictConfig) -> ArrayRecord:
@@ -296,7 +306,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     started = time.perf_counter()
     nodes = num_nodes(cfg)
     server_app = build_server_app(
-        make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg)),
+        make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **client_sizes(cfg)),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
         deadline=SystemModel.from_config(cfg).deadline,
     )

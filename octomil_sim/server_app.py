@@ -25,7 +25,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+import numpy as np
+
 from octomil_sim.batching import pack, split_even, unpack
+from octomil_sim.errors import ConfigError
 from octomil_sim.metrics import client_rows
 
 
@@ -124,15 +127,70 @@ def _seeded_random(seed: int) -> Iterator[None]:
         random.setstate(state)
 
 
+def size_proportional_sample(sizes: list[int], k: int, seed: int, server_round: int) -> list[int]:
+    """``k`` distinct clients drawn with probabilities ``p_k = n_k / N`` (q-FFL's ``--sampling=2``,
+    litian96/fair_flearn ``flearn/trainers_MTL/fedbase.py`` ``select_clients``: NumPy's ``choice``
+    without replacement, weighted by training examples), from a generator seeded by (seed, round)."""
+    total = float(sum(sizes))
+    rng = np.random.default_rng([seed, server_round, 17])
+    return sorted(int(i) for i in rng.choice(len(sizes), size=k, replace=False, p=[n / total for n in sizes]))
+
+
 class SeededSampling:
     """Mixin before a Flower strategy: ``random.sample`` in its node sampling draws from a
-    generator seeded with (seed, round, phase), so fixed seeds pick the same clients."""
+    generator seeded with (seed, round, phase), so fixed seeds pick the same clients.
+
+    ``sampling="size_proportional"`` draws the training clients with probability proportional to
+    their training examples (``client_sizes``, given by the runner), as q-FFL's experiments do.
+    ``train_all_clients=True`` sends the training message to every client but aggregates only the
+    sampled ones' replies (the official pFedMe and Per-FedAvg code trains all users every round, so
+    that every user's local / personalized model is fresh when it is evaluated)."""
 
     seed: int = 0
+    sampling: str = "uniform"
+    client_sizes: list[int] | None = None
+    train_all_clients: bool = False
+    _aggregated: set[int] | None = None
+
+    def __init__(self, *args, seed: int = 0, sampling: str = "uniform", client_sizes: list[int] | None = None,
+                 train_all_clients: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if sampling not in ("uniform", "size_proportional"):
+            raise ConfigError(f"strategy.server.sampling={sampling!r}: allowed: uniform, size_proportional")
+        self.seed, self.sampling, self.client_sizes = seed, sampling, client_sizes
+        self.train_all_clients = train_all_clients
 
     def configure_train(self, server_round, arrays, config, grid):
         with _seeded_random(self.seed * 1_000_003 + 2 * server_round):
-            return list(super().configure_train(server_round, arrays, config, grid))
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        if not messages or (self.sampling == "uniform" and not self.train_all_clients):
+            self._aggregated = None
+            return messages
+        if self.sampling == "size_proportional":
+            if self.client_sizes is None:
+                raise ConfigError("strategy.server.sampling='size_proportional': the strategy got no client_sizes "
+                                  "(the runner passes them); allowed: uniform when building a strategy by hand")
+            chosen = size_proportional_sample(self.client_sizes, len(messages), self.seed, server_round)
+            messages = self._construct_messages(messages[0].content, chosen, MessageType.TRAIN)
+            messages = list(messages)
+        self._aggregated = {m.metadata.dst_node_id for m in messages}
+        if self.train_all_clients:
+            if any(m.content is not messages[0].content for m in messages):
+                raise ConfigError("simulation.train_all_clients=true: this strategy sends each client its own "
+                                  "message; allowed: strategies that send every client the same model")
+            others = [n for n in grid.get_node_ids() if n not in self._aggregated]
+            messages += list(self._construct_messages(messages[0].content, others, MessageType.TRAIN))
+        return messages
+
+    def aggregated_replies(self, replies):
+        """The replies of the clients this round aggregates (all of them unless ``train_all_clients``)."""
+        replies = list(replies)
+        if self._aggregated is None:
+            return replies
+        return [r for r in replies if r.metadata.src_node_id in self._aggregated]
+
+    def aggregate_train(self, server_round, replies):
+        return super().aggregate_train(server_round, self.aggregated_replies(replies))
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         with _seeded_random(self.seed * 1_000_003 + 2 * server_round + 1):

@@ -32,9 +32,8 @@ class FedAvg(SeededSampling, FlowerFedAvg):
     """Flower's FedAvg whose client sampling is a function of ``seed`` and the round; it keeps the
     global arrays it last sent (``sent``) for server updates that start from them."""
 
-    def __init__(self, seed: int = 0, **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.seed = seed
         self.sent: ArrayRecord | None = None
 
     def configure_train(self, server_round, arrays, config, grid):
@@ -59,7 +58,7 @@ class ReweightedFedAvg(FedAvg):
         raise NotImplementedError
 
     def aggregate_train(self, server_round, replies):
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = self._check_and_log_replies(self.aggregated_replies(replies), is_train=True)
         if not valid:
             return None, None
         contents = [m.content for m in valid]

@@ -1,7 +1,15 @@
 """q-FFL (Li, Sanjabi, Beirami, Smith; arXiv 1905.10497, Algorithm 2 "q-FedAvg") as a fairness
 baseline: Flower's own ``QFedAvg``, fed with each client's loss of the received global model
-(``loss_before``, the paper's F_k(w^t)) and made reproducible. q = 0 is an unweighted FedAvg step;
-larger q pushes the model toward the clients with the highest loss.
+(``loss_before``, the paper's F_k(w^t)) and made reproducible. Larger q pushes the model toward the
+clients with the highest loss.
+
+Sampling: the paper's experiments draw client k with probability ``p_k = n_k / N`` and average the
+sampled clients' updates without weights (litian96/fair_flearn, ``--sampling=2``,
+``flearn/trainers/qffedavg.py`` with ``fedbase.select_clients``); ``sampling: size_proportional`` (the
+default here, ``octomil_sim.server_app.size_proportional_sample``) does the same, so q = 0 is FedAvg
+in expectation: the unweighted average of clients drawn with p_k has the mean sum_k p_k w_k, FedAvg's
+example-weighted average. ``sampling: uniform`` draws every client alike; q = 0 is then an unweighted
+average over clients.
 """
 
 from __future__ import annotations
@@ -21,9 +29,9 @@ __all__ = ["QFFL", "FedAvgClient"]
 class QFFL(SeededSampling, QFedAvg):
     """``client_learning_rate`` sets Flower's Lipschitz estimate ``L = 1 / lr``; ``q`` is q-FFL's q."""
 
-    def __init__(self, client_learning_rate: float, q: float = 1.0, seed: int = 0, **kwargs):
-        super().__init__(client_learning_rate=client_learning_rate, q=q, train_loss_key=LOSS_BEFORE, **kwargs)
-        self.seed = seed
+    def __init__(self, client_learning_rate: float, q: float = 1.0, sampling: str = "size_proportional", **kwargs):
+        super().__init__(client_learning_rate=client_learning_rate, q=q, train_loss_key=LOSS_BEFORE,
+                         sampling=sampling, **kwargs)
 
     def aggregate_train(self, server_round, replies):
         with _no_forced_gc():

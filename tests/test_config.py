@@ -94,8 +94,8 @@ def test_bad_values(make_cfg, override, expected):
         (["strategy=nope"], "error: strategy='nope' is not a known strategy; allowed: " + STRATEGIES),
         (["simulation.lr=-1"], "error: simulation.lr=-1: allowed: a number > 0"),
         (["dataset=femnist", "dataset.source.path=/nonexistent/femnist"], "error: dataset.source.path='/nonexistent/femnist' could not be loaded"),
-        (["strategy=fedp3", "strategy.server.target_sparsity=1.5"],  # a server-half check, before Ray starts
-         "error: strategy.server.target_sparsity=1.5: allowed: a number in [0, 1)"),
+        (["strategy=fedp3", "strategy.server.global_keep=1.5"],  # a server-half check, before Ray starts
+         "error: strategy.server.global_keep=1.5: allowed: a number in (0, 1]"),
         (["system=heterogeneous", "system.classes.low.dropout=2"], "error: system.classes.low.dropout=2: allowed"),
     ],
 )

@@ -94,11 +94,13 @@ def test_fedp3_sends_fewer_bytes_and_personalizes(make_cfg, tmp_path):
     common = ["model=mlp", "model.net.hidden=[64,64]", "simulation.num_clients=20",
               "simulation.clients_per_round=10", "simulation.rounds=15", "simulation.fraction_evaluate=0"]
     fedavg = run(make_cfg("strategy=fedavg", *common), tmp_path / "fedavg")
-    fedp3 = run(make_cfg("strategy=fedp3", "strategy.server.target_sparsity=0.7",
-                         "strategy.server.upload_layers=2", *common), tmp_path / "fedp3")
+    fedp3 = run(make_cfg("strategy=fedp3", "strategy.server.global_keep=0.3",
+                         "strategy.server.upload_layers=1", *common), tmp_path / "fedp3")
     f, p = fedavg["final"], fedp3["final"]
-    assert p["bytes_down"] < 0.5 * f["bytes_down"]  # 30% of the weights, plus a bit mask
-    assert p["bytes_up"] < 0.4 * f["bytes_up"]  # and only 2 of 3 layers of those
+    # MLP 60-64-64-10: a client uploads one hidden layer and the head (at most 4,810 of 8,970 numbers);
+    # the hidden layer it keeps home comes down pruned to 30% plus a bit mask (at most ~7,300 of 8,970)
+    assert p["bytes_down"] < 0.85 * f["bytes_down"]
+    assert p["bytes_up"] < 0.6 * f["bytes_up"]
     assert p["personalized_acc"] > f["personalized_acc"] + 0.05
 
 
