@@ -11,8 +11,16 @@ from flwr.app import MetricRecord, RecordDict
 
 from octomil_sim.errors import ConfigError
 
-#: per-client metrics that get a summary in every evaluation round and in ``final``
+#: per-client metrics that get a summary in every evaluation round and in ``final`` (besides these,
+#: any other per-client ``*_acc`` / ``*_loss`` an algorithm reports, e.g. pFedMe's ``theta_acc``)
 SUMMARIZED = ("global_acc", "personalized_acc", "global_loss", "personalized_loss")
+
+
+def summarized_keys(row: dict) -> list[str]:
+    """The per-client keys of ``row`` that get summaries: ``SUMMARIZED`` first, then other accuracies
+    and losses in the row's order."""
+    extra = [k for k in row if k.endswith(("_acc", "_loss")) and k not in SUMMARIZED]
+    return [k for k in SUMMARIZED if k in row] + extra
 
 #: what each summary key means; written into ``results.json`` as ``metric_definitions``
 DEFINITIONS = {
@@ -64,8 +72,8 @@ def summarize_clients(rows: Sequence[dict], weight_key: str = "num-examples") ->
     the worst tenth by global accuracy) when the rows carry both accuracies."""
     out: dict[str, float] = {"num_clients": float(len(rows))}
     weights = [float(r[weight_key]) for r in rows]
-    for key in SUMMARIZED:
-        if rows and key in rows[0]:
+    for key in summarized_keys(rows[0]) if rows else []:
+        if all(key in r for r in rows):
             s = summarize([float(r[key]) for r in rows], weights, higher_is_better(key))
             out[key] = s.pop("mean")
             out.update({f"{key}_{name}": v for name, v in s.items()})
@@ -92,7 +100,9 @@ def best_rounds(rounds: Sequence[dict], keys: Sequence[str] | None = None) -> di
     """For every evaluated per-round ``key`` (default: the accuracies and losses, pooled and client
     mean), ``{"value": best, "round": r}``: the maximum over rounds for accuracies, the minimum for
     losses; the earliest round wins a tie."""
-    keys = keys or [f"{m}{suffix}" for m in SUMMARIZED for suffix in ("", "_client_mean")]
+    if keys is None:
+        names = list(dict.fromkeys(k for r in rounds for k in summarized_keys(r) if k != "train_loss"))
+        keys = [f"{m}{suffix}" for m in names for suffix in ("", "_client_mean")]
     out = {}
     for key in keys:
         seen = [(float(r[key]), r["round"]) for r in rounds if key in r and not math.isnan(float(r[key]))]

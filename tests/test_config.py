@@ -12,7 +12,7 @@ from octomil_sim.config import GROUPS, check_group_choices, group_options, valid
 from octomil_sim.errors import ConfigError
 from octomil_sim.runner import strategy_kwargs
 
-STRATEGIES = ("bounded_group_loss, ditto, fedavg, fedp3, finetune, maxfl, personal_layers, pfedme, "
+STRATEGIES = ("bounded_group_loss, ditto, fedavg, fedp3, finetune, maxfl, perfedavg, personal_layers, pfedme, "
               "prompt_tuning, qffl, scafflix, tilted")
 TOKENS = ["dataset=synthetic_tokens", "model=prompt_transformer"]
 NEEDS = {"femnist_cnn": ["dataset=mnist5k", "partition=iid"], "personal_layers": ["model=mlp"],
