@@ -86,7 +86,7 @@ def synthetic_dataset(
 
 
 def pfedme_synthetic_dataset(alpha: float, beta: float, num_clients: int = 100, seed: int = 0,
-                             dimension: int = 60, num_classes: int = 10) -> datasets.Dataset:
+                             dimension: int = 60, num_classes: int = 10, size_scale: int = 5) -> datasets.Dataset:
     """Synthetic(alpha, beta) exactly as pFedMe's official generator makes it
     (CharlieDinh/pFedMe ``data/Synthetic/generate_synthetic_05_05.py``, non-IID branch): the same
     legacy ``np.random.RandomState(seed)`` stream drawn in the same order (client sizes
@@ -95,11 +95,13 @@ def pfedme_synthetic_dataset(alpha: float, beta: float, num_clients: int = 100, 
     official data set (205,795 examples for 100 clients). Differences: labels are ``argmax(W_k x + b_k)``
     computed for all rows at once (the softmax the official code applies first does not change the
     argmax), and the 90/10 train/test split is ``simulation.test_fraction=0.1`` over a seeded permutation
-    (``dataset.split_seed``) where the official script shuffles with Python's unseeded ``random``."""
+    (``dataset.split_seed``) where the official script shuffles with Python's unseeded ``random``.
+    ``size_scale=1`` is q-FFL's generator (litian96/fair_flearn ``data/synthetic/generate_synthetic.py``:
+    the same procedure with sizes ``lognormal(4, 2) + 50``, left unseeded there)."""
     if alpha < 0 or beta < 0:
         raise ConfigError(f"dataset.source.alpha={alpha}, dataset.source.beta={beta}: both must be >= 0")
     rng = np.random.RandomState(seed)
-    sizes = (rng.lognormal(4, 2, num_clients).astype(int) + 50) * 5
+    sizes = (rng.lognormal(4, 2, num_clients).astype(int) + 50) * size_scale
     mean_w = rng.normal(0, alpha, num_clients)
     shift = rng.normal(0, beta, num_clients)
     cov = np.diag(np.power(np.arange(1, dimension + 1, dtype=np.float64), -1.2))
@@ -242,6 +244,14 @@ def _source(cfg: DictConfig):
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(path))
+
+
+def cache_source(cfg: DictConfig) -> None:
+    """Generate the configured dataset into the cache now, in the calling thread, if it is a generated
+    one not cached yet. The runner calls it before Ray starts: generating in the data-check thread
+    while Ray forks its processes left NumPy's threaded BLAS spinning in an SVD for minutes
+    (``multivariate_normal`` of the pFedMe generator); a cached dataset only opens here."""
+    _source(cfg)
 
 
 def _load_partitions(cfg: DictConfig):

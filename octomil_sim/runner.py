@@ -255,6 +255,9 @@ def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
 
     from octomil_sim.local_ray import without_autoscaler
 
+    from octomil_sim.data import cache_source
+
+    cache_source(cfg)  # a generated dataset's first generation runs here, before any fork (see its docstring)
     with ThreadPoolExecutor(max_workers=1) as pool:
         checked = pool.submit(lambda: FederatedData(cfg).num_clients)
         with without_autoscaler():
