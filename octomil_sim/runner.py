@@ -143,12 +143,8 @@ class RunSession(Session):
                 "last_failure": dict(grid.last_failure),
             }, self.client_state)
 
-    def done(self, arrays, rows: list[dict], grid: SimulationGrid) -> None:
-        clients = sorted(
-            ({"partition_id": int(c.pop("partition-id")), "num_test": int(c.pop("num-examples")), **c}
-             for c in rows),
-            key=lambda c: c["partition_id"],
-        )
+    def done(self, arrays, rows: list[dict], grid: SimulationGrid, averaged_rows: list[dict] | None = None) -> None:
+        clients = client_table(rows)
         total_bytes = dict(grid.bytes)
         final = summarize_clients(clients, weight_key="num_test")
         final.update({
@@ -168,6 +164,16 @@ class RunSession(Session):
             "system": system_report(self.cfg, grid),
             **fairness_report(self.cfg, clients),
         }
+        if averaged_rows is not None:  # e.g. bounded group loss: its guarantee is about the averaged iterate
+            averaged = client_table(averaged_rows)
+            self.results["averaged_iterate"] = {"final": summarize_clients(averaged, weight_key="num_test"),
+                                                **fairness_report(self.cfg, averaged)}
+
+
+def client_table(rows: list[dict]) -> list[dict]:
+    """Evaluation rows as ``results.json``'s ``clients``: ids and test sizes renamed, in client order."""
+    return sorted(({"partition_id": int(c.pop("partition-id")), "num_test": int(c.pop("num-examples")), **c}
+                   for c in rows), key=lambda c: c["partition_id"])
 
 
 def strategy_state(strategy) -> dict:

@@ -219,7 +219,10 @@ class Session:
                     evaluate_metrics: MetricRecord | None, strategy, grid: SimulationGrid) -> None:
         raise NotImplementedError
 
-    def done(self, arrays: ArrayRecord, rows: list[dict], grid: SimulationGrid) -> None:
+    def done(self, arrays: ArrayRecord, rows: list[dict], grid: SimulationGrid,
+             averaged_rows: list[dict] | None = None) -> None:
+        """``rows``: every client's evaluation of the final model; ``averaged_rows``: of the
+        strategy's averaged iterate, for strategies whose guarantee is about it (``average_arrays``)."""
         raise NotImplementedError
 
 
@@ -252,6 +255,8 @@ def build_server_app(make_strategy: Callable[[], object], session: Callable[[], 
         strategy, run = make_strategy(), session()
         arrays, first_round = run.start(strategy, sim_grid)
         arrays = run_rounds(strategy, sim_grid, arrays, first_round, num_rounds, run.after_round)
-        run.done(arrays, evaluate_all(sim_grid, arrays, num_rounds), sim_grid)
+        averaged = strategy.average_arrays() if hasattr(strategy, "average_arrays") else None
+        averaged_rows = evaluate_all(sim_grid, averaged, num_rounds) if averaged is not None else None
+        run.done(arrays, evaluate_all(sim_grid, arrays, num_rounds), sim_grid, averaged_rows)
 
     return app

@@ -121,3 +121,8 @@ def test_bounded_group_loss_reports_groups_and_duals(make_cfg, tmp_path):
     losses = {g: m["global_loss"] for g, m in results["groups"].items()}
     assert bound["holds"] == all(v <= 0.5 for v in losses.values())
     assert any(k.startswith("dual_") for k in results["rounds"][-1])
+    # the averaged iterate (the primal-dual method's guarantee is about it) is evaluated and reported too
+    averaged = results["averaged_iterate"]
+    assert averaged["final"]["num_clients"] == 10 and set(averaged["groups"]) == {"even", "odd"}
+    assert averaged["final"]["global_loss"] != results["final"]["global_loss"]  # 3 rounds: not the last iterate
+    assert "worst_group_improvement" in results and results["worst_group_improvement"]["group"] in ("even", "odd")
