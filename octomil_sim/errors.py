@@ -20,3 +20,19 @@ def instantiate(node, **kwargs):
         if cause is not None:
             raise cause from None
         raise
+
+
+def number_list(value) -> list[float] | None:
+    """``value`` as a list of numbers: one number becomes ``[value]``, a sequence of numbers a list;
+    None when it is neither (a bool, a string, a non-numeric item), for the caller's one-line error."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return [value]
+    try:
+        values = list(value)
+    except TypeError:
+        return None
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        return None
+    return values

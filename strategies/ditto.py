@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from octomil_sim.client_app import ClientTask, Tensors
 from octomil_sim.data import ClientData
-from octomil_sim.errors import ConfigError
+from octomil_sim.errors import ConfigError, number_list
 from octomil_sim.training import evaluate, prox_grad_step
 from strategies.fedavg import FedAvg, FedAvgClient, local_sgd
 
@@ -87,13 +87,8 @@ class DittoClient(FedAvgClient):
 
     def __init__(self, lam: float | list[float] = (0.1, 1.0, 2.0), personal_epochs: int | None = None,
                  personal_lr: float | None = None, val_fraction: float = 0.1):
-        lams = [lam] if isinstance(lam, (int, float)) and not isinstance(lam, bool) else None
-        if lams is None:
-            try:
-                lams = list(lam)
-            except TypeError:
-                lams = []
-        if not lams or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0 for x in lams):
+        lams = number_list(lam)
+        if lams is None or any(x < 0 for x in lams):
             raise ConfigError(f"strategy.client.lam={lam}: allowed: a number >= 0, or a list of such numbers "
                               "(candidates each client selects from on validation data)")
         if len(lams) > 1 and not 0 < val_fraction < 1:

@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
-from octomil_sim.errors import ConfigError
+from octomil_sim.errors import ConfigError, number_list
 from strategies.fedavg import ReweightedFedAvg, stored_local_model
 
 WEIGHT = "scafflix-weight"
@@ -89,14 +89,9 @@ def server_weight(alpha: float, gamma: float) -> float:
 def per_client(value, key: str, allowed: str, ok, num_clients: int | None) -> list[float]:
     """``value`` (one number, or a list with one per client) as a list of floats; a list must have
     ``num_clients`` entries when that is known. Raises a one-line ``ConfigError`` naming ``key``."""
-    values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if values is None:
-        try:
-            values = list(value)
-        except TypeError:
-            values = []
+    values = number_list(value)
     n = f" ({num_clients} of them)" if num_clients else ""
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v) for v in values):
+    if values is None or not all(ok(v) for v in values):
         raise ConfigError(f"strategy.client.{key}={value}: allowed: {allowed}, or a list of such numbers, "
                           f"one per client{n}")
     if not isinstance(value, (int, float)) and num_clients is not None and len(values) != num_clients:

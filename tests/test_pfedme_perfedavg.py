@@ -13,6 +13,17 @@ from tests.helpers import GRAD_B, GRAD_W, constant_mlr, one_example_task
 T = torch.tensor
 
 
+def grad_at_half_step() -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy gradient (weight, bias) of the MLR at -0.5 GRAD on the one example."""
+    probe = constant_mlr(0.0)
+    with torch.no_grad():
+        probe.fc.weight.copy_(-0.5 * GRAD_W)
+        probe.fc.bias.copy_(-0.5 * GRAD_B)
+    loss = torch.nn.functional.cross_entropy(probe(T([[1.0, 2.0]])), T([0]))
+    gw, gb = torch.autograd.grad(loss, [probe.fc.weight, probe.fc.bias])
+    return gw, gb
+
+
 def test_inner_step_with_the_official_mu_term():
     # theta - lr (grad + lam (theta - w) + mu theta) = 1 - 0.1 (2 + 3 (1 - 0) + 0.5 * 1) = 0.45
     assert pfedme.inner_step(T([1.0]), T([2.0]), T([0.0]), lam=3.0, lr=0.1, mu=0.5).item() == pytest.approx(0.45)
@@ -39,12 +50,7 @@ def test_theta_warm_starts_across_local_rounds():
     # R = 2, K = 1, lam = 1, personal_lr = lr = 0.5, from w = 0. Round 1 as above: theta_1 = -0.5 G,
     # w_1 = -0.25 G. Round 2 continues from theta_1 (the official optimizer), not from w_1:
     # theta_2 = theta_1 - 0.5 (grad(theta_1) + (theta_1 - w_1)); w_2 = w_1 - 0.5 (w_1 - theta_2).
-    probe = constant_mlr(0.0)
-    with torch.no_grad():
-        probe.fc.weight.copy_(-0.5 * GRAD_W)
-        probe.fc.bias.copy_(-0.5 * GRAD_B)
-    loss = torch.nn.functional.cross_entropy(probe(T([[1.0, 2.0]])), T([0]))
-    gw, gb = torch.autograd.grad(loss, [probe.fc.weight, probe.fc.bias])
+    gw, gb = grad_at_half_step()
     theta2_w = -0.5 * GRAD_W - 0.5 * (gw + (-0.5 * GRAD_W + 0.25 * GRAD_W))
     w2_w = -0.25 * GRAD_W - 0.5 * (-0.25 * GRAD_W - theta2_w)
     task = one_example_task(lr=0.5)
@@ -69,12 +75,7 @@ def test_perfedavg_equations_by_hand():
 def test_perfedavg_fo_round_by_hand():
     # one example, batch of 1: D = D' = the example. alpha = lr = 0.5, beta = 0.1, from w = 0:
     # temp = -0.5 G; w_new = 0 - 0.1 grad f(temp), gradient at temp worked out by autograd on temp
-    probe = constant_mlr(0.0)
-    with torch.no_grad():
-        probe.fc.weight.copy_(-0.5 * GRAD_W)
-        probe.fc.bias.copy_(-0.5 * GRAD_B)
-    loss = torch.nn.functional.cross_entropy(probe(T([[1.0, 2.0]])), T([0]))
-    gw, gb = torch.autograd.grad(loss, [probe.fc.weight, probe.fc.bias])
+    gw, gb = grad_at_half_step()
     client = perfedavg.PerFedAvgClient(beta=0.1, local_rounds=1)
     upload, _ = client.train(constant_mlr(0.0), one_example_task(lr=0.5))
     torch.testing.assert_close(upload["fc.weight"], -0.1 * gw)
