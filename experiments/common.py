@@ -25,11 +25,14 @@ def run_cell(out: Path, overrides: list[str]) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1, population: bool = False) -> str:
+    """``mean ± std`` of ``values`` times ``scale``: the sample std, or the population std (NumPy's
+    ``np.std``, what pFedMe's official ``average_data`` reports) with ``population``."""
     m = statistics.mean(values) * scale
     if len(values) == 1:
         return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+    spread = statistics.pstdev(values) if population else statistics.stdev(values)
+    return f"{m:.{digits}f} ± {spread * scale:.{digits}f}"
 
 
 def write_block(name: str, lines: list[str]) -> None:

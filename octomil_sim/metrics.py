@@ -34,11 +34,14 @@ DEFINITIONS = {
     "<m>_top10": "mean over the best 10% of clients (at least one): the highest accuracies, the lowest losses",
     "<m>_std": "population std of the unweighted per-client values around their unweighted mean",
     "<m>_var": "population variance of the unweighted per-client values (q-FFL reports it x 10^4)",
-    "worst_group_improvement": "min over groups g of the mean over g's clients of (personalized_acc - "
-                               "global_acc); without groups, one group: the worst 10% of clients by "
-                               "global_acc (the same clients on both sides)",
-    "best_round": "per round-level key, the best value over the evaluation rounds and its round (max for "
-                  "accuracies, min for losses); over the clients evaluated in that round "
+    "worst_tenth_improvement": "mean over the worst 10% of clients by global_acc of (personalized_acc - "
+                               "global_acc): the same clients on both sides",
+    "worst_group_improvement": "(results.json top level) with groups_file: min over groups g of the mean over "
+                               "g's clients of (personalized_acc - global_acc), with every group's value; "
+                               "without groups: worst_tenth_improvement, the worst tenth as the one group",
+    "best_round": "for the pooled and _client_mean value of every per-client accuracy and loss: the best "
+                  "value over the evaluation rounds and its round (max for accuracies, min for losses, the "
+                  "earliest round on a tie); over the clients evaluated in that round "
                   "(simulation.fraction_evaluate), so it is optimistic unless every client is evaluated",
 }
 
@@ -68,7 +71,7 @@ def summarize(values: Sequence[float], weights: Sequence[float], higher_better: 
 def summarize_clients(rows: Sequence[dict], weight_key: str = "num-examples") -> dict[str, float]:
     """Flat summary of per-client rows: ``global_acc`` (pooled), ``global_acc_client_mean``,
     ``global_acc_bottom10`` / ``_top10`` (worst / best tenth), ``global_acc_std`` / ``_var``, the same
-    for every other key in ``SUMMARIZED`` that the rows carry, and ``worst_group_improvement`` (over
+    for every other key in ``SUMMARIZED`` that the rows carry, and ``worst_tenth_improvement`` (over
     the worst tenth by global accuracy) when the rows carry both accuracies."""
     out: dict[str, float] = {"num_clients": float(len(rows))}
     weights = [float(r[weight_key]) for r in rows]
@@ -78,7 +81,7 @@ def summarize_clients(rows: Sequence[dict], weight_key: str = "num-examples") ->
             out[key] = s.pop("mean")
             out.update({f"{key}_{name}": v for name, v in s.items()})
     if rows and "global_acc" in rows[0] and "personalized_acc" in rows[0]:
-        out["worst_group_improvement"] = mean_improvement(worst_tenth(rows, "global_acc"))
+        out["worst_tenth_improvement"] = mean_improvement(worst_tenth(rows, "global_acc"))
     return out
 
 
@@ -161,16 +164,20 @@ def group_summaries(rows: Sequence[dict], groups: dict[int, str], weight_key: st
     for g in names:
         members = [r for r in rows if groups[r["partition_id"]] == g]
         out[g] = summarize_clients(members, weight_key)
-        out[g].pop("worst_group_improvement", None)
+        out[g].pop("worst_tenth_improvement", None)
         if "personalized_acc" in members[0]:
             out[g]["improvement"] = mean_improvement(members)
     return out
 
 
-def worst_group_improvement(summaries: dict[str, dict]) -> dict:
-    """The worst group's ``improvement`` (personalized minus global accuracy) and which group it is."""
-    scored = {g: m["improvement"] for g, m in summaries.items() if "improvement" in m}
+def worst_group_improvement(summaries: dict[str, dict] | None, final: dict) -> dict:
+    """The worst group's ``improvement`` (personalized minus global accuracy), which group it is and
+    every group's; without groups (``summaries`` None), the worst tenth of clients by global accuracy
+    (``final["worst_tenth_improvement"]``) as the one group."""
+    scored = {g: m["improvement"] for g, m in (summaries or {}).items() if "improvement" in m}
     if not scored:
-        return {}
+        if "worst_tenth_improvement" not in final:
+            return {}
+        return {"value": final["worst_tenth_improvement"], "group": "worst 10% by global_acc"}
     worst = min(sorted(scored), key=lambda g: scored[g])
     return {"value": scored[worst], "group": worst, "per_group": scored}

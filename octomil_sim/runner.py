@@ -164,6 +164,7 @@ class RunSession(Session):
             "system": system_report(self.cfg, grid),
             **fairness_report(self.cfg, clients),
         }
+        self.results["worst_group_improvement"] = worst_group_improvement(self.results.get("groups"), final)
         if averaged_rows is not None:  # e.g. bounded group loss: its guarantee is about the averaged iterate
             averaged = client_table(averaged_rows)
             self.results["averaged_iterate"] = {"final": summarize_clients(averaged, weight_key="num_test"),
@@ -234,7 +235,6 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
     if cfg.get("groups_file"):
         groups = load_groups(cfg.groups_file, cfg.simulation.num_clients)
         out["groups"] = group_summaries(clients, groups, "num_test")
-        out["worst_group_improvement"] = worst_group_improvement(out["groups"])
         bound = cfg.strategy.server.get("max_group_loss")
         if bound is not None:
             losses = {g: m["global_loss"] for g, m in out["groups"].items()}

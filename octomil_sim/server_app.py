@@ -143,8 +143,9 @@ class SeededSampling:
     ``sampling="size_proportional"`` draws the training clients with probability proportional to
     their training examples (``client_sizes``, given by the runner), as q-FFL's experiments do.
     ``train_all_clients=True`` sends the training message to every client but aggregates only the
-    sampled ones' replies (the official pFedMe and Per-FedAvg code trains all users every round, so
-    that every user's local / personalized model is fresh when it is evaluated)."""
+    sampled ones' replies (the official pFedMe code trains all users every round, so that every user's
+    local / personalized model is fresh when it is evaluated; its FedAvg and Per-FedAvg train only the
+    sampled users). The unsampled clients' uploads are counted in ``bytes_up`` like any other."""
 
     seed: int = 0
     sampling: str = "uniform"

@@ -36,7 +36,9 @@ def test_worst_group_improvement_without_groups_uses_the_same_clients():
     rows = [{"global_acc": 0.1, "personalized_acc": 0.3, "num_test": 1}]
     rows += [{"global_acc": 0.5 + 0.01 * i, "personalized_acc": 0.6, "num_test": 1} for i in range(1, 9)]
     rows += [{"global_acc": 0.9, "personalized_acc": 0.05, "num_test": 1}]
-    assert summarize_clients(rows, "num_test")["worst_group_improvement"] == pytest.approx(0.2)
+    final = summarize_clients(rows, "num_test")
+    assert final["worst_tenth_improvement"] == pytest.approx(0.2)
+    assert worst_group_improvement(None, final) == {"value": pytest.approx(0.2), "group": "worst 10% by global_acc"}
 
 
 def test_worst_group_improvement_with_groups():
@@ -48,7 +50,7 @@ def test_worst_group_improvement_with_groups():
     groups = group_summaries(rows, {0: "a", 1: "a", 2: "b"}, "num_test")
     assert groups["a"]["improvement"] == pytest.approx(0.15)  # unweighted over the group's clients
     assert groups["b"]["improvement"] == pytest.approx(-0.1)
-    worst = worst_group_improvement(groups)
+    worst = worst_group_improvement(groups, {"worst_tenth_improvement": 0.5})
     assert worst["group"] == "b" and worst["value"] == pytest.approx(-0.1)
     assert worst["per_group"]["a"] == pytest.approx(0.15)
 
