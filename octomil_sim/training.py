@@ -54,13 +54,13 @@ class BatchStream:
     pass may be smaller), starting again from the first row when the pass ends. This is the official
     pFedMe code's ``get_next_train_batch`` (a ``DataLoader`` without shuffling whose iterator lives
     as long as the client), with which its "local epochs" are R minibatch steps. The position is
-    kept in the client's state store under ``KEY``; call ``save`` after the round's steps."""
+    kept in the client's state store under ``key`` (default ``KEY``); call ``save`` after the round's steps."""
 
     KEY = "batch_position"
 
-    def __init__(self, num_rows: int, batch_size: int, state=None):
-        self.num_rows, self.batch_size, self.state = num_rows, batch_size, state
-        saved = state.load(self.KEY) if state is not None else None
+    def __init__(self, num_rows: int, batch_size: int, state=None, key: str = KEY):
+        self.num_rows, self.batch_size, self.state, self.key = num_rows, batch_size, state, key
+        saved = state.load(key) if state is not None else None
         self.position = int(saved["position"]) if saved else 0
 
     def next(self) -> torch.Tensor:
@@ -76,7 +76,7 @@ class BatchStream:
 
     def save(self) -> None:
         if self.state is not None:
-            self.state.save(self.KEY, {"position": torch.tensor(self.position)})
+            self.state.save(self.key, {"position": torch.tensor(self.position)})
 
 
 def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, moving: set[int], lr: float,

@@ -69,7 +69,11 @@ def hessian_vector_product(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 class PerFedAvgClient(ClientAlgorithm):
-    def __init__(self, beta: float | None = None, variant: str = "fo", local_rounds: int = 20, adapt_steps: int = 1):
+    def __init__(self, beta: float | None = None, variant: str = "fo", local_rounds: int = 20, adapt_steps: int = 1,
+                 adapt_on: str = "train"):
+        if adapt_on not in ("train", "test_official"):
+            raise ConfigError(f"strategy.client.adapt_on={adapt_on!r}: allowed: train, test_official")
+        self.adapt_on = adapt_on
         if beta is not None and beta <= 0:
             raise ConfigError(f"strategy.client.beta={beta}: allowed: a number > 0")
         if variant not in ("fo", "hf"):
@@ -110,7 +114,12 @@ class PerFedAvgClient(ClientAlgorithm):
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         """``adapt_steps`` steps of size alpha on the next training minibatches of the client's stream
-        (read, not advanced: evaluating must not change what the client trains on next)."""
+        (read, not advanced: evaluating must not change what the client trains on next).
+        ``adapt_on="test_official"`` instead reproduces the official evaluation, for measuring what it
+        adds and nothing else: a step of size alpha and one of size beta on the next two minibatches of
+        the client's *test* split (its own carried-over stream), then evaluation on that test split."""
+        if self.adapt_on == "test_official":
+            return self._official_test_adaptation(model, task)
         d = task.data
         stream = BatchStream(d.num_train, task.hp.batch_size, task.state)
         model.train()
@@ -120,4 +129,20 @@ class PerFedAvgClient(ClientAlgorithm):
             with torch.no_grad():
                 for w, g in zip(model.parameters(), grads):
                     w.copy_(adapt_step(w, g, task.hp.lr))
+        return model
+
+    def _official_test_adaptation(self, model: nn.Module, task: ClientTask) -> nn.Module:
+        """CharlieDinh/pFedMe ``userperavg.py`` ``train_one_step``: alpha step, then beta step, each on
+        the next test minibatch. Leaks test data into the evaluated model (that repository's issue #19)."""
+        d, alpha = task.data, task.hp.lr
+        beta = alpha if self.beta is None else self.beta
+        stream = BatchStream(d.num_test, task.hp.batch_size, task.state, key="test_batch_position")
+        model.train()
+        for step in (alpha, beta):
+            idx = stream.next()
+            grads = _grads(model, d.x_test[idx], d.y_test[idx])
+            with torch.no_grad():
+                for w, g in zip(model.parameters(), grads):
+                    w.copy_(adapt_step(w, g, step))
+        stream.save()
         return model

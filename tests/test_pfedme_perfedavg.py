@@ -99,3 +99,13 @@ def test_perfedavg_personalizes_on_training_data_by_one_step():
     task.data.x_test, task.data.y_test = T([[9.0, 9.0]]), T([2])
     adapted = perfedavg.PerFedAvgClient().personalize(constant_mlr(0.0), task)
     torch.testing.assert_close(adapted.fc.weight.detach(), -0.5 * GRAD_W)  # w - alpha grad f(w; train batch)
+
+
+def test_perfedavg_official_test_adaptation_steps_on_test_batches():
+    # adapt_on=test_official: alpha step then beta step, both on the test example (here x = [1, 2], y = 0)
+    task = one_example_task(lr=0.5)
+    adapted = perfedavg.PerFedAvgClient(beta=0.1, adapt_on="test_official").personalize(constant_mlr(0.0), task)
+    gw, _ = grad_at_half_step()  # gradient after the alpha step from 0, at -0.5 GRAD
+    torch.testing.assert_close(adapted.fc.weight.detach(), -0.5 * GRAD_W - 0.1 * gw)
+    with pytest.raises(ConfigError, match="strategy.client.adapt_on='val': allowed: train, test_official"):
+        perfedavg.PerFedAvgClient(adapt_on="val")
