@@ -31,10 +31,6 @@ PFEDME = [
     ("DNN, Per-FedAvg", "pfedme_table1_synthetic_dnn_perfedavg", "personalized_acc", 85.01),
     ("DNN, pFedMe", "pfedme_table1_synthetic_dnn_pfedme", "personalized_acc", 86.36),
 ]
-# the official Per-FedAvg evaluation (adapts on test batches: a leak), run only to measure what it adds
-OFFICIAL_EVAL = ["strategy.client.adapt_on=test_official"]
-PFEDME += [(f"{model}, Per-FedAvg, official evaluation (test leak)", f"pfedme_table1_synthetic_{model.lower()}_perfedavg",
-            "personalized_acc", paper) for model, paper in (("MLR", 81.49), ("DNN", 85.01))]
 QFFL = [(f"q = {q:g}", "qffl_synthetic_1_1", q) for q in (0.0, 1.0, 5.0)]
 
 
@@ -49,12 +45,10 @@ def pfedme_table(seeds: list[int], only: str | None) -> None:
     ms = partial(mean_std, digits=2, population=True)
     for name, experiment, key, paper in PFEDME:
         runs = []
-        extra = OFFICIAL_EVAL if "official evaluation" in name else []
-        folder = experiment + ("_official_eval" if extra else "")
         for seed in seeds:
-            out = RESULTS / folder / f"seed{seed}"
-            if only is None or only == folder:
-                runs.append(run_cell(out, [f"experiment={experiment}", *extra, f"simulation.seed={seed}"]))
+            out = RESULTS / experiment / f"seed{seed}"
+            if only is None or only == experiment:
+                runs.append(run_cell(out, [f"experiment={experiment}", f"simulation.seed={seed}"]))
             elif (out / "results.json").exists():
                 runs.append(run_cell(out, []))
         if not runs:
