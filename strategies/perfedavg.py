@@ -83,8 +83,7 @@ class PerFedAvgClient(ClientAlgorithm):
         self.beta, self.variant, self.local_rounds, self.adapt_steps = beta, variant, local_rounds, adapt_steps
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
-        d, alpha = task.data, task.hp.lr
-        beta = alpha if self.beta is None else self.beta
+        d, alpha, beta = task.data, task.hp.lr, self._beta(task)
         stream = task.batch_stream()
         adapted = copy.deepcopy(model)
         losses = []
@@ -121,28 +120,29 @@ class PerFedAvgClient(ClientAlgorithm):
         if self.adapt_on == "test_official":
             return self._official_test_adaptation(model, task)
         d = task.data
-        stream = BatchStream(d.num_train, task.hp.batch_size, task.state)
-        model.train()
-        for _ in range(self.adapt_steps):
-            idx = stream.next()
-            grads = _grads(model, d.x_train[idx], d.y_train[idx])
-            with torch.no_grad():
-                for w, g in zip(model.parameters(), grads):
-                    w.copy_(adapt_step(w, g, task.hp.lr))
-        return model
+        return adapt(model, d.x_train, d.y_train, task.batch_stream(), [task.hp.lr] * self.adapt_steps)
 
     def _official_test_adaptation(self, model: nn.Module, task: ClientTask) -> nn.Module:
         """CharlieDinh/pFedMe ``userperavg.py`` ``train_one_step``: alpha step, then beta step, each on
         the next test minibatch. Leaks test data into the evaluated model (that repository's issue #19)."""
-        d, alpha = task.data, task.hp.lr
-        beta = alpha if self.beta is None else self.beta
+        d = task.data
         stream = BatchStream(d.num_test, task.hp.batch_size, task.state, key="test_batch_position")
-        model.train()
-        for step in (alpha, beta):
-            idx = stream.next()
-            grads = _grads(model, d.x_test[idx], d.y_test[idx])
-            with torch.no_grad():
-                for w, g in zip(model.parameters(), grads):
-                    w.copy_(adapt_step(w, g, step))
+        adapt(model, d.x_test, d.y_test, stream, [task.hp.lr, self._beta(task)])
         stream.save()
         return model
+
+    def _beta(self, task: ClientTask) -> float:
+        return task.hp.lr if self.beta is None else self.beta
+
+
+def adapt(model: nn.Module, x: torch.Tensor, y: torch.Tensor, stream: BatchStream,
+          step_sizes: list[float]) -> nn.Module:
+    """One ``adapt_step`` per step size, each on the next minibatch of ``stream`` (not saved here)."""
+    model.train()
+    for step in step_sizes:
+        idx = stream.next()
+        grads = _grads(model, x[idx], y[idx])
+        with torch.no_grad():
+            for w, g in zip(model.parameters(), grads):
+                w.copy_(adapt_step(w, g, step))
+    return model
