@@ -288,14 +288,21 @@ def _to_tensors(ds: datasets.Dataset, d: DictConfig) -> tuple[torch.Tensor, torc
     return x, torch.from_numpy(np.asarray(batch[d.label_key], dtype=np.int64))
 
 
-def train_test_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of an ``n``-row partition in its train and test split: exactly those of HF's
-    ``Dataset.train_test_split(test_size=test_fraction, seed=seed)`` (ceil(test_fraction n) test rows
-    first in ``default_rng(seed).permutation(n)``), without building two more datasets."""
+def num_test_rows(n: int, test_fraction: float) -> int:
+    """How many of a client's ``n`` rows are held out: ``ceil(test_fraction n)``, leaving at least one
+    for training."""
     n_test = math.ceil(test_fraction * n)
     if n - n_test < 1:
         raise ConfigError(f"simulation.test_fraction={test_fraction}: a client with {n} examples keeps none for "
                           "training; allowed: a smaller fraction, or a partition with larger clients")
+    return n_test
+
+
+def train_test_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of an ``n``-row partition in its train and test split: exactly those of HF's
+    ``Dataset.train_test_split(test_size=test_fraction, seed=seed)`` (ceil(test_fraction n) test rows
+    first in ``default_rng(seed).permutation(n)``), without building two more datasets."""
+    n_test = num_test_rows(n, test_fraction)
     permutation = np.random.default_rng(seed).permutation(n)
     return permutation[n_test:], permutation[:n_test]
 
@@ -314,6 +321,12 @@ class FederatedData:
             )
         self.num_clients = wanted
         self._clients: dict[int, ClientData] = {}
+
+    def num_train(self, partition_id: int) -> int:
+        """The size of a client's training split, from its partition's row count alone (no tensors
+        built or kept: the driver asks this of every client for size-proportional sampling)."""
+        n = len(self._load(partition_id))
+        return n - num_test_rows(n, self.cfg.simulation.test_fraction)
 
     def client(self, partition_id: int) -> ClientData:
         if partition_id not in self._clients:

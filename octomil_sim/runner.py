@@ -78,7 +78,7 @@ def client_sizes(cfg: DictConfig) -> dict:
     if cfg.strategy.server.get("sampling") != "size_proportional":
         return {}
     data = FederatedData(cfg)
-    return {"client_sizes": [data.client(k).num_train for k in range(data.num_clients)]}
+    return {"client_sizes": [data.num_train(k) for k in range(data.num_clients)]}
 
 
 def initial_arrays(cfg: DictConfig) -> ArrayRecord:

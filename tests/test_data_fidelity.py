@@ -36,3 +36,8 @@ def test_batch_stream_carries_over_between_rounds():
     first.save()
     second = BatchStream(5, 2, store)  # next round: continues where the last one stopped
     assert [i.tolist() for i in second.take(3)] == [[4], [0, 1], [2, 3]]
+
+
+def test_num_train_matches_the_built_split(make_cfg):
+    data = FederatedData(make_cfg("simulation.num_clients=5", "simulation.test_fraction=0.1"))
+    assert [data.num_train(k) for k in range(5)] == [data.client(k).num_train for k in range(5)]
