@@ -127,20 +127,19 @@ class BoundedGroupLoss(ReweightedFedAvg):
         self.mu_average: dict[str, float] = {}
         self.model_average: dict | None = None  # name -> tensor, the mean of the models after each round
         self.rounds_averaged = 0
-        self._step = 1.0
+
+    coefficient_step = True  # the primal step follows the Lagrangian's unnormalised gradient
 
     def client_weights(self, server_round, metrics):
         groups = [self.groups[int(m["partition-id"])] for m in metrics]
         sizes = [float(m[self.weighted_by_key]) for m in metrics]
         weights = lagrangian_weights(sizes, groups, self.mu)
-        self._step = sum(weights)  # w + sum c_k (w_k - w) = w + S (avg_c - w), S = sum c_k
         losses = group_losses([float(m[LOSS_BEFORE]) for m in metrics], sizes, groups)
         self.mu = dual_ascent(self.mu, losses, self.bound, self.dual_step, self.dual_bound)
         return weights
 
     def aggregate_train(self, server_round, replies):
-        averaged, metrics = super().aggregate_train(server_round, replies)
-        arrays = self.step_toward(averaged, self._step)
+        arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             self.update_averages(arrays)
         if metrics is not None:

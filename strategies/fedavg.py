@@ -50,9 +50,17 @@ class FedAvg(SeededSampling, FlowerFedAvg):
 
 class ReweightedFedAvg(FedAvg):
     """FedAvg whose averaging weight for each reply is ``client_weights(round, metrics)[k]``
-    instead of ``num-examples`` (fairness reweighting, Scafflix's alpha^2/gamma)."""
+    instead of ``num-examples`` (fairness reweighting, Scafflix's alpha^2/gamma).
+
+    ``coefficient_step`` True: the weights are a step's coefficients ``c_k``, not shares to be
+    normalised; the server step is ``w + server_lr sum_k c_k (w_k - w)`` = ``step_toward`` the
+    c-weighted average with lr ``server_lr S``, ``S = sum_k c_k`` (TERM's running normaliser, MaxFL's
+    eta_g / (sum q + eps), bounded group loss's Lagrangian). S = 0 keeps the model sent. False (the
+    default): the model is ``step_toward`` the normalised average with lr ``server_lr`` (1: as is)."""
 
     WEIGHT = "aggregation-weight"
+    coefficient_step = False
+    server_lr = 1.0
 
     def client_weights(self, server_round: int, metrics: list[MetricRecord]) -> list[float]:
         raise NotImplementedError
@@ -63,12 +71,18 @@ class ReweightedFedAvg(FedAvg):
             return None, None
         contents = [m.content for m in valid]
         metrics = [c["metrics"] for c in contents]
-        for m, w in zip(metrics, self.client_weights(server_round, metrics)):
+        weights = self.client_weights(server_round, metrics)
+        lr = self.server_lr
+        if self.coefficient_step:
+            lr *= sum(weights)
+            if lr == 0:  # no step; equal weights only keep the average defined (it is not used)
+                weights = [1.0] * len(weights)
+        for m, w in zip(metrics, weights):
             m[self.WEIGHT] = w
         arrays = aggregate_arrayrecords(contents, self.WEIGHT)
         for m in metrics:
             del m[self.WEIGHT]
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return self.step_toward(arrays, lr), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
 def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:

@@ -80,20 +80,12 @@ class MaxFL(ReweightedFedAvg):
         if not eps > 0:
             raise ConfigError(f"strategy.server.eps={eps}: allowed: a number > 0")
         self.eta_g, self.eps = eta_g, eps
-        self._step = 1.0
+
+    coefficient_step = True  # the step is w + sum_i c_i (w_i - w); all q_i = 0 leaves w as it is
 
     def client_weights(self, server_round, metrics):
         q = appeal_weights([float(m[LOSS_BEFORE]) for m in metrics], [float(m["rho"]) for m in metrics])
-        coefficients = appeal_coefficients(q, self.eta_g, self.eps)
-        # w + sum c_i (w_i - w) = w + S (avg_c - w), S = sum c_i, avg_c the c-weighted average.
-        self._step = sum(coefficients)
-        if self._step == 0:  # no client near its boundary: the step is 0 (equal weights only avoid 0/0)
-            return [1.0] * len(coefficients)
-        return coefficients
-
-    def aggregate_train(self, server_round, replies):
-        averaged, metrics = super().aggregate_train(server_round, replies)
-        return self.step_toward(averaged, self._step), metrics
+        return appeal_coefficients(q, self.eta_g, self.eps)
 
 
 class MaxFLClient(FedAvgClient):

@@ -96,11 +96,7 @@ class TiltedFedAvg(ReweightedFedAvg):
                               "or a number in (0, 1]")
         self.t, self.server_lr, self.normalizer_rate = t, server_lr, normalizer_rate
         self.log_normalizer: float | None = None  # log R, the running normalizer (normalizer_rate only)
-        self._step = 1.0
-
-    def aggregate_train(self, server_round, replies):
-        averaged, metrics = super().aggregate_train(server_round, replies)
-        return self.step_toward(averaged, self.server_lr * self._step), metrics
+        self.coefficient_step = normalizer_rate is not None  # w + sum c_k (w_k - w), c_k = p_k exp(t F_k) / R
 
     def client_weights(self, server_round, metrics):
         losses = [float(m[LOSS_BEFORE]) for m in metrics]
@@ -108,6 +104,4 @@ class TiltedFedAvg(ReweightedFedAvg):
         if self.normalizer_rate is None:
             return tilted_weights(losses, sizes, self.t)
         self.log_normalizer = update_log_normalizer(self.log_normalizer, losses, sizes, self.t, self.normalizer_rate)
-        coefficients = normalized_tilted_coefficients(losses, sizes, self.t, self.log_normalizer)
-        self._step = sum(coefficients)  # w + sum c_k (w_k - w) = w + S (avg_c - w), S = sum c_k
-        return coefficients
+        return normalized_tilted_coefficients(losses, sizes, self.t, self.log_normalizer)
