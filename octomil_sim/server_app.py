@@ -141,7 +141,12 @@ class SeededSampling:
     generator seeded with (seed, round, phase), so fixed seeds pick the same clients.
 
     ``sampling="size_proportional"`` draws the training clients with probability proportional to
-    their training examples (``client_sizes``, given by the runner), as q-FFL's experiments do.
+    their training examples (``client_sizes``, given by the runner), as q-FFL's experiments do, and
+    then counts every sampled reply once (its ``weighted_by_key`` is set to 1 before aggregation):
+    the plain average of clients drawn with p_k = n_k/N has FedAvg's example-weighted average as its
+    mean, whereas weighting them by n_k again would count sizes twice (fair_flearn's trainers average
+    the sampled clients' updates without weights under ``--sampling=2``, ``fedbase.aggregate`` /
+    ``simple_average``; the fairness reweightings then weight p_k uniformly as well).
     ``train_all_clients=True`` sends the training message to every client but aggregates only the
     sampled ones' replies (the official pFedMe code trains all users every round, so that every user's
     local / personalized model is fresh when it is evaluated; its FedAvg and Per-FedAvg train only the
@@ -184,11 +189,18 @@ class SeededSampling:
         return messages
 
     def aggregated_replies(self, replies):
-        """The replies of the clients this round aggregates (all of them unless ``train_all_clients``)."""
+        """The replies of the clients this round aggregates (all of them unless ``train_all_clients``),
+        each of weight 1 under size-proportional sampling."""
         replies = list(replies)
-        if self._aggregated is None:
-            return replies
-        return [r for r in replies if r.metadata.src_node_id in self._aggregated]
+        if self._aggregated is not None:
+            replies = [r for r in replies if r.metadata.src_node_id in self._aggregated]
+        if self.sampling == "size_proportional":
+            for r in replies:
+                if not r.has_error():
+                    for record in r.content.metric_records.values():
+                        if self.weighted_by_key in record:
+                            record[self.weighted_by_key] = 1
+        return replies
 
     def aggregate_train(self, server_round, replies):
         return super().aggregate_train(server_round, self.aggregated_replies(replies))

@@ -20,11 +20,13 @@ middle candidate (``fallback_lam``), which is that value for both of the paper's
 Defaults (``conf/strategy/ditto.yaml``): the paper's recipe for unknown data, candidates {0.1, 1, 2}
 selected per client; the personal model takes as many local steps with the same learning rate as
 the global one (the official solver runs ``local_iters`` steps of each, on the same batches, with
-one ``learning_rate``).
+one ``learning_rate``). With ``simulation.local_steps`` (and ``personal_epochs`` null) the personal
+model takes that many steps on the very minibatches the global update takes next from the client's
+``BatchStream``, as the official solver does.
 
 Deliberate differences from the official code:
-- Global and personal steps draw their own minibatch orders (official: the same batch for the
-  personal step and the following global step).
+- In epochs (no ``simulation.local_steps``), global and personal steps draw their own minibatch
+  orders (official: the same batch for the personal step and the following global step).
 - A client never selected for training deploys ``v_k`` made by one personal update from the current
   ``w`` (not kept); the official code evaluates its never-trained initial copy.
 - The fallback for clients with few validation examples is the paper's rule; the official code has
@@ -116,15 +118,22 @@ class DittoClient(FedAvgClient):
             data, x_val, y_val = validation_split(task.data, self.val_fraction)
             if len(y_val) < MIN_VALIDATION:
                 lams = [fallback_lam(self.lams)]
+        batches = None
+        if task.hp.local_steps is not None and self.personal_epochs is None:
+            # the batches the global update takes next (the stream's position is not saved here)
+            batches = replace(task, data=data).batch_stream().take(task.hp.local_steps)
         if len(lams) == 1:
-            local_sgd(personal, replace(task, data=data), epochs=epochs, lr=lr, anchor=anchor, lam=lams[0])
+            local_sgd(personal, replace(task, data=data), epochs=epochs, lr=lr, anchor=anchor, lam=lams[0],
+                      batches=batches)
             return personal, lams[0]
-        return personal, self._selecting_sgd(personal, anchor, task, data, x_val, y_val, lams, lr, epochs)
+        return personal, self._selecting_sgd(personal, anchor, task, data, x_val, y_val, lams, lr, epochs, batches)
 
     @staticmethod
     def _selecting_sgd(personal: nn.Module, anchor: list[torch.Tensor], task: ClientTask, data: ClientData,
-                       x_val: torch.Tensor, y_val: torch.Tensor, lams: list[float], lr: float, epochs: int) -> float:
-        """Minibatch personal steps, each the ``select_step`` among ``lams``; the mean lambda chosen."""
+                       x_val: torch.Tensor, y_val: torch.Tensor, lams: list[float], lr: float, epochs: int,
+                       batches: list[torch.Tensor] | None = None) -> float:
+        """Minibatch personal steps (``epochs`` passes, or one step per index tensor in ``batches``),
+        each the ``select_step`` among ``lams``; the mean lambda chosen."""
         params = list(personal.parameters())
         probe = copy.deepcopy(personal)
 
@@ -136,8 +145,10 @@ class DittoClient(FedAvgClient):
 
         chosen = []
         personal.train()
-        for _ in range(epochs):
-            for idx in torch.randperm(data.num_train, generator=task.generator).split(task.hp.batch_size):
+        passes = [batches] if batches is not None else (
+            torch.randperm(data.num_train, generator=task.generator).split(task.hp.batch_size) for _ in range(epochs))
+        for pass_batches in passes:
+            for idx in pass_batches:
                 if not task.budget.take():
                     break
                 personal.zero_grad()

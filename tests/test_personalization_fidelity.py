@@ -173,3 +173,21 @@ def test_personalize_without_finetune_deploys_stored_head():
 def test_personal_layers_bad_epochs():
     with pytest.raises(ConfigError, match=r"^strategy.client.head_finetune_epochs=-1: allowed: an integer >= 0$"):
         PersonalLayersClient(local_layers=["head"], head_finetune_epochs=-1)
+
+
+@pytest.mark.parametrize("lam", [0.0, [0.0, 0.0]])
+def test_ditto_local_steps_take_the_global_updates_batches(lam):
+    # simulation.local_steps = 3 of batch 4 on 50 rows: with lambda 0 and v_k starting from w (its first
+    # round), the personal steps are plain SGD on the very batches the global update takes next, so the
+    # personal model equals the uploaded one bit for bit; the stream advances once (3 batches), not twice.
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    store = MemoryStateStore()
+    task = one_example_task(lr=0.1, store=store)
+    task = replace(task, data=ClientData(x, y, x[:2], y[:2]), hp=replace(task.hp, batch_size=4, local_steps=3))
+    model = MLP(input_shape=[4], num_classes=3, hidden=[5])
+    upload, _ = ditto.DittoClient(lam=lam, val_fraction=0.1).train(model, task)
+    personal = store.load(0, ditto.PERSONAL)
+    for k in upload:
+        torch.testing.assert_close(personal[k], upload[k], rtol=0, atol=0)
+    assert int(store.load(0, "batch_position")["position"]) == 12

@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from octomil_sim.server_app import size_proportional_sample
 from strategies.fedavg import FedAvg
 from strategies.qffl import QFFL
+from strategies.tilted import TiltedFedAvg
 from tests.helpers import train_reply
 
 
@@ -71,3 +72,33 @@ def test_train_all_clients_aggregates_only_the_sampled(task_identity):
     new, _ = strategy.aggregate_train(1, replies)
     expected = np.mean([10.0 ** k for k in sampled])  # the unsampled clients' models are left out
     assert float(new.to_numpy_ndarrays()[0][0]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("make", [lambda sizes: FedAvg(client_sizes=sizes, sampling="size_proportional",
+                                                        fraction_train=1.0, min_train_nodes=2, min_available_nodes=2),
+                                  lambda sizes: TiltedFedAvg(t=0.0, client_sizes=sizes, sampling="size_proportional",
+                                                             fraction_train=1.0, min_train_nodes=2,
+                                                             min_available_nodes=2)])
+def test_size_proportional_sampling_averages_the_sampled_without_sizes(make, task_identity):
+    # Both clients drawn (10 and 990 examples; models 1 and 3): the sizes already chose who is drawn, so
+    # the sampled replies count once each: (1 + 3) / 2 = 2.0, not the size-weighted 2.98 (sizes twice).
+    strategy = make([10, 990])
+    strategy.configure_train(1, ArrayRecord([np.zeros(1, np.float32)]), ConfigRecord(), _Grid(2))
+    new, _ = strategy.aggregate_train(1, [_reply(1.0, 10, 0), _reply(3.0, 990, 1)])
+    assert float(new.to_numpy_ndarrays()[0][0]) == pytest.approx(2.0)
+    uniform, _ = FedAvg().aggregate_train(1, [_reply(1.0, 10, 0), _reply(3.0, 990, 1)])
+    assert float(uniform.to_numpy_ndarrays()[0][0]) == pytest.approx(2.98)
+
+
+def test_fedavg_size_sampling_is_the_weighted_average_in_expectation(task_identity):
+    # one client a round, drawn with p_k = n_k / N: the mean model over rounds is 0.01 * 1 + 0.99 * 3 = 2.98
+    sizes, models = [10, 990], [1.0, 3.0]
+    strategy = FedAvg(client_sizes=sizes, sampling="size_proportional", fraction_train=0.5, min_train_nodes=1,
+                      min_available_nodes=2)
+    grid, arrays, results = _Grid(2), ArrayRecord([np.zeros(1, np.float32)]), []
+    for server_round in range(1, 401):
+        (message,) = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        k = message.metadata.dst_node_id
+        new, _ = strategy.aggregate_train(server_round, [_reply(models[k], sizes[k], node=k)])
+        results.append(float(new.to_numpy_ndarrays()[0][0]))
+    assert np.mean(results) == pytest.approx(2.98, abs=0.03)
