@@ -177,7 +177,7 @@ def main() -> None:
         flower_dir, plain_dir = RESULTS / f"clients{n}" / "flower", RESULTS / f"clients{n}" / "plain"
         # the run's last round is checkpointed for the comparison of final models (nothing else is)
         flower_cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.checkpoint_every={args.rounds}",
-                      f"hydra.run.dir={flower_dir}", "+progress=false"]
+                      f"hydra.run.dir={flower_dir}", "progress=false"]
         plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(plain_dir), *ov]
         # generate the dataset into the cache first: both sides then read the same memory-mapped files
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", *ov], check=True)

@@ -19,7 +19,7 @@ def slug(name: str) -> str:
 def run_cell(out: Path, overrides: list[str]) -> dict:
     """``python -m octomil_sim <overrides>`` into ``out`` unless its ``results.json`` exists."""
     if not (out / "results.json").exists():
-        cmd = [sys.executable, "-m", "octomil_sim", *overrides, f"hydra.run.dir={out}", "+progress=false"]
+        cmd = [sys.executable, "-m", "octomil_sim", *overrides, f"hydra.run.dir={out}", "progress=false"]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())

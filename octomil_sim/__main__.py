@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from octomil_sim.config import check_group_choices
+from octomil_sim.config import check_added_keys, check_group_choices
 from octomil_sim.errors import ConfigError
 
 
@@ -20,6 +20,7 @@ def main(cfg: DictConfig) -> float:
     from octomil_sim.runner import run
 
     try:
+        check_added_keys(cfg, list(HydraConfig.get().overrides.task))
         results = run(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from octomil_sim.errors import ConfigError, instantiate
 
@@ -34,6 +36,100 @@ def check_group_choices(overrides: list[str]) -> None:
         for choice in value.split(","):
             if choice not in allowed:
                 raise ConfigError(f"{key}={choice!r} is not a known {key}; allowed: {', '.join(allowed)}")
+
+
+# Keys the runtime reads with a default although no YAML has to declare them.
+OPTIONAL_KEYS = {"model.input_rank", "model.tokens", "dataset.tokens", "dataset.split_seed"}
+
+
+def target_parameters(target: str) -> set[str] | None:
+    """The keyword arguments a ``_target_`` accepts: its own and, through ``**kwargs``, those of the
+    classes it passes them on to (the MRO, for a class); None when it takes any keyword at all."""
+    from hydra.utils import get_object
+
+    obj = get_object(target)
+    functions = [c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__] if inspect.isclass(obj) else [obj]
+    names: set[str] = set()
+    for fn in functions:
+        params = inspect.signature(fn).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def known_keys(cfg: DictConfig) -> set[str]:
+    """Every dotted key of ``cfg`` (hydra's own aside), plus ``<node>.<arg>`` for each argument of every
+    ``_target_`` node, plus ``OPTIONAL_KEYS``."""
+    keys = set(OPTIONAL_KEYS)
+
+    def walk(node, prefix: str) -> None:
+        if not OmegaConf.is_dict(node):
+            return
+        if "_target_" in node:
+            try:
+                keys.update(f"{prefix}{name}" for name in target_parameters(node._target_) or ())
+            except Exception:  # an unimportable target is reported where it is built
+                pass
+        for name in node.keys():
+            keys.add(f"{prefix}{name}")
+            walk(node._get_node(name), f"{prefix}{name}.")
+
+    walk(cfg, "")
+    return keys
+
+
+def closest_key(key: str, keys: set[str]) -> str | None:
+    """The known key ``key`` most likely meant: a key ending in the same (or a close) last name, or a
+    close full path."""
+    last = key.rsplit(".", 1)[-1]
+    by_last = {k: k.rsplit(".", 1)[-1] for k in keys}
+    close_last = set(difflib.get_close_matches(last, set(by_last.values()), n=3, cutoff=0.75))
+    pool = [k for k, name in by_last.items() if name in close_last] or list(keys)
+    matches = difflib.get_close_matches(key, pool, n=1, cutoff=0.0 if close_last else 0.75)
+    return matches[0] if matches else None
+
+
+def _without(cfg: DictConfig, keys: list[str]) -> DictConfig:
+    """A copy of ``cfg`` without ``keys`` (and without the mappings they leave empty)."""
+    base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in keys:
+        parts = key.split(".")
+        while parts:
+            parent = OmegaConf.select(base, ".".join(parts[:-1])) if len(parts) > 1 else base
+            if not OmegaConf.is_dict(parent) or parts[-1] not in parent:
+                break
+            child = parent[parts[-1]]
+            if parts == key.split(".") or (OmegaConf.is_dict(child) and not child):
+                parent.pop(parts[-1])
+                parts = parts[:-1]
+            else:
+                break
+    return base
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Reject a ``+key=value`` / ``++key=value`` override whose key no config declares and no built
+    object accepts (``+simulaton.rounds=3`` would otherwise add a key nobody reads and run 100 rounds),
+    naming the closest valid key. ``+group=choice`` (a config group) and ``hydra.*`` are Hydra's."""
+    added = []
+    for item in overrides:
+        key = item.lstrip("+").partition("=")[0].split("@")[0]
+        if item.startswith("+") and not key.startswith("hydra.") and key.split("/")[0] not in GROUPS:
+            added.append((item, key))
+    if not added:
+        return
+    known = known_keys(_without(cfg, [key for _, key in added]))
+    for item, key in added:
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(cfg, parent) if parent else None
+        accepts_any = OmegaConf.is_dict(node) and "_target_" in node and target_parameters(node._target_) is None
+        if key in known or accepts_any:
+            continue
+        hint = closest_key(key, known)
+        suggestion = f"; did you mean {hint}?" if hint else ""
+        raise ConfigError(f"{item}: no config or component reads {key}{suggestion} (+ adds a new key; change an "
+                          "existing one without +)")
 
 
 def _require(key: str, value, ok: bool, allowed: str) -> None:

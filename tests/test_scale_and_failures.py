@@ -50,7 +50,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
     args = [sys.executable, "-m", "octomil_sim", "strategy=ditto", "system=heterogeneous", "system.deadline=20",
             "simulation.num_clients=20",
             "simulation.clients_per_round=6", "simulation.rounds=8", "simulation.checkpoint_every=2",
-            "simulation.fraction_evaluate=0", "+progress=false"]
+            "simulation.fraction_evaluate=0", "progress=false"]
     straight = tmp_path / "straight"
     subprocess.run([*args, f"hydra.run.dir={straight}"], check=True, capture_output=True)
     killed = tmp_path / "killed"
