@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from octomil_sim.config import check_added_keys, check_group_choices
+from octomil_sim.config import check_added_keys, check_group_choices, check_output_paths
 from octomil_sim.errors import ConfigError
 
 
@@ -21,6 +21,7 @@ def main(cfg: DictConfig) -> float:
 
     try:
         check_added_keys(cfg, list(HydraConfig.get().overrides.task))
+        check_output_paths(HydraConfig.get().runtime.output_dir)
         results = run(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from octomil_sim.errors import ConfigError, instantiate
+from octomil_sim.errors import ConfigError, instantiate, number_list
 
 GROUPS = ("dataset", "partition", "model", "strategy", "simulation", "system", "logger", "experiment")
 
@@ -132,6 +133,56 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
                           "existing one without +)")
 
 
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_partition(cfg: DictConfig) -> None:
+    """The partitioner's own arguments, which flwr-datasets checks only once a client loads its data
+    (in a Ray actor, as a traceback) or not at all (a Dirichlet alpha of 0)."""
+    p, target = cfg.partition, str(cfg.partition.get("_target_", ""))
+    if target.endswith("DirichletPartitioner"):
+        alphas = number_list(p.alpha)
+        _require("partition.alpha", p.alpha, alphas is not None and all(a > 0 for a in alphas),
+                 "a number > 0, or a list of such numbers (one per client)")
+        _require("partition.min_partition_size", p.min_partition_size, _is_int(p.min_partition_size, 0),
+                 "an integer >= 0")
+    elif target.endswith("PathologicalPartitioner"):
+        classes = cfg.dataset.num_classes
+        _require("partition.num_classes_per_partition", p.num_classes_per_partition,
+                 _is_int(p.num_classes_per_partition, 1) and p.num_classes_per_partition <= classes,
+                 f"an integer in 1..{classes} (dataset={cfg.dataset.name} has {classes} classes)")
+        modes = ("random", "first-deterministic", "deterministic")
+        _require("partition.class_assignment_mode", p.class_assignment_mode, p.class_assignment_mode in modes,
+                 ", ".join(modes))
+    elif target.endswith("ShardPartitioner"):
+        _require("partition.num_shards_per_partition", p.get("num_shards_per_partition"),
+                 p.get("num_shards_per_partition") is None or _is_int(p.num_shards_per_partition, 1),
+                 "null or an integer >= 1")
+        _require("partition.shard_size", p.get("shard_size"), p.get("shard_size") is None or _is_int(p.shard_size, 1),
+                 "null or an integer >= 1")
+
+
+def check_output_paths(output_dir: Path) -> None:
+    """The run directory and what a run writes into it are of the right kind and writable, checked
+    before any work starts (a results path that is a folder used to fail only after every round)."""
+    output_dir = Path(output_dir)
+    _require("hydra.run.dir", str(output_dir), not output_dir.exists() or output_dir.is_dir(),
+             "a directory (this path is a file)")
+    for name, kind in (("results.json", "file"), ("results.png", "file"), ("checkpoint", "directory")):
+        path = output_dir / name
+        wrong = path.exists() and (path.is_dir() if kind == "file" else not path.is_dir())
+        _require("hydra.run.dir", str(output_dir), not wrong, f"a run directory whose {name} is a {kind} (it is not: "
+                 f"move {path} away)")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(f"hydra.run.dir={str(output_dir)!r}: cannot write there ({err.strerror or err}); "
+                          "allowed: a writable directory") from None
+
+
 def _require(key: str, value, ok: bool, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: allowed: {allowed}")
@@ -166,6 +217,11 @@ def validate(cfg: DictConfig) -> None:
              "simulation.num_cpus_per_client)")
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or not s.checkpoint_every,
              "disk when checkpointing (the memory store lives in a Ray actor; set simulation.checkpoint_every=0)")
+    check_partition(cfg)
+    if cfg.get("groups_file"):
+        from octomil_sim.metrics import load_groups
+
+        load_groups(cfg.groups_file, s.num_clients)
     rank = cfg.model.get("input_rank")
     _require("dataset", cfg.dataset.name, rank is None or len(cfg.dataset.input_shape) == rank,
              f"model={cfg.model.name} needs {rank}-d inputs; datasets with them: mnist5k, femnist")

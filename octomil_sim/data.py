@@ -272,6 +272,18 @@ def _load_partitions(cfg: DictConfig):
             ) from None
         return (lambda pid: fds.load_partition(pid, source.split)), partitioner.num_partitions
     partitioner.dataset = source
+    try:
+        partitioner.load_partition(0)  # partitions every client now, in the data check before Ray's clients
+    except ValueError as exc:
+        if "max number of attempts" not in str(exc):
+            raise
+        p = cfg.partition
+        raise ConfigError(
+            f"partition.alpha={p.alpha}: flwr-datasets' Dirichlet partitioner could not give all "
+            f"{cfg.simulation.num_clients} clients partition.min_partition_size={p.min_partition_size} examples "
+            "in 10 tries; allowed: a larger partition.alpha, a smaller partition.min_partition_size, fewer "
+            "simulation.num_clients, or another simulation.seed"
+        ) from None
     return partitioner.load_partition, partitioner.num_partitions
 
 

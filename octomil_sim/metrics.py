@@ -149,6 +149,10 @@ def load_groups(path: str | Path, num_clients: int | None = None) -> dict[int, s
     except (OSError, ValueError, AttributeError) as err:
         raise ConfigError(f"groups_file={str(path)!r}: cannot be read as a JSON object of client id -> group "
                           f"({type(err).__name__})") from None
+    unknown = sorted(k for k in groups if num_clients is not None and not 0 <= k < num_clients)
+    if unknown:
+        raise ConfigError(f"groups_file={str(path)!r}: names clients {unknown[:5]}{'...' if len(unknown) > 5 else ''} "
+                          f"that do not exist; allowed: client ids 0..{num_clients - 1} (simulation.num_clients)")
     missing = sorted(set(range(num_clients or 0)) - set(groups))
     if missing:
         raise ConfigError(f"groups_file={str(path)!r}: clients {missing[:5]}{'...' if len(missing) > 5 else ''} "

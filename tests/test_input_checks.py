@@ -1,0 +1,68 @@
+"""Bad input found before any expensive work, in one line (issue 11): partitioner arguments, a
+Dirichlet split that cannot be made, groups files naming clients that do not exist, and output paths
+of the wrong kind."""
+
+import json
+
+import pytest
+
+from octomil_sim.config import check_output_paths, validate
+from octomil_sim.data import FederatedData
+from octomil_sim.errors import ConfigError
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["partition=dirichlet", "partition.alpha=0"],
+     "partition.alpha=0: allowed: a number > 0, or a list of such numbers (one per client)"),
+    (["partition=dirichlet", "partition.min_partition_size=-1"], "partition.min_partition_size=-1: allowed: an integer >= 0"),
+    (["partition=pathological", "partition.num_classes_per_partition=11"],
+     "partition.num_classes_per_partition=11: allowed: an integer in 1..10 (dataset=digits has 10 classes)"),
+    (["partition=pathological", "partition.class_assignment_mode=first"],
+     "partition.class_assignment_mode='first': allowed: random, first-deterministic, deterministic"),
+    (["partition=shard", "partition.num_shards_per_partition=0"],
+     "partition.num_shards_per_partition=0: allowed: null or an integer >= 1"),
+])
+def test_partition_arguments(make_cfg, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg("dataset=digits", "model=mlp", "simulation.num_clients=20", *overrides))
+    assert str(err.value) == expected
+
+
+def test_groups_file_naming_clients_that_do_not_exist(make_cfg, tmp_path):
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps({**{str(k): "a" for k in range(10)}, "10": "b", "57": "b"}))
+    with pytest.raises(ConfigError, match=r"names clients \[10, 57\] that do not exist; allowed: client ids 0\.\.9"):
+        validate(make_cfg("simulation.num_clients=10", "simulation.clients_per_round=5", f"groups_file={path}"))
+
+
+def test_impossible_dirichlet_split_is_one_line(make_cfg):
+    # digits, 20 clients, alpha 0.1, at least 10 examples each: seed 3 cannot be met in flwr-datasets' 10 tries
+    cfg = make_cfg("dataset=digits", "model=mlp", "partition=dirichlet", "partition.alpha=0.1",
+                   "partition.min_partition_size=10", "simulation.num_clients=20", "simulation.seed=3")
+    with pytest.raises(ConfigError) as err:
+        FederatedData(cfg)
+    assert str(err.value) == ("partition.alpha=0.1: flwr-datasets' Dirichlet partitioner could not give all 20 clients "
+                              "partition.min_partition_size=10 examples in 10 tries; allowed: a larger partition.alpha, "
+                              "a smaller partition.min_partition_size, fewer simulation.num_clients, or another "
+                              "simulation.seed")
+    FederatedData(make_cfg("dataset=digits", "model=mlp", "partition=dirichlet", "partition.alpha=0.1",
+                           "partition.min_partition_size=5", "simulation.num_clients=20", "simulation.seed=3"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "results.json").mkdir(), "whose results.json is a file"),
+    (lambda d: (d / "results.png").mkdir(), "whose results.png is a file"),
+    (lambda d: (d / "checkpoint").write_text("x"), "whose checkpoint is a directory"),
+])
+def test_output_paths_of_the_wrong_kind(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(ConfigError, match=f"^hydra.run.dir='{tmp_path}': allowed: a run directory {message}"):
+        check_output_paths(tmp_path)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="allowed: a directory"):
+        check_output_paths(tmp_path / "f")
+    check_output_paths(tmp_path / "new" / "run")  # made, and writable
+    assert (tmp_path / "new" / "run").is_dir()
