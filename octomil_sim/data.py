@@ -254,16 +254,46 @@ def cache_source(cfg: DictConfig) -> None:
     _source(cfg)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (through the proxies
+    ``huggingface_hub`` would use). Without this, an offline machine waits through five retries."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def go_offline() -> None:
+    """Hugging Face's offline mode for this process: hub datasets come from the local cache or fail at
+    once (the settings that ``HF_HUB_OFFLINE=1`` makes at import time)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+
+
 def _load_partitions(cfg: DictConfig):
     """Return a function ``partition_id -> datasets.Dataset`` and the number of partitions."""
     source = _source(cfg)
     partitioner = _partitioner(cfg)
     if isinstance(source, HubDataset):
+        offline = not Path(source.path).exists() and not hub_reachable()
+        if offline:  # read the local cache only: no five retries with back-off, each line printed twice
+            go_offline()
         fds = FederatedDataset(dataset=source.path, partitioners={source.split: partitioner})
         try:
             fds.load_partition(0, source.split)
         except Exception as exc:  # hub unreachable, path missing, schema wrong: one line for people
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if offline:
+                reason = "the Hugging Face hub is not reachable from here and the dataset is not in the local cache"
             raise ConfigError(
                 f"dataset.source.path={source.path!r} could not be loaded ({reason}); set it to a "
                 "HF hub id reachable from here or a local directory of parquet files with columns "

@@ -66,3 +66,25 @@ def test_output_dir_that_is_a_file(tmp_path):
         check_output_paths(tmp_path / "f")
     check_output_paths(tmp_path / "new" / "run")  # made, and writable
     assert (tmp_path / "new" / "run").is_dir()
+
+
+def test_unreachable_hub_fails_fast_in_one_line(make_cfg, monkeypatch, tmp_path):
+    import time
+
+    import datasets
+    from huggingface_hub import constants
+
+    from octomil_sim import data
+
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # nothing cached
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        FederatedData(make_cfg("dataset=femnist", "model=femnist_cnn", "simulation.num_clients=5",
+                               "simulation.clients_per_round=2"))
+    assert time.perf_counter() - started < 10  # today's retries took 28 s
+    assert str(err.value).startswith("dataset.source.path='flwrlabs/femnist' could not be loaded (the Hugging Face "
+                                     "hub is not reachable from here and the dataset is not in the local cache)")
