@@ -149,8 +149,9 @@ def warm_cache(args: list[str]) -> None:
 
 
 def flower_final_weights(run_dir: Path) -> dict:
-    ckpt = run_dir / "checkpoint"
-    state = pickle.loads((ckpt / (ckpt / "LATEST").read_text() / "state.pkl").read_bytes())
+    from octomil_sim.checkpoint import load_checkpoint
+
+    _, state = load_checkpoint(run_dir)
     return {k: v.numpy() for k, v in state["arrays"].items()}
 
 

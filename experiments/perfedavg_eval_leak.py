@@ -42,9 +42,10 @@ def pooled(cfg, data, model, mode: str) -> float:
 
 def main() -> None:
     for run_dir in sorted((HERE / "results" / "reproduce").glob("pfedme_table1_synthetic_*_perfedavg/seed*")):
-        saved = load_checkpoint(run_dir, None)
-        if saved is None or not (run_dir / "results.json").exists():
+        found = load_checkpoint(run_dir)
+        if found is None or not (run_dir / "results.json").exists():
             continue
+        saved = found[1]
         cfg = OmegaConf.create(json.loads((run_dir / "results.json").read_text())["config"])
         model = build_model(cfg)
         model.load_state_dict(saved["arrays"])

@@ -4,7 +4,7 @@
 Ray starts), builds the ServerApp and ClientApp, runs them on the Ray backend (one Flower node per
 Ray actor, each carrying a share of the round's clients) and writes ``results.json`` and
 ``results.png`` into ``output_dir``. If ``output_dir`` holds a checkpoint of the same experiment, the
-run resumes from it.
+run resumes from it (``octomil_sim.checkpoint``), saying so in one log line.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from octomil_sim.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
 from octomil_sim.config import validate
 from octomil_sim.data import FederatedData
@@ -42,6 +42,8 @@ from octomil_sim.metrics import (
 from octomil_sim.plots import plot_run
 from octomil_sim.server_app import Session, SimulationGrid, build_server_app
 from octomil_sim.system import SystemModel
+
+log = logging.getLogger(__name__)
 
 
 def driver_rss_mb() -> float:
@@ -88,10 +90,11 @@ def initial_arrays(cfg: DictConfig) -> ArrayRecord:
 
 class RunSession(Session):
     """Records per-round and per-client numbers into ``results.json``'s structure, checkpoints every
-    ``simulation.checkpoint_every`` rounds, and resumes from the run directory's last checkpoint."""
+    ``simulation.checkpoint_every`` rounds, and resumes from ``saved``, the state of the checkpoint
+    ``resume_point`` chose. ``started``: the ``time.perf_counter()`` the run's wall time counts from."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path):
-        self.cfg, self.output_dir = cfg, output_dir
+    def __init__(self, cfg: DictConfig, output_dir: Path, saved: dict | None, started: float):
+        self.cfg, self.output_dir, self.saved, self.started = cfg, output_dir, saved, started
         self.rows: list[dict] = []
         self.results: dict | None = None
         self._bytes: dict[str, int] = {}
@@ -104,20 +107,13 @@ class RunSession(Session):
             f"{cfg.strategy.name} on {cfg.dataset.name}: rounds", total=cfg.simulation.rounds
         )
 
-    @property
-    def client_state(self) -> Path | None:
-        return Path(self.cfg.simulation.state_dir) if self.cfg.simulation.state_store == "disk" else None
-
     def start(self, strategy, grid: SimulationGrid) -> tuple[ArrayRecord, int]:
-        saved = load_checkpoint(self.output_dir, self.client_state)
+        saved = self.saved
         if saved is None:
             return initial_arrays(self.cfg), 1
         vars(strategy).update(saved["strategy"])
-        grid.bytes.update(saved["bytes"])
-        grid.failed.update(saved["failed"])
-        grid.straggled.update(saved["straggled"])
-        grid.last_failure.update(saved["last_failure"])
-        self.rows, self._bytes = saved["rows"], dict(saved["bytes"])
+        restore_grid_counters(grid, saved["grid"])
+        self.rows, self._bytes = saved["rows"], dict(grid.bytes)
         self.progress.advance(self.task, saved["round"])
         return ArrayRecord(saved["arrays"]), saved["round"] + 1
 
@@ -139,9 +135,8 @@ class RunSession(Session):
             save_checkpoint(self.output_dir, server_round, {
                 "round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy),
-                "rows": self.rows, "bytes": so_far, "failed": dict(grid.failed), "straggled": dict(grid.straggled),
-                "last_failure": dict(grid.last_failure),
-            }, self.client_state)
+                "rows": self.rows, "grid": grid_counters(grid), "wall_time_s": now - self.started,
+            }, client_state_dir(self.cfg))
 
     def done(self, arrays, rows: list[dict], grid: SimulationGrid, averaged_rows: list[dict] | None = None) -> None:
         clients = client_table(rows)
@@ -178,9 +173,31 @@ def client_table(rows: list[dict]) -> list[dict]:
 
 
 def strategy_state(strategy) -> dict:
-    """The strategy's attributes that a resumed run needs: its public ones (hyperparameters, dual
-    variables, the arrays it last sent); ``_private`` ones hold per-round handles and are rebuilt."""
-    return {k: v for k, v in vars(strategy).items() if not k.startswith("_")}
+    """The strategy's attributes that a resumed run needs: those its class names in ``round_state``
+    (e.g. bounded group loss's dual variables and averages), the ones rounds carry forward. The
+    constructor rebuilds everything else from the same config (``check_same_experiment``), so
+    hyperparameters, callables and per-round handles are not saved."""
+    return {name: getattr(strategy, name) for name in getattr(strategy, "round_state", ())}
+
+
+def grid_counters(grid: SimulationGrid) -> dict:
+    """The grid's byte and failure counters as checkpoint state (client ids as strings: JSON keys)."""
+    return {"bytes": dict(grid.bytes), "failed": {str(c): n for c, n in grid.failed.items()},
+            "straggled": {str(c): n for c, n in grid.straggled.items()},
+            "last_failure": {str(c): r for c, r in grid.last_failure.items()}}
+
+
+def restore_grid_counters(grid: SimulationGrid, saved: dict) -> None:
+    """Put ``grid_counters``' numbers back into a fresh grid."""
+    grid.bytes.update(saved["bytes"])
+    grid.failed.update({int(c): n for c, n in saved["failed"].items()})
+    grid.straggled.update({int(c): n for c, n in saved["straggled"].items()})
+    grid.last_failure.update({int(c): r for c, r in saved["last_failure"].items()})
+
+
+def client_state_dir(cfg: DictConfig) -> Path | None:
+    """The disk client-state store's folder, which checkpoints snapshot; None for the memory store."""
+    return Path(cfg.simulation.state_dir) if cfg.simulation.state_store == "disk" else None
 
 
 #: keys that may differ between a checkpointed run and its resumption
@@ -204,6 +221,29 @@ def check_same_experiment(saved: dict, cfg: DictConfig, output_dir: Path) -> Non
             raise ConfigError(f"{key}={new.get(key)!r}: the checkpoint in {output_dir} was made with "
                               f"{key}={old.get(key)!r}; allowed: the same experiment (only simulation.rounds "
                               "may grow), or a new hydra.run.dir")
+
+
+def check_rounds(saved_round: int, cfg: DictConfig, output_dir: Path) -> None:
+    """A run resumes forward only: fewer rounds than its checkpoint would report rounds past
+    ``simulation.rounds`` and overwrite the longer run's results."""
+    rounds = cfg.simulation.rounds
+    if rounds < saved_round:
+        raise ConfigError(f"simulation.rounds={rounds}: the run dir {output_dir} holds a checkpoint at round "
+                          f"{saved_round}; allowed: >= {saved_round}, or another hydra.run.dir")
+
+
+def resume_point(cfg: DictConfig, output_dir: Path) -> dict | None:
+    """The state of ``output_dir``'s newest readable checkpoint, checked against ``cfg`` and with the
+    client-state store put back as it was then; None for a fresh run. Runs before Ray starts, so a
+    wrong resumption stops with one line."""
+    if (found := load_checkpoint(output_dir)) is None:
+        return None
+    folder, saved = found
+    check_same_experiment(saved["config"], cfg, output_dir)
+    check_rounds(saved["round"], cfg, output_dir)
+    log.info("resuming from round %d (%s)", saved["round"], folder)
+    restore_client_state(folder, client_state_dir(cfg))
+    return saved
 
 
 def system_report(cfg: DictConfig, grid: SimulationGrid) -> dict:
@@ -309,10 +349,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     from octomil_sim.polling import prompt_simulation_runtime
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    if (saved := checkpoint_config(output_dir)) is not None:
-        check_same_experiment(saved, cfg, output_dir)
-    s = cfg.simulation
     started = time.perf_counter()
+    saved = resume_point(cfg, output_dir)
+    if saved is not None:
+        started -= saved["wall_time_s"]  # wall_time_s also counts the interrupted run, up to its checkpoint
+    s = cfg.simulation
     nodes = num_nodes(cfg)
     server_app = build_server_app(
         make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **client_sizes(cfg)),
@@ -328,7 +369,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         "init_args": init_args,
     }
     check_data_while_ray_starts(cfg, backend_config)
-    session = RunSession(cfg, output_dir)
+    session = RunSession(cfg, output_dir, saved, started)
     with session.progress, prompt_simulation_runtime():
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)

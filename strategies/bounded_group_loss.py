@@ -129,6 +129,7 @@ class BoundedGroupLoss(ReweightedFedAvg):
         self.rounds_averaged = 0
 
     coefficient_step = True  # the primal step follows the Lagrangian's unnormalised gradient
+    round_state = ("mu", "mu_average", "model_average", "rounds_averaged")  # carried over rounds: checkpointed
 
     def client_weights(self, server_round, metrics):
         groups = [self.groups[int(m["partition-id"])] for m in metrics]

@@ -87,6 +87,8 @@ class TiltedFedAvg(ReweightedFedAvg):
     ``normalizer_rate``: None (default) normalises the weights over each round; a number in (0, 1]
     is Algorithm 1's lambda: weights are divided by the running normalizer instead (official: 0.5)."""
 
+    round_state = ("log_normalizer",)  # carried from round to round, so checkpoints keep it
+
     def __init__(self, t: float = 1.0, server_lr: float = 1.0, normalizer_rate: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if not 0 < server_lr <= 1:

@@ -3,13 +3,13 @@ numbers worked out by hand (see each module's docstring for the equation it impl
 
 import json
 import math
-import pickle
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord
 
 from helpers import train_reply
+from octomil_sim.checkpoint import decode, encode
 from octomil_sim.errors import ConfigError
 from octomil_sim.runner import strategy_state
 from strategies.bounded_group_loss import (BoundedGroupLoss, dual_ascent, lagrangian_weights, project_duals,
@@ -124,8 +124,9 @@ def test_bounded_group_loss_rounds_project_and_average(tmp_path, task_identity):
     assert strategy.rounds_averaged == 2
     np.testing.assert_allclose(strategy.average_arrays().to_numpy_ndarrays()[0], [3.75])
     assert strategy.mu_average == pytest.approx({"a": 0.0, "b": 1.5})
-    # the averages are public state, so a checkpoint keeps them
-    saved = pickle.loads(pickle.dumps(strategy_state(strategy)))
+    # the duals and averages are its round_state, so a checkpoint keeps them
+    saved = decode(*encode(strategy_state(strategy)))
+    assert set(saved) == {"mu", "mu_average", "model_average", "rounds_averaged"}
     assert saved["rounds_averaged"] == 2 and float(saved["model_average"]["0"]) == pytest.approx(3.75)
 
 
@@ -179,7 +180,8 @@ def test_tilted_with_running_normalizer_rounds_by_hand(task_identity):
     strategy.server_lr = 0.5
     arrays, _ = strategy.aggregate_train(2, _replies([[2.0], [4.0]], [dict(m) for m in metrics]))
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [7 / 3], rtol=1e-6)
-    assert math.exp(strategy.log_normalizer) == pytest.approx(1.5)  # public: kept in checkpoints
+    assert math.exp(strategy.log_normalizer) == pytest.approx(1.5)
+    assert strategy_state(strategy) == {"log_normalizer": strategy.log_normalizer}  # kept in checkpoints
 
 
 def test_tilted_normalizer_off_by_default_and_config_error():

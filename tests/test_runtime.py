@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from omegaconf import OmegaConf
 
 from octomil_sim.batching import pack, split_even, unpack
-from octomil_sim.checkpoint import load_checkpoint, save_checkpoint
+from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.errors import ConfigError
 from octomil_sim.system import SystemModel
 from octomil_sim.training import StepBudget, sgd_epochs
@@ -75,13 +75,15 @@ def test_checkpoint_restores_state_and_client_store(tmp_path):
     (store / "key" / "1.tmp").write_text("round 3")
     (store / "key" / "1.tmp").replace(store / "key" / "1.pt")
     (store / "key" / "2.pt").write_text("new in round 3")
-    state = load_checkpoint(tmp_path, store)
+    folder, state = load_checkpoint(tmp_path)
+    restore_client_state(folder, store)
     assert state == {"round": 2, "mu": {"a": 0.5}}
     assert (store / "key" / "1.pt").read_text() == "round 2"
     assert not (store / "key" / "2.pt").exists()
     save_checkpoint(tmp_path, 4, {"round": 4}, store)
-    assert [p.name for p in (tmp_path / "checkpoint").glob("round_*")] == ["round_000004"]
-    assert load_checkpoint(tmp_path, store) == {"round": 4}
+    save_checkpoint(tmp_path, 6, {"round": 6}, store)
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["round_000004", "round_000006"]
+    assert load_checkpoint(tmp_path)[1] == {"round": 6}
 
 
 def test_prompt_simulation_runtime_moves_messages_and_restores_flower():

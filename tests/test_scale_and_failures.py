@@ -2,7 +2,10 @@
 resumes to identical results, failing and slow clients do not stop a run, FedP3 sends fewer bytes,
 prompt tuning keeps the base frozen and personalizes."""
 
+import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +14,7 @@ import time
 import pytest
 import torch
 
-from octomil_sim.checkpoint import checkpoint_config
+from octomil_sim.checkpoint import checkpoint_folders, load_checkpoint
 from octomil_sim.runner import run
 
 pytestmark = pytest.mark.slow
@@ -32,16 +35,32 @@ def test_clients_per_message_change_no_number(make_cfg, tmp_path):
     assert _numbers(one) == _numbers(five)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(make_cfg, tmp_path):
-    """Scafflix keeps x_i* and h_i in the client-state store and draws L per round: run 3 rounds,
-    then ask the same run dir for 6; the result must equal 6 rounds in one go."""
-    common = ["experiment=scafflix_synthetic", "simulation.checkpoint_every=2", *SMALL[:2],
-              "simulation.fraction_evaluate=0.25"]
+@pytest.mark.parametrize("algorithm", ["scafflix", "bounded_group_loss"])
+def test_resume_from_checkpoint_equals_uninterrupted(make_cfg, tmp_path, caplog, algorithm):
+    """Scafflix keeps x_i* and h_i in the client-state store and draws L per round; bounded group
+    loss carries its duals and averaged model in its round_state. Run 3 rounds, then ask the same
+    run dir for 6: the result must equal 6 rounds in one go, the resumption says where it starts,
+    and wall_time_s adds the first run's time (up to its checkpoint) to the second's."""
+    common = ["simulation.checkpoint_every=2", *SMALL[:2], "simulation.fraction_evaluate=0.25"]
+    if algorithm == "scafflix":
+        common.append("experiment=scafflix_synthetic")
+    else:
+        groups = tmp_path / "groups.json"
+        groups.write_text(json.dumps({str(k): "even" if k % 2 == 0 else "odd" for k in range(20)}))
+        common += ["strategy=bounded_group_loss", f"groups_file={groups}", "strategy.server.max_group_loss=0.5"]
     straight = run(make_cfg(*common, "simulation.rounds=6"), tmp_path / "straight")
     run(make_cfg(*common, "simulation.rounds=3"), tmp_path / "resumed")
-    assert checkpoint_config(tmp_path / "resumed")["simulation"]["rounds"] == 3
-    resumed = run(make_cfg(*common, "simulation.rounds=6"), tmp_path / "resumed")
+    folder, saved = load_checkpoint(tmp_path / "resumed")
+    assert saved["round"] == 3 and saved["config"]["simulation"]["rounds"] == 3
+    began = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="octomil_sim.runner"):
+        resumed = run(make_cfg(*common, "simulation.rounds=6"), tmp_path / "resumed")
+    second_part = time.perf_counter() - began
     assert _numbers(resumed) == _numbers(straight)
+    assert resumed.get("averaged_iterate") == straight.get("averaged_iterate")
+    assert f"resuming from round 3 ({folder})" in caplog.messages
+    assert second_part < resumed["wall_time_s"] <= saved["wall_time_s"] + second_part
+    assert [f.name for f in checkpoint_folders(tmp_path / "resumed")] == ["round_000006", "round_000004"]
 
 
 def test_killed_run_resumes_to_identical_results(tmp_path):
@@ -58,17 +77,15 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        latest = killed / "checkpoint" / "LATEST"
-        if latest.exists() and latest.read_text() >= "round_000004":
+        if any(f.name >= "round_000004" for f in checkpoint_folders(killed)):
             break
         time.sleep(0.05)
     was_running = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert was_running and not (killed / "results.json").exists()
-    subprocess.run([*args, f"hydra.run.dir={killed}"], check=True, capture_output=True)
-    import json
-
+    rerun = subprocess.run([*args, f"hydra.run.dir={killed}"], check=True, capture_output=True, text=True)
+    assert re.search(r"resuming from round [4-8] \(.*round_00000[4-8]\)", rerun.stdout + rerun.stderr)
     a, b = (json.loads((d / "results.json").read_text()) for d in (straight, killed))
     assert _numbers(a) == _numbers(b)
     assert a["system"] == b["system"] and a["system"]["failed_rounds"] > 0
@@ -120,9 +137,7 @@ def test_prompt_tuning_keeps_base_frozen_and_beats_the_shared_model(make_cfg, tm
     prompts = [torch.load(tmp_path / "client_state" / "local_layers" / f"{c}.pt")["prompt"]
                for c in range(2) if (tmp_path / "client_state" / "local_layers" / f"{c}.pt").exists()]
     assert prompts and all(p.shape == (4, 32) for p in prompts)
-    import pickle
-
-    final = pickle.loads(next((tmp_path / "checkpoint").glob("round_*/state.pkl")).read_bytes())["arrays"]
+    final = load_checkpoint(tmp_path)[1]["arrays"]
     assert all(torch.equal(final[k], t) for k, t in init.items() if k.startswith("base."))  # frozen
     assert not torch.equal(final["head.weight"], init["head.weight"])
     f = results["final"]
