@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import threading
@@ -12,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from octomil_sim.config import check_added_keys, check_group_choices, check_output_paths
-from octomil_sim.errors import ConfigError
+from octomil_sim.errors import ConfigError, RunError
+from octomil_sim.interrupt import Interrupted
 
 
 @hydra.main(config_path="pkg://octomil_sim.conf", config_name="config", version_base="1.3")
@@ -26,6 +28,15 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as err:
+        print(err, file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(err.exit_code)  # Ray and the run are shut down; skip waiting on the interpreter's teardown
     final = results["final"]
     print(
         f"{results['name']}: global_acc {final['global_acc']:.4f} "

@@ -211,6 +211,11 @@ def validate(cfg: DictConfig) -> None:
              "null or an integer >= 1")
     _require("simulation.checkpoint_every", s.checkpoint_every, isinstance(s.checkpoint_every, int) and s.checkpoint_every >= 0,
              "an integer >= 0 (0: no checkpoints)")
+    _require("simulation.ray_address", s.get("ray_address"), s.get("ray_address") is None
+             or (isinstance(s.ray_address, str) and bool(s.ray_address.strip())),
+             "null (a private local Ray instance), auto, or host:port of a running Ray cluster")
+    _require("simulation.ray_num_cpus", s.ray_num_cpus, s.ray_num_cpus is None or s.get("ray_address") is None,
+             "null when joining a cluster (simulation.ray_address): its nodes set their own CPUs")
     actors = (s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or actors <= 1,
              f"disk with {actors} Ray actors (memory only with one: simulation.ray_num_cpus="

@@ -5,6 +5,11 @@ class ConfigError(ValueError):
     """A config value that cannot work: the message names the key, the value and what is allowed."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on for a reason outside the config (e.g. client actors that never
+    start), said in one line."""
+
+
 def instantiate(node, **kwargs):
     """Hydra's ``instantiate``, letting a ``ConfigError`` raised inside a constructor through as
     itself (Hydra wraps it in a multi-line ``InstantiationException``)."""

@@ -28,6 +28,7 @@ from octomil_sim.client_app import build_client_app, build_initial_model
 from octomil_sim.config import validate
 from octomil_sim.data import FederatedData
 from octomil_sim.errors import ConfigError
+from octomil_sim.interrupt import Interrupted, StopRequest, stop_on_signals
 from octomil_sim.loggers import make_logger
 from octomil_sim.metrics import (
     DEFINITIONS,
@@ -97,6 +98,8 @@ class RunSession(Session):
         self.cfg, self.output_dir, self.saved, self.started = cfg, output_dir, saved, started
         self.rows: list[dict] = []
         self.results: dict | None = None
+        self.checkpointed = saved["round"] if saved else 0  # the round of the newest checkpoint
+        self.stopped_after: int | None = None  # set when a signal stopped the run
         self._bytes: dict[str, int] = {}
         self._last = time.perf_counter()
         self.progress = Progress(
@@ -132,11 +135,22 @@ class RunSession(Session):
         self.progress.advance(self.task)
         every = self.cfg.simulation.checkpoint_every
         if every and (server_round % every == 0 or server_round == self.cfg.simulation.rounds):
-            save_checkpoint(self.output_dir, server_round, {
-                "round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
-                "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy),
-                "rows": self.rows, "grid": grid_counters(grid), "wall_time_s": now - self.started,
-            }, client_state_dir(self.cfg))
+            self.checkpoint(server_round, arrays, strategy, grid)
+
+    def checkpoint(self, server_round: int, arrays, strategy, grid: SimulationGrid) -> None:
+        save_checkpoint(self.output_dir, server_round, {
+            "round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy),
+            "rows": self.rows, "grid": grid_counters(grid), "wall_time_s": time.perf_counter() - self.started,
+        }, client_state_dir(self.cfg))
+        self.checkpointed = server_round
+
+    def stopped(self, last_round: int, arrays, strategy, grid: SimulationGrid) -> None:
+        """A signal stopped the run after ``last_round``: checkpoint that round (unless it just was, or
+        checkpoints are off) so that nothing done is lost."""
+        self.stopped_after = last_round
+        if self.cfg.simulation.checkpoint_every and last_round and self.checkpointed != last_round:
+            self.checkpoint(last_round, arrays, strategy, grid)
 
     def done(self, arrays, rows: list[dict], grid: SimulationGrid, averaged_rows: list[dict] | None = None) -> None:
         clients = client_table(rows)
@@ -344,11 +358,41 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     output_dir = Path(output_dir)
     if cfg.simulation.state_dir is None:
         cfg = OmegaConf.merge(cfg, {"simulation": {"state_dir": str(output_dir.resolve() / "client_state")}})
-    from flwr.simulation import run_simulation  # after the env settings above
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with stop_on_signals() as stop:
+        return _run(cfg, output_dir, stop)
+
+
+def ray_init_args(s: DictConfig) -> dict:
+    """``ray.init`` arguments: a private local instance (``address="local"``: never one that someone
+    started on this machine, which ``ray.init()`` would join) sized by ``ray_num_cpus``, or the cluster
+    at ``ray_address`` (``auto``: the one this machine belongs to), whose nodes set their own CPUs."""
+    args = {"include_dashboard": False, "logging_level": logging.ERROR}
+    if s.get("ray_address") is None:
+        args["address"] = "local"
+        if s.ray_num_cpus is not None:
+            args["num_cpus"] = s.ray_num_cpus
+    else:
+        args["address"] = s.ray_address
+    return args
+
+
+def ray_report(s: DictConfig) -> str:
+    """One line saying which Ray the run uses (after Ray started)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if s.get("ray_address") is None:
+        return f"Ray: a private local instance ({cpus} CPUs)"
+    return f"Ray: joined the cluster at {s.ray_address} ({nodes} nodes, {cpus} CPUs)"
+
+
+def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
+    from flwr.simulation import run_simulation  # after _runtime_environment's settings
 
     from octomil_sim.polling import prompt_simulation_runtime
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     saved = resume_point(cfg, output_dir)
     if saved is not None:
@@ -358,21 +402,28 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     server_app = build_server_app(
         make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **client_sizes(cfg)),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
-        deadline=SystemModel.from_config(cfg).deadline,
+        deadline=SystemModel.from_config(cfg).deadline, should_stop=stop.is_set,
     )
     client_app = build_client_app(OmegaConf.to_yaml(cfg, resolve=True))
-    init_args = {"include_dashboard": False, "logging_level": logging.ERROR}
-    if s.ray_num_cpus is not None:
-        init_args["num_cpus"] = s.ray_num_cpus
     backend_config = {
         "client_resources": {"num_cpus": s.num_cpus_per_client, "num_gpus": s.num_gpus_per_client},
-        "init_args": init_args,
+        "init_args": ray_init_args(s),
     }
     check_data_while_ray_starts(cfg, backend_config)
+    stop.rearm()
+    log.info(ray_report(s))
     session = RunSession(cfg, output_dir, saved, started)
-    with session.progress, prompt_simulation_runtime():
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
-                       backend_config=backend_config)
+    if not stop.is_set():
+        with session.progress, prompt_simulation_runtime():
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
+                           backend_config=backend_config)
+    if stop.is_set():
+        import ray
+
+        ray.shutdown()  # Flower's engine shuts Ray down after a run; a signal before it started skips that
+        last = session.stopped_after if session.stopped_after is not None else (saved["round"] if saved else 0)
+        checkpointed = bool(s.checkpoint_every) and session.checkpointed == last and last > 0
+        raise Interrupted(stop.signum, last, output_dir, checkpointed)
     results = session.results
     if results is None:
         raise RuntimeError("the ServerApp ended without results; see the Flower log above")

@@ -28,8 +28,10 @@ from flwr.serverapp import Grid, ServerApp
 import numpy as np
 
 from octomil_sim.batching import pack, split_even, unpack
-from octomil_sim.errors import ConfigError
+from octomil_sim.errors import ConfigError, RunError
 from octomil_sim.metrics import client_rows
+
+NODE_TIMEOUT_S = 300.0  # seconds for all Flower nodes (client actors) to register
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -69,10 +71,22 @@ class SimulationGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     # --- what this wrapper adds ---------------------------------------------------------------
-    def wait_for_nodes(self, num_nodes: int) -> None:
+    def wait_for_nodes(self, num_nodes: int, timeout: float = NODE_TIMEOUT_S,
+                       should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Wait until ``num_nodes`` Flower nodes have registered; False if asked to stop first. A run
+        whose nodes do not all come up within ``timeout`` seconds stops with ``RunError`` (a run once
+        sat nine minutes here with no client actor started)."""
+        deadline = time.monotonic() + timeout
         while len(nodes := sorted(self._grid.get_node_ids())) < num_nodes:
+            if should_stop():
+                return False
+            if time.monotonic() > deadline:
+                raise RunError(f"only {len(nodes)} of {num_nodes} Flower nodes registered within {timeout:.0f} s; "
+                               "Ray could not start the client actors (too little memory or CPU for "
+                               "simulation.num_cpus_per_client?); run again, or lower simulation.num_nodes")
             time.sleep(0.05)
         self.nodes = nodes
+        return True
 
     def get_node_ids(self) -> list[int]:
         return list(range(self.num_clients))
@@ -232,6 +246,10 @@ class Session:
                     evaluate_metrics: MetricRecord | None, strategy, grid: SimulationGrid) -> None:
         raise NotImplementedError
 
+    def stopped(self, last_round: int, arrays: ArrayRecord, strategy, grid: SimulationGrid) -> None:
+        """The run was asked to stop after ``last_round`` (a signal): keep what it needs to resume."""
+        raise NotImplementedError
+
     def done(self, arrays: ArrayRecord, rows: list[dict], grid: SimulationGrid,
              averaged_rows: list[dict] | None = None) -> None:
         """``rows``: every client's evaluation of the final model; ``averaged_rows``: of the
@@ -240,11 +258,15 @@ class Session:
 
 
 def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round: int, last_round: int,
-               after_round: Callable[..., None]) -> ArrayRecord:
+               after_round: Callable[..., None],
+               should_stop: Callable[[], bool] = lambda: False) -> tuple[ArrayRecord, int]:
     """Flower's ``Strategy.start`` loop (train, aggregate, evaluate, aggregate) over rounds
     ``first_round..last_round``, so that a resumed run keeps its round numbers (which seed sampling
-    and every client's SGD)."""
+    and every client's SGD). Returns the arrays and the last round run: before ``last_round`` when
+    ``should_stop()`` turned true (checked after each round)."""
     for server_round in range(first_round, last_round + 1):
+        if should_stop():
+            return arrays, server_round - 1
         replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
@@ -252,22 +274,28 @@ def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round:
         replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
         evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
         after_round(server_round, arrays, train_metrics, evaluate_metrics, strategy, grid)
-    return arrays
+    return arrays, last_round
 
 
 def build_server_app(make_strategy: Callable[[], object], session: Callable[[], Session], num_rounds: int,
-                     num_clients: int, num_nodes: int, deadline: float | None = None) -> ServerApp:
+                     num_clients: int, num_nodes: int, deadline: float | None = None,
+                     should_stop: Callable[[], bool] = lambda: False) -> ServerApp:
     """A ServerApp that runs ``make_strategy()`` up to round ``num_rounds`` (from where ``session()``
-    says to start) and then evaluates the final model on every client."""
+    says to start) and then evaluates the final model on every client; when ``should_stop()`` turns
+    true it ends after the current round with ``session().stopped`` instead."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         sim_grid = SimulationGrid(grid, num_clients, deadline)
-        sim_grid.wait_for_nodes(num_nodes)
         strategy, run = make_strategy(), session()
+        if not sim_grid.wait_for_nodes(num_nodes, should_stop=should_stop):
+            return
         arrays, first_round = run.start(strategy, sim_grid)
-        arrays = run_rounds(strategy, sim_grid, arrays, first_round, num_rounds, run.after_round)
+        arrays, last = run_rounds(strategy, sim_grid, arrays, first_round, num_rounds, run.after_round, should_stop)
+        if last < num_rounds:
+            run.stopped(last, arrays, strategy, sim_grid)
+            return
         averaged = strategy.average_arrays() if hasattr(strategy, "average_arrays") else None
         averaged_rows = evaluate_all(sim_grid, averaged, num_rounds) if averaged is not None else None
         run.done(arrays, evaluate_all(sim_grid, arrays, num_rounds), sim_grid, averaged_rows)

@@ -1,0 +1,113 @@
+"""Reliability under signals and faults (issue 11): Ctrl-C / SIGTERM stop a run between rounds with its
+checkpoint kept, Ray shut down and no process of the run left; the run then resumes to the numbers of
+an uninterrupted one. Each case starts real simulations (slow)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from octomil_sim.checkpoint import checkpoint_folders
+
+pytestmark = pytest.mark.slow
+
+ARGS = [sys.executable, "-m", "octomil_sim", "strategy=fedavg", "simulation.num_clients=10",
+        "simulation.clients_per_round=4", "simulation.fraction_evaluate=0", "progress=false"]
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: start time} of every live descendant of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    start: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        start[int(entry.name)] = fields[19]
+    out, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out[p] = start[p]
+        todo += children.get(p, [])
+    return out
+
+
+def alive(processes: dict[int, str]) -> list[int]:
+    """The ones still running (the same process: same start time, not a zombie)."""
+    left = []
+    for pid, started in processes.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == started and fields[0] != "Z":
+            left.append(pid)
+    return left
+
+
+def interrupt_after(args: list[str], run_dir: Path, signum: int) -> tuple[int, str, float, dict]:
+    """Start the run, wait for its first checkpoint, send ``signum`` to the driver only (a terminal's
+    Ctrl-C reaches the whole foreground group; the driver is the one that must act), and return (exit
+    code, stderr, seconds from the signal to the exit, the processes it had started)."""
+    proc = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 240
+    tree: dict[int, str] = {}
+    while time.time() < deadline and proc.poll() is None:
+        tree.update(descendants(proc.pid))
+        if checkpoint_folders(run_dir) and len(tree) >= 3:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    tree.update(descendants(proc.pid))
+    sent = time.time()
+    proc.send_signal(signum)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the run did not stop within 60 s of the signal")
+    return proc.returncode, err, time.time() - sent, tree
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_the_run_keeps_its_checkpoint_and_leaves_no_process(tmp_path, signum, code):
+    args = [*ARGS, "simulation.rounds=100000", "simulation.checkpoint_every=1"]
+    run_dir = tmp_path / "run"
+    rc, err, seconds, tree = interrupt_after(args, run_dir, signum)
+    assert rc == code, err
+    lines = [line for line in err.splitlines() if line.startswith("stopped by")]
+    name = signal.Signals(signum).name
+    assert len(lines) == 1 and lines[0].startswith(f"stopped by {name} after round "), err
+    assert f"the same command with hydra.run.dir={run_dir} resumes it" in lines[0]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    last = int(lines[0].split("after round ")[1].split(";")[0])
+    assert checkpoint_folders(run_dir)[0].name == f"round_{last:06d}"  # the round it stopped after is kept
+    assert seconds < 30
+    ends = time.time() + 30  # Ray's workers exit on their own once the driver shut Ray down (slowly on 2 busy cores)
+    while alive(tree) and time.time() < ends:
+        time.sleep(0.5)
+    assert tree and not alive(tree), f"left running: {alive(tree)} of {sorted(tree)}"
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path):
+    args = [*ARGS, "simulation.rounds=40"]
+    straight = tmp_path / "straight"
+    subprocess.run([*args, f"hydra.run.dir={straight}"], check=True, capture_output=True)
+    stopped = tmp_path / "stopped"
+    rc, err, _, _ = interrupt_after([*args, "simulation.checkpoint_every=1"], stopped, signal.SIGINT)
+    assert rc == 130, err
+    rerun = subprocess.run([*args, f"hydra.run.dir={stopped}"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    a, b = (json.loads((d / "results.json").read_text()) for d in (straight, stopped))
+    assert [r["train_loss"] for r in a["rounds"]] == [r["train_loss"] for r in b["rounds"]]
+    assert a["final"]["global_acc"] == b["final"]["global_acc"]
