@@ -4,6 +4,7 @@ an uninterrupted one. Each case starts real simulations (slow)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,3 +112,67 @@ def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     a, b = (json.loads((d / "results.json").read_text()) for d in (straight, stopped))
     assert [r["train_loss"] for r in a["rounds"]] == [r["train_loss"] for r in b["rounds"]]
     assert a["final"]["global_acc"] == b["final"]["global_acc"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_two_node_ray_cluster_runs_clients_on_both_nodes_with_local_numbers(tmp_path):
+    """``ray start --head`` plus a second ``ray start --address`` node on this machine, one CPU each;
+    a run with ``simulation.ray_address`` places a client actor on each node and gives the numbers of a
+    run on a private local instance. Only this cluster's processes are stopped (by pid: every process
+    of it names its own temp dir)."""
+    import tempfile
+
+    port = _free_port()
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus=1", "--disable-usage-stats",
+               "--node-ip-address=127.0.0.1"]
+    env = {**os.environ, "RAY_enable_worker_prestart": "0"}
+    try:
+        subprocess.run([*ray_cli, "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"],
+                       check=True, capture_output=True, env=env, timeout=120)
+        subprocess.run([*ray_cli, f"--address=127.0.0.1:{port}"], check=True, capture_output=True, env=env, timeout=120)
+        args = [*ARGS, "simulation.rounds=3", "simulation.num_nodes=2"]
+        joined = subprocess.run([*args, f"simulation.ray_address=127.0.0.1:{port}", f"hydra.run.dir={tmp_path / 'cluster'}"],
+                                capture_output=True, text=True, timeout=300)
+        assert joined.returncode == 0, joined.stderr
+        assert f"Ray: joined the cluster at 127.0.0.1:{port} (2 nodes, 2 CPUs)" in joined.stdout + joined.stderr
+        probe = ("import ray, json; ray.init(address='127.0.0.1:%d', logging_level='ERROR'); "
+                 "from ray._private.state import actors; "
+                 "print(json.dumps(sorted({a['Address']['NodeID'] for a in actors().values() "
+                 "if a['ActorClassName'].endswith('ClientAppActor')})))" % port)
+        nodes = json.loads(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
+                                          timeout=120).stdout.strip().splitlines()[-1])
+        assert len(nodes) == 2  # a client actor ran on each node
+    finally:
+        for pid in set(_processes_mentioning(str(temp)) + _processes_mentioning(f":{port}")):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+    local = subprocess.run([*args, "simulation.ray_num_cpus=2", f"hydra.run.dir={tmp_path / 'local'}"],
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr
+    assert "Ray: a private local instance (2 CPUs)" in local.stdout + local.stderr
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("cluster", "local"))
+    assert [r["train_loss"] for r in a["rounds"]] == [r["train_loss"] for r in b["rounds"]]
+    assert a["clients"] == b["clients"]
