@@ -176,3 +176,44 @@ def test_two_node_ray_cluster_runs_clients_on_both_nodes_with_local_numbers(tmp_
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("cluster", "local"))
     assert [r["train_loss"] for r in a["rounds"]] == [r["train_loss"] for r in b["rounds"]]
     assert a["clients"] == b["clients"]
+
+
+def test_a_client_that_raises_fails_its_rounds_and_the_run_goes_on(make_cfg, tmp_path):
+    from octomil_sim.runner import run
+
+    results = run(make_cfg("strategy=fedavg", "strategy.client._target_=fault_clients.FlakyClient",
+                           "+strategy.client.every=3", "simulation.num_clients=6", "simulation.clients_per_round=6",
+                           "simulation.rounds=4", "simulation.fraction_evaluate=0", "simulation.checkpoint_every=0"),
+                  tmp_path)
+    # every round, the clients with (id + round) % 3 == 0 raise: 2 of the 6 clients
+    assert [r["failed_clients"] for r in results["rounds"]] == [2, 2, 2, 2]
+    assert results["system"]["failed_rounds"] == 8
+    assert results["system"]["last_failure_reason"]["0"] == "RuntimeError: flaky client 0 in round 3"
+    assert len(results["clients"]) == 6 and results["final"]["global_acc"] > 0
+
+
+def test_a_killed_client_actor_fails_its_clients_for_that_round_and_the_run_goes_on(tmp_path):
+    """kill -9 of one of the run's own ClientAppActor processes mid-run (found among the run's
+    descendants only): the run finishes every round and reports the clients it lost."""
+    args = [*ARGS, "simulation.rounds=400", "simulation.num_clients=10", "simulation.checkpoint_every=0"]
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    actor, deadline = None, time.time() + 240
+    while actor is None and time.time() < deadline and proc.poll() is None:
+        for pid in descendants(proc.pid):
+            try:
+                if (Path(f"/proc/{pid}/cmdline").read_bytes()).startswith(b"ray::ClientAppActor.run"):
+                    actor = pid
+                    break
+            except OSError:
+                pass
+        time.sleep(0.02)
+    assert actor is not None, proc.communicate()
+    os.kill(actor, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    results = json.loads((run_dir / "results.json").read_text())
+    assert len(results["rounds"]) == 400
+    assert sum(r["failed_clients"] for r in results["rounds"]) > 0  # the round it was in lost its clients
+    assert "actor died" in " ".join(results["system"]["last_failure_reason"].values()).lower()
