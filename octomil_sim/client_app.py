@@ -13,6 +13,7 @@ and ``personalized_acc`` (the model the algorithm's ``personalize`` returns; nev
 from __future__ import annotations
 
 import copy
+import logging
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,6 +183,8 @@ class ClientRuntime:
 def client_runtime(cfg_yaml: str) -> ClientRuntime:
     cfg = OmegaConf.create(cfg_yaml)
     torch.set_num_threads(1)  # one core per simulated client; Ray runs several side by side
+    # in the actor's process: Flower's "Manually terminating ClientAppActor" at a normal shutdown is noise
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     s = cfg.simulation
     return ClientRuntime(
         cfg=cfg,

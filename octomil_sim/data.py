@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +37,19 @@ from hydra.utils import get_method, instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from octomil_sim.errors import ConfigError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_natural_id_bar() -> None:
+    """flwr-datasets' natural-id partitioner wraps its pass over the rows in a tqdm bar that
+    ``TQDM_DISABLE`` cannot reach once tqdm is imported: a bar per process, for a split of seconds."""
+    from flwr_datasets.partitioner import natural_id_partitioner
+
+    natural_id_partitioner.tqdm = lambda iterable, **_: iterable
+
+
+_quiet_natural_id_bar()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +318,16 @@ def _load_partitions(cfg: DictConfig):
         return (lambda pid: fds.load_partition(pid, source.split)), partitioner.num_partitions
     partitioner.dataset = source
     try:
-        partitioner.load_partition(0)  # partitions every client now, in the data check before Ray's clients
+        with warnings.catch_warnings(record=True) as caught:  # one line for the redraws, not one per draw and process
+            warnings.simplefilter("always")
+            partitioner.load_partition(0)  # partitions every client now, in the data check before Ray's clients
+        redraws = [w for w in caught if str(w.message).startswith("The specified min_partition_size")]
+        for w in caught:
+            if w not in redraws:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if redraws:
+            log.info("flwr-datasets drew the Dirichlet partition %d more time(s) until every client had "
+                     "partition.min_partition_size=%s examples", len(redraws), cfg.partition.min_partition_size)
     except ValueError as exc:
         if "max number of attempts" not in str(exc):
             raise

@@ -353,8 +353,8 @@ def num_nodes(cfg: DictConfig) -> int:
 def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     """Run the experiment ``cfg`` (or resume it from ``output_dir``'s checkpoint); returns the
     results dict also written to ``results.json``."""
+    _runtime_environment()  # first: validate builds the strategy, whose warnings it quiets
     validate(cfg)
-    _runtime_environment()
     output_dir = Path(output_dir)
     if cfg.simulation.state_dir is None:
         cfg = OmegaConf.merge(cfg, {"simulation": {"state_dir": str(output_dir.resolve() / "client_state")}})

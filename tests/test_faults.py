@@ -217,3 +217,19 @@ def test_a_killed_client_actor_fails_its_clients_for_that_round_and_the_run_goes
     assert len(results["rounds"]) == 400
     assert sum(r["failed_clients"] for r in results["rounds"]) > 0  # the round it was in lost its clients
     assert "actor died" in " ".join(results["system"]["last_failure_reason"].values()).lower()
+
+
+def test_a_normal_run_says_each_thing_once(tmp_path):
+    """digits at Dirichlet 0.1 (flwr-datasets redraws the split 5 times for seed 0): one summary line
+    for the redraws, the Ray line, the result line, and nothing twice or from every actor."""
+    proc = subprocess.run([sys.executable, "-m", "octomil_sim", "strategy=fedavg", "dataset=digits", "partition=dirichlet",
+                           "partition.alpha=0.1", "model=mlp", "simulation.num_clients=20", "simulation.rounds=2",
+                           "simulation.fraction_evaluate=0", "progress=false", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split("] - ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), lines
+    assert sum("drew the Dirichlet partition 5 more time(s)" in line for line in lines) == 1, lines
+    assert not any(word in line for line in lines for word in ("WARNING", "Manually terminating",
+                                                               "Generating partition_id_to_indices")), lines
+    assert len(lines) == 3, lines
