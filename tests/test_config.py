@@ -47,7 +47,7 @@ def test_experiments_compose(make_cfg):
         validate(cfg)
         # named <strategy>_<data> or, for a paper's table cell, <paper>_<table>_<data>_<model>_<strategy>;
         # TERM's paper names the tilted strategy
-        first = {"term": "tilted"}.get(option.split("_")[0], option.split("_")[0])
+        first = {"term": "tilted", "quickstart": "finetune"}.get(option.split("_")[0], option.split("_")[0])
         assert cfg.strategy.name in (first, option.split("_")[-1])
 
 
