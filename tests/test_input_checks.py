@@ -88,3 +88,60 @@ def test_unreachable_hub_fails_fast_in_one_line(make_cfg, monkeypatch, tmp_path)
     assert time.perf_counter() - started < 10  # today's retries took 28 s
     assert str(err.value).startswith("dataset.source.path='flwrlabs/femnist' could not be loaded (the Hugging Face "
                                      "hub is not reachable from here and the dataset is not in the local cache)")
+
+
+def test_ray_init_args_private_by_default_and_join_on_request(make_cfg):
+    from octomil_sim.runner import ray_init_args
+
+    local = ray_init_args(make_cfg("simulation.ray_num_cpus=2").simulation)
+    assert local["address"] == "local" and local["num_cpus"] == 2  # never a cluster someone started here
+    joined = ray_init_args(make_cfg("simulation.ray_address=auto").simulation)
+    assert joined["address"] == "auto" and "num_cpus" not in joined  # the cluster's nodes set their CPUs
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["simulation.ray_address=auto", "simulation.ray_num_cpus=2"],
+     "simulation.ray_num_cpus=2: allowed: null when joining a cluster (simulation.ray_address): its nodes set "
+     "their own CPUs"),
+    (["simulation.ray_address=' '"],
+     "simulation.ray_address=' ': allowed: null (a private local Ray instance), auto, or host:port of a running "
+     "Ray cluster"),
+])
+def test_ray_address_values(make_cfg, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(*overrides))
+    assert str(err.value) == expected
+
+
+def test_nodes_that_never_register_end_the_run_in_one_line():
+    from octomil_sim.errors import RunError
+    from octomil_sim.server_app import SimulationGrid
+
+    class OneNode:
+        def get_node_ids(self):
+            return [7]
+
+    grid = SimulationGrid(OneNode(), num_clients=4)
+    with pytest.raises(RunError, match=r"^only 1 of 2 Flower nodes registered within 0 s; "):
+        grid.wait_for_nodes(2, timeout=0.2)
+    assert grid.wait_for_nodes(2, timeout=5, should_stop=lambda: True) is False  # a signal ends the wait
+    assert grid.wait_for_nodes(1, timeout=0.2) is True and grid.nodes == [7]
+
+
+def test_stop_request_first_signal_asks_second_interrupts(tmp_path):
+    import signal
+
+    from octomil_sim.interrupt import Interrupted, stop_on_signals
+
+    saved = signal.getsignal(signal.SIGINT)
+    with stop_on_signals() as stop:
+        assert signal.getsignal(signal.SIGINT) == stop.handle
+        stop.handle(signal.SIGTERM, None)
+        assert stop.is_set() and stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGINT, None)
+    signal.signal(signal.SIGINT, saved)
+    err = Interrupted(signal.SIGINT, 12, tmp_path, checkpointed=True)
+    assert err.exit_code == 130 and str(err) == (f"stopped by SIGINT after round 12; round 12 is checkpointed in "
+                                                 f"{tmp_path}; the same command with hydra.run.dir={tmp_path} resumes it")
+    assert str(Interrupted(signal.SIGTERM, 0, tmp_path, False)).endswith("before its first round: nothing to resume")
