@@ -73,8 +73,10 @@ def encode(state) -> tuple[object, dict[str, torch.Tensor]]:
 def _encode(value, path: str, tensors: dict[str, torch.Tensor]):
     where = path or "the state"
     if isinstance(value, torch.Tensor):
-        tensors[path] = value.detach().cpu().contiguous()
+        tensors[path] = value.detach().cpu().clone().contiguous()  # own memory: safetensors refuses shared tensors
         return {TENSOR: path}
+    if isinstance(value, np.generic) and not isinstance(value, np.object_):
+        return value.item()  # a numpy scalar (np.float32, np.int64, np.bool_) as the Python number it holds
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise TypeError(f"checkpoint value {where}: a numpy array of Python objects; allowed: {ALLOWED}")

@@ -49,14 +49,16 @@ def target_parameters(target: str) -> set[str] | None:
     from hydra.utils import get_object
 
     obj = get_object(target)
-    functions = [c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__] if inspect.isclass(obj) else [obj]
+    functions = ([c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__ and c is not object]
+                 if inspect.isclass(obj) else [obj])
     names: set[str] = set()
     for fn in functions:
         params = inspect.signature(fn).parameters.values()
         names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             return names
-    return None
+    # a class whose **kwargs reach object.__init__ accepts no more; a function's **kwargs accept anything
+    return names if inspect.isclass(obj) else None
 
 
 def known_keys(cfg: DictConfig) -> set[str]:
@@ -110,13 +112,14 @@ def _without(cfg: DictConfig, keys: list[str]) -> DictConfig:
 
 
 def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
-    """Reject a ``+key=value`` / ``++key=value`` override whose key no config declares and no built
-    object accepts (``+simulaton.rounds=3`` would otherwise add a key nobody reads and run 100 rounds),
+    """Reject a ``+key=value`` override whose key no config declares and no built object accepts (``+simulaton.rounds=3`` would otherwise add a key nobody reads and run 100 rounds),
     naming the closest valid key. ``+group=choice`` (a config group) and ``hydra.*`` are Hydra's."""
     added = []
     for item in overrides:
         key = item.lstrip("+").partition("=")[0].split("@")[0]
-        if item.startswith("+") and not key.startswith("hydra.") and key.split("/")[0] not in GROUPS:
+        # "++key" adds *or overrides*: it may name an existing key, so it is taken as intended
+        if item.startswith("+") and not item.startswith("++") and not key.startswith("hydra.") \
+                and key.split("/")[0] not in GROUPS:
             added.append((item, key))
     if not added:
         return
@@ -216,6 +219,9 @@ def validate(cfg: DictConfig) -> None:
              "null (a private local Ray instance), auto, or host:port of a running Ray cluster")
     _require("simulation.ray_num_cpus", s.ray_num_cpus, s.ray_num_cpus is None or s.get("ray_address") is None,
              "null when joining a cluster (simulation.ray_address): its nodes set their own CPUs")
+    _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.ray_num_cpus is None
+             or s.num_cpus_per_client <= s.ray_num_cpus,
+             f"at most simulation.ray_num_cpus ({s.ray_num_cpus}): no client actor could start otherwise")
     actors = (s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or actors <= 1,
              f"disk with {actors} Ray actors (memory only with one: simulation.ray_num_cpus="

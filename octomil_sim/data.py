@@ -307,7 +307,8 @@ def _load_partitions(cfg: DictConfig):
             fds.load_partition(0, source.split)
         except Exception as exc:  # hub unreachable, path missing, schema wrong: one line for people
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if offline:
+            if offline and any(word in f"{type(exc).__name__} {exc}".lower()
+                               for word in ("offline", "hub", "connection", "localentrynotfound", "couldn't reach")):
                 reason = "the Hugging Face hub is not reachable from here and the dataset is not in the local cache"
             raise ConfigError(
                 f"dataset.source.path={source.path!r} could not be loaded ({reason}); set it to a "

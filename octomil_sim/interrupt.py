@@ -6,12 +6,14 @@ engine and left the ServerApp thread waiting for replies that never came (the ru
 wait until a second Ctrl-C). Here the first signal only asks the run to stop: the ServerApp finishes
 the round it is in, checkpoints it, and returns; Flower then ends the engine and Ray as after a
 normal run, and the command exits with 128 + the signal's number (130, 143) and one line saying how
-to resume. A second signal while stopping interrupts at once, as Python normally would.
+to resume. A second signal while stopping ends the process at once (exit 128 + its number).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,9 +40,10 @@ class StopRequest:
                 signal.signal(s, self.handle)
 
     def handle(self, signum: int, frame) -> None:
-        if self.event.is_set():  # the second one: stop now
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
+        if self.event.is_set():  # the second one: stop now, without waiting for the round
+            print(f"stopped by a second {signal.Signals(signum).name}; the newest checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # Ray's processes share the driver's fate (PR_SET_PDEATHSIG) and exit too
         self.signum = signum
         self.event.set()
 

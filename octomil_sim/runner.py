@@ -215,7 +215,7 @@ def client_state_dir(cfg: DictConfig) -> Path | None:
 
 
 #: keys that may differ between a checkpointed run and its resumption
-RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "progress", "logger"}
+RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simulation.ray_address", "progress", "logger"}
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -417,7 +417,7 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
         with session.progress, prompt_simulation_runtime():
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                            backend_config=backend_config)
-    if stop.is_set():
+    if stop.is_set() and session.results is None:  # a signal during the last round or the final evaluation: done anyway
         import ray
 
         ray.shutdown()  # Flower's engine shuts Ray down after a run; a signal before it started skips that

@@ -71,6 +71,20 @@ def test_encoding_round_trips_nested_state(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [STATE_FILE, TENSOR_FILE]
 
 
+def test_numpy_scalars_and_shared_tensors_are_stored(tmp_path):
+    # numpy scalars come back as the Python numbers they hold; one tensor under two keys (or a view of
+    # another) is stored twice rather than refused by safetensors
+    w = torch.arange(6.0)
+    state = {"strategy": {"log_r": np.float32(0.5), "count": np.int64(3), "flag": np.bool_(True)},
+             "arrays": {"a": w, "b": w, "view": w[:3]}}
+    save_checkpoint(tmp_path, 1, state, None)
+    _, loaded = load_checkpoint(tmp_path)
+    assert loaded["strategy"] == {"log_r": 0.5, "count": 3, "flag": True}
+    assert type(loaded["strategy"]["count"]) is int
+    for k in ("a", "b", "view"):
+        assert torch.equal(loaded["arrays"][k], state["arrays"][k])
+
+
 @pytest.mark.parametrize("value, where", [
     ({"strategy": {"groups": {0: "a"}}}, r"checkpoint key strategy/groups/0: of type int"),
     ({"strategy": {"layers": ("fc",)}}, r"checkpoint value strategy/layers: of type tuple.*store a list"),

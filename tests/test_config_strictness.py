@@ -16,9 +16,11 @@ from octomil_sim.errors import ConfigError
     ("+head_epochs=1", "strategy.client.head_epochs"),
     ("+simulation.round=3", "simulation.rounds"),
     ("+strategy.client.lamda=2", "strategy.client.lam"),
+    ("+strategy.client.lr=2", "simulation.lr"),  # FedAvgClient takes no arguments (object.__init__ is no catch-all)
 ])
 def test_unread_added_key_names_the_closest(make_cfg, override, hint):
-    extra = ["strategy=personal_layers", "model=mlp"] if "head" in override else ["strategy=ditto"]
+    extra = (["strategy=personal_layers", "model=mlp"] if "head" in override else
+             ["strategy=fedavg"] if "client.lr" in override else ["strategy=ditto"])
     cfg = make_cfg(*extra, override)
     with pytest.raises(ConfigError) as err:
         check_added_keys(cfg, [*extra, override])
@@ -33,6 +35,7 @@ def test_unread_added_key_names_the_closest(make_cfg, override, hint):
     ["strategy=maxfl", "~strategy.server.eta_g"],  # a removal is not an addition
     ["+model.tokens=false"],  # read with a default by the runtime
     ["strategy=fedavg", "simulation.rounds=3"],
+    ["++simulation.rounds=3", "++progress=false"],  # ++ adds or overrides: taken as intended
 ])
 def test_keys_a_component_reads_are_accepted(make_cfg, overrides):
     if overrides[-1] == "+strategy.client.val_fraction=0.2":

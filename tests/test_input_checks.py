@@ -103,6 +103,9 @@ def test_ray_init_args_private_by_default_and_join_on_request(make_cfg):
     (["simulation.ray_address=auto", "simulation.ray_num_cpus=2"],
      "simulation.ray_num_cpus=2: allowed: null when joining a cluster (simulation.ray_address): its nodes set "
      "their own CPUs"),
+    (["simulation.ray_num_cpus=1", "simulation.num_cpus_per_client=2"],
+     "simulation.num_cpus_per_client=2: allowed: at most simulation.ray_num_cpus (1): no client actor could start "
+     "otherwise"),
     (["simulation.ray_address=' '"],
      "simulation.ray_address=' ': allowed: null (a private local Ray instance), auto, or host:port of a running "
      "Ray cluster"),
@@ -130,6 +133,8 @@ def test_nodes_that_never_register_end_the_run_in_one_line():
 
 def test_stop_request_first_signal_asks_second_interrupts(tmp_path):
     import signal
+    import subprocess
+    import sys
 
     from octomil_sim.interrupt import Interrupted, stop_on_signals
 
@@ -138,9 +143,13 @@ def test_stop_request_first_signal_asks_second_interrupts(tmp_path):
         assert signal.getsignal(signal.SIGINT) == stop.handle
         stop.handle(signal.SIGTERM, None)
         assert stop.is_set() and stop.signum == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
-            stop.handle(signal.SIGINT, None)
-    signal.signal(signal.SIGINT, saved)
+    assert signal.getsignal(signal.SIGINT) == saved
+    # the second signal ends the process at once (its own process here)
+    code = ("import os, signal; from octomil_sim.interrupt import stop_on_signals\n"
+            "with stop_on_signals() as stop:\n    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    import time; time.sleep(0.2); assert stop.is_set(); os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip() == "stopped by a second SIGINT; the newest checkpoint is kept"
     err = Interrupted(signal.SIGINT, 12, tmp_path, checkpointed=True)
     assert err.exit_code == 130 and str(err) == (f"stopped by SIGINT after round 12; round 12 is checkpointed in "
                                                  f"{tmp_path}; the same command with hydra.run.dir={tmp_path} resumes it")
