@@ -110,7 +110,7 @@ def test_signal_stops_the_run_keeps_its_checkpoint_and_leaves_no_process(tmp_pat
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path):
-    args = [*ARGS, "simulation.rounds=40"]
+    args = [*ARGS, "simulation.rounds=400"]
     straight = tmp_path / "straight"
     subprocess.run([*args, f"hydra.run.dir={straight}"], check=True, capture_output=True)
     stopped = tmp_path / "stopped"
