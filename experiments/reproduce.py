@@ -73,6 +73,15 @@ def pfedme_table(seeds: list[int], only: str | None) -> None:
     write_block("reproduce_pfedme", lines)
 
 
+def accuracy_cells(runs: list[dict], prefix: str = "global") -> list[str]:
+    """The per-client summaries q-FFL, TERM and Ditto report, as table cells (mean ± std over runs):
+    average (unweighted over clients), worst 10%, best 10%, variance x 10^4, pooled."""
+    f = [r["final"] for r in runs]
+    return [mean_std([x[prefix + "_acc_client_mean"] for x in f]), mean_std([x[prefix + "_acc_bottom10"] for x in f]),
+            mean_std([x[prefix + "_acc_top10"] for x in f]),
+            mean_std([x[prefix + "_acc_var"] for x in f], scale=1e4, digits=0), mean_std([x[prefix + "_acc"] for x in f])]
+
+
 def qffl_table(seeds: list[int]) -> None:
     lines = [f"Seeds {', '.join(map(str, seeds))}; per-client test accuracy after the last round (%), "
              "mean ± std over seeds.", "",
@@ -81,21 +90,13 @@ def qffl_table(seeds: list[int]) -> None:
         runs = [run_cell(RESULTS / f"{experiment}_q{q:g}" / f"seed{seed}",
                          [f"experiment={experiment}", f"strategy.server.q={q}", f"simulation.seed={seed}"])
                 for seed in seeds]
-        f = [r["final"] for r in runs]
-        lines.append(f"| {q:g} | {mean_std([x['global_acc_client_mean'] for x in f])} | "
-                     f"{mean_std([x['global_acc_bottom10'] for x in f])} | {mean_std([x['global_acc_top10'] for x in f])} | "
-                     f"{mean_std([x['global_acc_var'] for x in f], scale=1e4, digits=0)} | "
-                     f"{mean_std([x['global_acc'] for x in f])} |")
+        lines.append(f"| {q:g} | {' | '.join(accuracy_cells(runs))} |")
     write_block("reproduce_qffl", lines)
 
 
-def fairness_row(name: str, runs: list[dict], prefix: str = "global") -> str:
-    """average (unweighted over clients), worst / best 10%, variance x 10^4, pooled, n: q-FFL's and TERM's metrics."""
-    f = [r["final"] for r in runs]
-    return (f"| {name} | {mean_std([x[prefix + '_acc_client_mean'] for x in f])} | "
-            f"{mean_std([x[prefix + '_acc_bottom10'] for x in f])} | {mean_std([x[prefix + '_acc_top10'] for x in f])} | "
-            f"{mean_std([x[prefix + '_acc_var'] for x in f], scale=1e4, digits=0)} | "
-            f"{mean_std([x[prefix + '_acc'] for x in f])} | {len(runs)} |")
+def fairness_row(name: str, runs: list[dict]) -> str:
+    """A TERM-table row: ``accuracy_cells`` of the global model and the number of runs."""
+    return f"| {name} | {' | '.join(accuracy_cells(runs))} | {len(runs)} |"
 
 
 FAIRNESS_HEAD = ["| method | average | worst 10% | best 10% | variance x 10^4 | pooled | runs |",
@@ -151,12 +152,8 @@ def ditto_table(seeds: list[int], only: str | None) -> None:
         if not rs:
             lines.append(f"| {name} | not run | | | | | 0 |")
             continue
-        f = [r["final"] for r in rs]
-        lines.append(f"| {name} | {mean_std([x[prefix + '_acc'] for x in f])} | "
-                     f"{mean_std([x[prefix + '_acc_client_mean'] for x in f])} | "
-                     f"{mean_std([x[prefix + '_acc_bottom10'] for x in f])} | "
-                     f"{mean_std([x[prefix + '_acc_top10'] for x in f])} | "
-                     f"{mean_std([x[prefix + '_acc_var'] for x in f], scale=1e4, digits=0)} | {len(rs)} |")
+        *per_client, pooled = accuracy_cells(rs, prefix)  # pooled first: Ditto's own metric
+        lines.append(f"| {name} | {pooled} | {' | '.join(per_client)} | {len(rs)} |")
     write_block("reproduce_ditto", lines)
 
 

@@ -97,6 +97,16 @@ def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, moving: set[int
     return loss.item()
 
 
+def minibatch_passes(num_rows: int, batch_size: int, epochs: int, generator: torch.Generator,
+                     batches: list[torch.Tensor] | None = None):
+    """The passes of minibatch index tensors local training walks: ``epochs`` fresh permutations of
+    ``num_rows`` split into ``batch_size``, or, when ``batches`` is given (``BatchStream``), that one
+    list as a single pass. Permutations are drawn lazily, one per pass, from ``generator``."""
+    if batches is not None:
+        return [batches]
+    return (torch.randperm(num_rows, generator=generator).split(batch_size) for _ in range(epochs))
+
+
 def sgd_epochs(
     model: nn.Module,
     x: torch.Tensor,
@@ -118,10 +128,8 @@ def sgd_epochs(
     listed batches)."""
     moving = {id(p) for p in (model.parameters() if params is None else params)}
     model.train()
-    passes = [batches] if batches is not None else (
-        torch.randperm(len(y), generator=generator).split(batch_size) for _ in range(epochs))
     last = 0.0
-    for pass_batches in passes:
+    for pass_batches in minibatch_passes(len(y), batch_size, epochs, generator, batches):
         total, seen = 0.0, 0
         for idx in pass_batches:
             if budget is not None and not budget.take():

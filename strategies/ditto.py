@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from octomil_sim.client_app import ClientTask, Tensors
 from octomil_sim.data import ClientData
 from octomil_sim.errors import ConfigError, number_list
-from octomil_sim.training import evaluate, prox_grad_step
+from octomil_sim.training import evaluate, minibatch_passes, prox_grad_step
 from strategies.fedavg import FedAvg, FedAvgClient, local_sgd
 
 __all__ = ["FedAvg", "DittoClient"]
@@ -145,9 +145,7 @@ class DittoClient(FedAvgClient):
 
         chosen = []
         personal.train()
-        passes = [batches] if batches is not None else (
-            torch.randperm(data.num_train, generator=task.generator).split(task.hp.batch_size) for _ in range(epochs))
-        for pass_batches in passes:
+        for pass_batches in minibatch_passes(data.num_train, task.hp.batch_size, epochs, task.generator, batches):
             for idx in pass_batches:
                 if not task.budget.take():
                     break
