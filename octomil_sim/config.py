@@ -112,8 +112,9 @@ def _without(cfg: DictConfig, keys: list[str]) -> DictConfig:
 
 
 def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
-    """Reject a ``+key=value`` override whose key no config declares and no built object accepts (``+simulaton.rounds=3`` would otherwise add a key nobody reads and run 100 rounds),
-    naming the closest valid key. ``+group=choice`` (a config group) and ``hydra.*`` are Hydra's."""
+    """Reject a ``+key=value`` override whose key no config declares and no built object accepts
+    (``+simulaton.rounds=3`` would otherwise add a key nobody reads and run 100 rounds), naming the
+    closest valid key. ``+group=choice`` (a config group) and ``hydra.*`` are Hydra's."""
     added = []
     for item in overrides:
         key = item.lstrip("+").partition("=")[0].split("@")[0]

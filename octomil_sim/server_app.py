@@ -31,7 +31,7 @@ from octomil_sim.batching import pack, split_even, unpack
 from octomil_sim.errors import ConfigError, RunError
 from octomil_sim.metrics import client_rows
 
-NODE_TIMEOUT_S = 300.0  # seconds for all Flower nodes (client actors) to register
+NODE_TIMEOUT_S = 300.0  # seconds for all Flower nodes to register with the grid
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -74,8 +74,8 @@ class SimulationGrid(Grid):
     def wait_for_nodes(self, num_nodes: int, timeout: float = NODE_TIMEOUT_S,
                        should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Wait until ``num_nodes`` Flower nodes have registered; False if asked to stop first. A run
-        whose nodes do not all come up within ``timeout`` seconds stops with ``RunError`` (a run once
-        sat nine minutes here with no client actor started)."""
+        whose nodes do not all register within ``timeout`` seconds stops with ``RunError``. This does
+        not catch client actors that never start: Flower registers its nodes before Ray starts them."""
         deadline = time.monotonic() + timeout
         while len(nodes := sorted(self._grid.get_node_ids())) < num_nodes:
             if should_stop():

@@ -11,8 +11,9 @@ Map to the papers, their code and this file:
 
 - ``lagrangian_weights``: the Lagrangian's gradient in w is ``sum_k c_k grad F_k`` with
   ``c_k = n_k/N + mu_g n_k/N_g``.
-- ``BoundedGroupLoss.aggregate_train``: the primal step along that gradient, with each client's local
-  update ``w_k - w`` standing in for ``-lr grad F_k`` (FedAvg's reading): ``w <- w + sum_k c_k (w_k - w)``.
+- ``coefficient_step`` (applied by ``strategies.fedavg.ReweightedFedAvg.aggregate_train``): the primal
+  step along that gradient, with each client's local update ``w_k - w`` standing in for ``-lr grad F_k``
+  (FedAvg's reading): ``w <- w + sum_k c_k (w_k - w)``.
   The coefficients sum to ``1 + sum_g mu_g`` (groups of the round); they are not normalised, so the
   step is not shrunk by ``1 / (1 + sum mu)``: with mu = 0 it is FedAvg's step, a violated constraint
   lengthens it toward the violating group.

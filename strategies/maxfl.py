@@ -11,7 +11,8 @@ Map to the paper (Sec. 4, Algorithm 1) and to this file:
 
 - ``appeal_weights``: ``q_i = sigma'(f_i(w) - rho_i)``, the weight of client i's update (Algorithm 1,
   the q_i each sampled client computes at the received global model).
-- ``appeal_coefficients`` and ``MaxFL.aggregate_train``: the server step
+- ``appeal_coefficients``, taken as a step's coefficients (``coefficient_step``, applied by
+  ``strategies.fedavg.ReweightedFedAvg.aggregate_train``): the server step
   ``w <- w - eta_g sum_i q_i Delta_i / (sum_i q_i + eps)``, ``Delta_i = w - w_i`` the client's local
   update (Algorithm 1's global update; ``eta_g`` the global learning rate, ``eps`` > 0 keeps the
   step finite). The weights are not normalised to sum to 1: when every sampled client is far from
