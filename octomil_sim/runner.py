@@ -41,6 +41,7 @@ from octomil_sim.metrics import (
     worst_group_improvement,
 )
 from octomil_sim.plots import plot_run
+from octomil_sim.reaper import Reaper
 from octomil_sim.server_app import Session, SimulationGrid, build_server_app
 from octomil_sim.system import SystemModel
 
@@ -410,13 +411,18 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
         "init_args": ray_init_args(s),
     }
     check_data_while_ray_starts(cfg, backend_config)
-    stop.rearm()
-    log.info(ray_report(s))
-    session = RunSession(cfg, output_dir, saved, started)
-    if not stop.is_set():
-        with session.progress, prompt_simulation_runtime():
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
-                           backend_config=backend_config)
+    reaper = Reaper() if s.get("ray_address") is None else None  # a killed driver leaves no Ray process behind
+    try:
+        stop.rearm()
+        log.info(ray_report(s))
+        session = RunSession(cfg, output_dir, saved, started)
+        if not stop.is_set():
+            with session.progress, prompt_simulation_runtime():
+                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
+                               backend_config=backend_config)
+    finally:
+        if reaper is not None:
+            reaper.done()
     if stop.is_set() and session.results is None:  # a signal during the last round or the final evaluation: done anyway
         import ray
 

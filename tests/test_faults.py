@@ -109,6 +109,30 @@ def test_signal_stops_the_run_keeps_its_checkpoint_and_leaves_no_process(tmp_pat
     assert tree and not alive(tree), f"left running: {alive(tree)} of {sorted(tree)}"
 
 
+def test_kill_9_of_the_driver_leaves_no_ray_process_behind(tmp_path):
+    """kill -9 of the driver (no handler runs): Ray's agents used to wait about two minutes on the
+    dead GCS; the run's reaper ends every process the driver had started within seconds."""
+    proc = subprocess.Popen([*ARGS, "simulation.rounds=100000", f"hydra.run.dir={tmp_path / 'run'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    tree: dict[int, str] = {}
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        tree.update(descendants(proc.pid))
+        if sum(_cmdline(pid).startswith(b"ray::") for pid in tree) >= 3:  # the agents and an actor
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(1)
+    tree.update(descendants(proc.pid))
+    assert any(_cmdline(pid).startswith(b"ray::DashboardAgent") for pid in tree), tree
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ends = time.time() + 20
+    while alive(tree) and time.time() < ends:
+        time.sleep(0.5)
+    assert not alive(tree), f"left running: {[(p, _cmdline(p)[:40]) for p in alive(tree)]}"
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     args = [*ARGS, "simulation.rounds=400"]
     straight = tmp_path / "straight"
