@@ -10,6 +10,7 @@ import threading
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from octomil_sim.config import check_added_keys, check_group_choices, check_output_paths
@@ -32,7 +33,8 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as err:
-        print(err, file=sys.stderr)
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        print(err.message(HydraConfig.get().sweep.dir if multirun else None), file=sys.stderr)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

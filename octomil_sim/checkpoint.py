@@ -9,7 +9,8 @@ Every ``simulation.checkpoint_every`` rounds (and after the last) the ServerApp 
   SHA-256 of the tensor file, so a corrupt tensor file is noticed rather than resumed from;
 - ``tensors.safetensors``: those tensors under their keys (the global arrays are ``arrays/<name>``);
 - ``client_state/``: a snapshot of the disk client-state store made of hard links (the store
-  replaces files atomically, so a snapshot never changes after it is taken and costs no copy).
+  replaces files atomically, so a snapshot never changes after it is taken and costs no copy); its
+  files and their sizes are listed in ``state.json``, so a snapshot that lost a file is noticed.
 
 A checkpoint is written into a temporary folder that is renamed into place once complete; the two
 newest are kept. No pickle: a checkpoint holds data only, never code, so loading one runs nothing.
@@ -141,9 +142,10 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict, client_state:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / TENSOR_FILE).write_bytes(data)
-    (tmp / STATE_FILE).write_text(json.dumps({"tensors_sha256": hashlib.sha256(data).hexdigest(), "state": document}))
     if client_state is not None and Path(client_state).exists():
         _link_tree(Path(client_state), tmp / "client_state")
+    (tmp / STATE_FILE).write_text(json.dumps({"tensors_sha256": hashlib.sha256(data).hexdigest(),
+                                              "client_state_files": _sizes(tmp / "client_state"), "state": document}))
     shutil.rmtree(root / name, ignore_errors=True)
     os.replace(tmp, root / name)
     folders = checkpoint_folders(run_dir)
@@ -154,9 +156,28 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict, client_state:
     return root / name
 
 
+def _sizes(folder: Path) -> dict[str, int]:
+    """``{path relative to folder: bytes}`` of every file under ``folder`` (empty if it does not exist)."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def check_client_state(folder: Path, listed: dict[str, int]) -> None:
+    """``UnreadableCheckpoint`` naming the first file of the client-state snapshot that is missing or
+    not of the size ``state.json`` lists (a resumed run would otherwise start a client from scratch)."""
+    for name, size in listed.items():
+        path = Path(folder) / "client_state" / name
+        try:
+            found = path.stat().st_size
+        except OSError:
+            raise UnreadableCheckpoint(f"{path}: missing from the client-state snapshot") from None
+        if found != size:
+            raise UnreadableCheckpoint(f"{path}: {found} bytes, the checkpoint recorded {size}")
+
+
 def read_checkpoint(folder: Path) -> dict:
     """The state saved in ``folder``; ``UnreadableCheckpoint`` (naming the file) when a file is missing,
-    truncated or does not match the checksum."""
+    truncated or does not match the checksum, or a client-state file listed in ``state.json`` is
+    missing or of another size."""
     state_file, tensor_file = Path(folder) / STATE_FILE, Path(folder) / TENSOR_FILE
     try:
         saved = json.loads(state_file.read_text())
@@ -165,6 +186,7 @@ def read_checkpoint(folder: Path) -> dict:
         old_format = not state_file.exists() and (Path(folder) / "state.pkl").exists()
         reason = "missing (state.pkl: an older octomil-sim's format, not readable)" if old_format else _reason(err)
         raise UnreadableCheckpoint(f"{state_file}: {reason}") from None
+    check_client_state(folder, saved.get("client_state_files", {}))
     try:
         data = tensor_file.read_bytes()
         if hashlib.sha256(data).hexdigest() != checksum:

@@ -210,6 +210,8 @@ def validate(cfg: DictConfig) -> None:
     _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")
     _require("simulation.fraction_evaluate", s.fraction_evaluate, 0 <= s.fraction_evaluate <= 1, "a number in [0, 1]")
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.num_cpus_per_client > 0, "a number > 0")
+    _require("simulation.startup_timeout_s", s.startup_timeout_s,
+             isinstance(s.startup_timeout_s, (int, float)) and s.startup_timeout_s > 0, "a number of seconds > 0")
     _require("simulation.state_store", s.state_store, s.state_store in ("disk", "memory"), "disk, memory")
     _require("simulation.num_nodes", s.num_nodes, s.num_nodes is None or (isinstance(s.num_nodes, int) and s.num_nodes >= 1),
              "null or an integer >= 1")

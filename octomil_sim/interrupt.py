@@ -53,15 +53,23 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, last_round: int, output_dir: Path, checkpointed: bool):
         self.signum, self.last_round, self.output_dir, self.checkpointed = signum, last_round, output_dir, checkpointed
-        name = signal.Signals(signum).name
-        if checkpointed:
-            kept = (f"round {last_round} is checkpointed in {output_dir}; the same command with "
-                    f"hydra.run.dir={output_dir} resumes it")
-        elif last_round:
+        super().__init__(self.message())
+
+    def message(self, sweep_dir: str | None = None) -> str:
+        """One line: what stopped, and how to resume; ``sweep_dir``: the run was a job of that ``-m``
+        sweep, which the signal ended too (its finished jobs are kept and not run again)."""
+        name = signal.Signals(self.signum).name
+        if sweep_dir is not None:
+            resume = f"the same command with hydra.sweep.dir={sweep_dir} resumes the sweep"
+        else:
+            resume = f"the same command with hydra.run.dir={self.output_dir} resumes it"
+        if self.checkpointed:
+            kept = f"round {self.last_round} is checkpointed in {self.output_dir}; {resume}"
+        elif self.last_round:
             kept = "no checkpoint was kept (simulation.checkpoint_every=0)"
         else:
-            kept = "before its first round: nothing to resume"
-        super().__init__(f"stopped by {name} after round {last_round}; {kept}")
+            kept = "before its first round: nothing to resume" + (f"; {resume}" if sweep_dir else "")
+        return f"stopped by {name} after round {self.last_round}; {kept}"
 
     @property
     def exit_code(self) -> int:

@@ -101,6 +101,7 @@ class RunSession(Session):
         self.results: dict | None = None
         self.checkpointed = saved["round"] if saved else 0  # the round of the newest checkpoint
         self.stopped_after: int | None = None  # set when a signal stopped the run
+        self.error: Exception | None = None  # set when the run could not go on (``failed``)
         self._bytes: dict[str, int] = {}
         self._last = time.perf_counter()
         self.progress = Progress(
@@ -152,6 +153,9 @@ class RunSession(Session):
         self.stopped_after = last_round
         if self.cfg.simulation.checkpoint_every and last_round and self.checkpointed != last_round:
             self.checkpoint(last_round, arrays, strategy, grid)
+
+    def failed(self, error: Exception) -> None:
+        self.error = error
 
     def done(self, arrays, rows: list[dict], grid: SimulationGrid, averaged_rows: list[dict] | None = None) -> None:
         clients = client_table(rows)
@@ -261,6 +265,23 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> dict | None:
     return saved
 
 
+def finished_results(saved: dict | None, cfg: DictConfig, output_dir: Path) -> dict | None:
+    """The results of a run that already finished in ``output_dir`` (its checkpoint is at
+    ``simulation.rounds`` and its results.json was written after it), so that the same command, or a
+    resumed ``-m`` sweep whose finished jobs share their folders with it, does not run it again."""
+    results_file = output_dir / "results.json"
+    if saved is None or saved["round"] != cfg.simulation.rounds or not results_file.is_file():
+        return None
+    try:
+        results = json.loads(results_file.read_text())
+    except ValueError:
+        return None  # cut short while written: the final evaluation runs again
+    if len(results.get("rounds", ())) != cfg.simulation.rounds:
+        return None
+    log.info("already finished: %s (simulation.rounds=%d); not run again", results_file, cfg.simulation.rounds)
+    return results
+
+
 def system_report(cfg: DictConfig, grid: SimulationGrid) -> dict:
     """Resource class of every client and which clients failed or straggled, and how often."""
     classes = SystemModel.from_config(cfg).assignment
@@ -305,12 +326,26 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
     return out
 
 
+def _count_clients(cfg: DictConfig) -> int:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return FederatedData(cfg).num_clients
+
+
 def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
     """Fail fast (missing dataset, impossible partition) before any client runs. The check opens the
     data in a thread of this process (the data module is imported here already; partitions are
     memory-mapped Arrow and are dropped once counted) while Ray starts through Flower's own backend
     code (which then finds it running), so the two start-up costs overlap. A failed check stops
-    Ray again."""
+    Ray again.
+
+    The check runs with BLAS limited to one thread: OpenBLAS shuts its thread pool down in a fork
+    handler, and ``ray.init`` forks (its ``Popen`` calls pass a ``preexec_fn``) while this thread
+    computes. That is what held runs for 5 to 9.5 minutes with no client actor started: the Ray logs
+    of three such runs (2026-11-25, 16:51-17:02) show Ray up and the GCS with no actor ever requested,
+    i.e. the driver never left this function; the thread was generating Synthetic data
+    (``multivariate_normal``'s SVD), which ``cache_source`` now does before Ray starts."""
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
@@ -320,7 +355,7 @@ def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
 
     cache_source(cfg)  # a generated dataset's first generation runs here, before any fork (see its docstring)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        checked = pool.submit(lambda: FederatedData(cfg).num_clients)
+        checked = pool.submit(_count_clients, cfg)
         with without_autoscaler():
             RayBackend(backend_config)
         try:
@@ -378,6 +413,19 @@ def ray_init_args(s: DictConfig) -> dict:
     return args
 
 
+def client_actors_started() -> int | None:
+    """How many of this job's Flower client actors Ray runs (state ALIVE); None when Ray cannot say."""
+    try:
+        import ray
+
+        job = ray.get_runtime_context().get_job_id()
+        return sum(1 for a in ray._private.state.actors().values()
+                   if a.get("State") == "ALIVE" and a.get("ActorClassName", "").endswith("ClientAppActor")
+                   and a.get("JobID") == job)
+    except Exception:  # a private Ray API: never let the check itself stop a run
+        return None
+
+
 def ray_report(s: DictConfig) -> str:
     """One line saying which Ray the run uses (after Ray started)."""
     import ray
@@ -396,6 +444,8 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
 
     started = time.perf_counter()
     saved = resume_point(cfg, output_dir)
+    if (finished := finished_results(saved, cfg, output_dir)) is not None:
+        return finished
     if saved is not None:
         started -= saved["wall_time_s"]  # wall_time_s also counts the interrupted run, up to its checkpoint
     s = cfg.simulation
@@ -404,6 +454,7 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
         make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **client_sizes(cfg)),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
         deadline=SystemModel.from_config(cfg).deadline, should_stop=stop.is_set,
+        actors_started=client_actors_started, startup_timeout=s.startup_timeout_s,
     )
     client_app = build_client_app(OmegaConf.to_yaml(cfg, resolve=True))
     backend_config = {
@@ -430,6 +481,8 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
         last = session.stopped_after if session.stopped_after is not None else (saved["round"] if saved else 0)
         checkpointed = bool(s.checkpoint_every) and session.checkpointed == last and last > 0
         raise Interrupted(stop.signum, last, output_dir, checkpointed)
+    if session.error is not None:
+        raise session.error
     results = session.results
     if results is None:
         raise RuntimeError("the ServerApp ended without results; see the Flower log above")

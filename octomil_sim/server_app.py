@@ -32,6 +32,7 @@ from octomil_sim.errors import ConfigError, RunError
 from octomil_sim.metrics import client_rows
 
 NODE_TIMEOUT_S = 300.0  # seconds for all Flower nodes to register with the grid
+STARTUP_TIMEOUT_S = 300.0  # seconds the first exchange may wait with no client actor started
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -42,16 +43,18 @@ def content_bytes(content: RecordDict) -> int:
 class SimulationGrid(Grid):
     """Flower's Grid seen as a federation of ``num_clients`` clients hosted on a few Flower nodes."""
 
-    def __init__(self, grid: Grid, num_clients: int, deadline: float | None = None, pull_interval: float = 0.002):
+    def __init__(self, grid: Grid, num_clients: int, deadline: float | None = None, pull_interval: float = 0.002,
+                 actors_started: Callable[[], int | None] = lambda: None, startup_timeout: float = STARTUP_TIMEOUT_S):
         self._grid = grid
         self.num_clients, self.deadline = num_clients, deadline
+        self.actors_started, self.startup_timeout = actors_started, startup_timeout
+        self.pull_interval = pull_interval
+        self.answered = False  # whether any node has replied yet
         self.nodes: list[int] = []
         self.bytes: Counter[str] = Counter()
         self.failed: Counter[int] = Counter()  # client -> rounds it failed in (dropout or error)
         self.straggled: Counter[int] = Counter()  # client -> rounds its reply missed the deadline
         self.last_failure: dict[int, str] = {}
-        if hasattr(grid, "pull_interval"):  # Flower's in-memory grid polls every 0.1 s by default
-            grid.pull_interval = pull_interval
 
     # --- delegation -------------------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -91,6 +94,36 @@ class SimulationGrid(Grid):
     def get_node_ids(self) -> list[int]:
         return list(range(self.num_clients))
 
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's ``Grid.send_and_receive`` (push, then pull until every reply is in or ``timeout``),
+        which also stops a run that waits for ever: until the first reply of the run arrives, every
+        ``startup_timeout`` seconds it asks ``actors_started()`` how many client actors run, and with
+        none a ``RunError`` ends the run. Flower registers its nodes before Ray starts the actors that
+        serve them (``wait_for_nodes`` cannot see this), and ``ray.get`` on an actor that never starts
+        waits without limit; ``actors_started`` returning None (unknown) keeps waiting."""
+        waiting = set(self._grid.push_messages(messages))
+        now = time.monotonic()
+        end = None if timeout is None else now + timeout
+        check = now + self.startup_timeout
+        out: list[Message] = []
+        while waiting:
+            got = list(self._grid.pull_messages(waiting))
+            out += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            self.answered = self.answered or bool(got)
+            now = time.monotonic()
+            if not waiting or (end is not None and now > end):
+                break
+            if not self.answered and now > check:
+                if self.actors_started() == 0:
+                    raise RunError(f"Ray started none of the client actors within {self.startup_timeout:.0f} s "
+                                   "of the first round (their resources: simulation.num_cpus_per_client, "
+                                   "num_gpus_per_client); see the raylet log in Ray's session folder "
+                                   "(/tmp/ray/session_latest/logs); allowed: simulation.startup_timeout_s > 0")
+                check = now + self.startup_timeout
+            time.sleep(self.pull_interval)
+        return out
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
         if not messages:
@@ -105,7 +138,7 @@ class SimulationGrid(Grid):
         chunks = [c for c in split_even(messages, min(len(self.nodes), len(messages))) if c]
         packed = [Message(content=pack([(m.metadata.dst_node_id, m.content) for m in chunk]),
                           message_type=kind, dst_node_id=node) for node, chunk in zip(self.nodes, chunks)]
-        replies = {r.metadata.reply_to_message_id: r for r in self._grid.send_and_receive(packed, timeout=timeout)}
+        replies = {r.metadata.reply_to_message_id: r for r in self._exchange(packed, timeout)}
         out = []
         for sent, chunk in zip(packed, chunks):
             reply = replies.get(sent.metadata.message_id)
@@ -250,6 +283,10 @@ class Session:
         """The run was asked to stop after ``last_round`` (a signal): keep what it needs to resume."""
         raise NotImplementedError
 
+    def failed(self, error: Exception) -> None:
+        """The run cannot go on (``RunError``); the runner raises ``error`` once Flower's engine ended."""
+        raise NotImplementedError
+
     def done(self, arrays: ArrayRecord, rows: list[dict], grid: SimulationGrid,
              averaged_rows: list[dict] | None = None) -> None:
         """``rows``: every client's evaluation of the final model; ``averaged_rows``: of the
@@ -279,16 +316,27 @@ def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round:
 
 def build_server_app(make_strategy: Callable[[], object], session: Callable[[], Session], num_rounds: int,
                      num_clients: int, num_nodes: int, deadline: float | None = None,
-                     should_stop: Callable[[], bool] = lambda: False) -> ServerApp:
+                     should_stop: Callable[[], bool] = lambda: False,
+                     actors_started: Callable[[], int | None] = lambda: None,
+                     startup_timeout: float = STARTUP_TIMEOUT_S) -> ServerApp:
     """A ServerApp that runs ``make_strategy()`` up to round ``num_rounds`` (from where ``session()``
     says to start) and then evaluates the final model on every client; when ``should_stop()`` turns
-    true it ends after the current round with ``session().stopped`` instead."""
+    true it ends after the current round with ``session().stopped`` instead. A ``RunError`` (nodes or
+    actors that never start) goes to ``session().failed``: Flower's engine would only log it."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        sim_grid = SimulationGrid(grid, num_clients, deadline)
-        strategy, run = make_strategy(), session()
+        run = session()
+        try:
+            _main(grid, run)
+        except RunError as err:
+            run.failed(err)
+
+    def _main(grid: Grid, run: Session) -> None:
+        sim_grid = SimulationGrid(grid, num_clients, deadline, actors_started=actors_started,
+                                  startup_timeout=startup_timeout)
+        strategy = make_strategy()
         if not sim_grid.wait_for_nodes(num_nodes, should_stop=should_stop):
             return
         arrays, first_round = run.start(strategy, sim_grid)

@@ -110,6 +110,8 @@ def _flip_last_byte(path):
 @pytest.mark.parametrize("name, damage", [
     (TENSOR_FILE, _truncate), (STATE_FILE, _truncate), (TENSOR_FILE, _flip_last_byte),
     (STATE_FILE, lambda p: p.unlink()),
+    ("client_state/0.pt", lambda p: p.unlink()),  # a snapshot that lost a client's file
+    ("client_state/0.pt", _truncate),
 ])
 def test_unreadable_latest_falls_back_to_the_older_one(tmp_path, caplog, name, damage):
     store = tmp_path / "client_state"

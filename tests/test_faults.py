@@ -147,6 +147,35 @@ def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     assert a["final"]["global_acc"] == b["final"]["global_acc"]
 
 
+def test_interrupted_sweep_resumes_from_its_sweep_dir_and_finished_jobs_are_not_run_again(tmp_path):
+    """Ctrl-C during a ``-m`` sweep ends the sweep with a hint naming its sweep dir; the same command then
+    resumes the stopped job and runs the rest, and once more finds every job finished."""
+    sweep = tmp_path / "sweep"
+    args = [*ARGS[:3], "-m", *ARGS[3:], "simulation.seed=0,1", "simulation.rounds=300", "simulation.checkpoint_every=50",
+            f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, training = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None:
+        busy = any(_cmdline(pid).startswith(b"ray::ClientAppActor.run") for pid in descendants(proc.pid))
+        training = training or (time.time() if busy else None)
+        if training and time.time() - training > 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    [line] = [x for x in err.splitlines() if x.startswith("stopped by")]
+    assert line.endswith(f"the same command with hydra.sweep.dir={sweep} resumes the sweep"), line
+    assert not (sweep / "1").exists()  # the sweep ended with its first job
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from round" in again.stdout + again.stderr
+    assert all(len(json.loads((sweep / j / "results.json").read_text())["rounds"]) == 300 for j in ("0", "1"))
+    third = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    out = third.stdout + third.stderr
+    assert third.returncode == 0 and out.count("not run again") == 2 and "Ray:" not in out, out
+
+
 def _free_port() -> int:
     import socket
 

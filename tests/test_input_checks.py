@@ -4,6 +4,8 @@ of the wrong kind."""
 
 import json
 
+import time
+
 import pytest
 
 from octomil_sim.config import check_output_paths, validate
@@ -129,6 +131,45 @@ def test_nodes_that_never_register_end_the_run_in_one_line():
         grid.wait_for_nodes(2, timeout=0.2)
     assert grid.wait_for_nodes(2, timeout=5, should_stop=lambda: True) is False  # a signal ends the wait
     assert grid.wait_for_nodes(1, timeout=0.2) is True and grid.nodes == [7]
+
+
+def test_a_first_round_with_no_client_actor_started_ends_the_run_in_one_line(monkeypatch):
+    """Flower registers its nodes before Ray starts their actors, and waits on an actor that never starts
+    without limit: the first exchange asks how many actors run once ``startup_timeout`` has passed."""
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp's run sets
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+    from octomil_sim.errors import RunError
+    from octomil_sim.server_app import SimulationGrid
+
+    class Silent:  # accepts every message and never replies
+        def get_node_ids(self):
+            return [1]
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            return []
+
+    def first_round(grid):
+        grid.nodes = [1]
+        return grid.send_and_receive([Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)],
+                                     timeout=0.5)
+
+    started = time.monotonic()
+    with pytest.raises(RunError, match=r"^Ray started none of the client actors within 0 s of the first round"):
+        first_round(SimulationGrid(Silent(), num_clients=1, actors_started=lambda: 0, startup_timeout=0.1))
+    assert time.monotonic() - started < 0.4
+    # actors running (a slow first round) or Ray unable to say: the exchange waits for its own timeout
+    for count in (1, None):
+        failures = first_round(SimulationGrid(Silent(), num_clients=1, actors_started=lambda: count,
+                                              startup_timeout=0.1))
+        assert [m.error.reason for m in failures] == ["no reply from its node"]
 
 
 def test_stop_request_first_signal_asks_second_interrupts(tmp_path):
