@@ -131,6 +131,7 @@ class ClientRuntime:
     store: ClientStateStore
     system: SystemModel
     template: nn.Module  # built once: Hydra's instantiate costs as much as a small client's update
+    fairness: object | None = None  # the fairness policy's client half (``FairnessReport``), if any
     _initial: nn.Module | None = None
 
     def initial_model(self) -> nn.Module:
@@ -154,7 +155,10 @@ class ClientRuntime:
         task = self.task(content, pid, salt=0, max_steps=resources.max_steps)
         if self.system.drops_out(pid, task.server_round):
             raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
-        upload, metrics = self.algorithm.train(self.model_from(content["arrays"], task), task)
+        model = self.model_from(content["arrays"], task)
+        reported = self.fairness.metrics(model, task) if self.fairness is not None else {}
+        upload, metrics = self.algorithm.train(model, task)
+        metrics = {**reported, **metrics}
         metrics.update({"num-examples": task.data.num_train, "partition-id": pid,
                         "local-steps": task.budget.used, "sim-time": self.system.duration(pid, task.budget.used)})
         return RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
@@ -175,6 +179,7 @@ class ClientRuntime:
             "personalized_loss": p_loss, "personalized_acc": p_acc,
             "num-examples": data.num_test, "partition-id": pid,
             **self.algorithm.report(model, task),
+            **(self.fairness.report(model, task) if self.fairness is not None else {}),
         }
         return RecordDict({"metrics": MetricRecord(metrics)})
 
@@ -195,6 +200,7 @@ def client_runtime(cfg_yaml: str) -> ClientRuntime:
         store=make_store(s.state_store, s.state_dir),
         system=SystemModel.from_config(cfg),
         template=build_model(cfg),
+        fairness=instantiate(cfg.fairness.client) if cfg.get("fairness") and cfg.fairness.get("client") else None,
     )
 
 

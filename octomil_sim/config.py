@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from octomil_sim.errors import ConfigError, instantiate, number_list
 
-GROUPS = ("dataset", "partition", "model", "strategy", "simulation", "system", "logger", "experiment")
+GROUPS = ("dataset", "partition", "model", "strategy", "personalization", "fairness", "simulation", "system", "logger",
+          "experiment")
 
 
 def config_dir() -> Path:
@@ -252,4 +253,39 @@ def validate(cfg: DictConfig) -> None:
     instantiate(cfg.strategy.client).check(build_model(cfg))
     from octomil_sim.runner import strategy_kwargs
 
-    instantiate(cfg.strategy.server, **strategy_kwargs(cfg))  # its own checks (p, sparsity, groups, ...)
+    check_fairness(cfg)
+    instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **fairness_kwargs(cfg))  # its own checks (p, sparsity, ...)
+
+
+def composes_with_fairness(strategy: str) -> bool:
+    """Whether ``strategy``'s server half takes a fairness policy: a personalization (or FedAvg), not a
+    fairness strategy of its own."""
+    node = OmegaConf.load(config_dir() / "strategy" / f"{strategy}.yaml")
+    return strategy not in group_options("fairness") and "fairness" in (target_parameters(node.server._target_) or ())
+
+
+def check_fairness(cfg: DictConfig) -> None:
+    """``fairness=<policy>`` goes with a personalization whose aggregation can weight its clients."""
+    fairness = cfg.get("fairness")
+    if not fairness or not fairness.get("policy"):
+        return
+    name = cfg.strategy.name
+    if name in group_options("fairness"):
+        raise ConfigError(f"fairness={fairness.name}: strategy={name} is a fairness method itself; allowed: "
+                          f"fairness=none, or personalization=fedavg fairness={name}")
+    if "fairness" not in (target_parameters(cfg.strategy.server._target_) or ()):
+        allowed = [s for s in group_options("strategy") if composes_with_fairness(s)]
+        raise ConfigError(f"fairness={fairness.name}: strategy={name} does not weight its clients; allowed "
+                          f"personalizations: {', '.join(allowed)} (or fairness=none)")
+
+
+def fairness_kwargs(cfg: DictConfig) -> dict:
+    """``{"fairness": policy}`` for the strategy's constructor when ``fairness`` names one, else nothing."""
+    fairness = cfg.get("fairness")
+    if not fairness or not fairness.get("policy"):
+        return {}
+    try:
+        return {"fairness": instantiate(fairness.policy)}
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith("groups_file") else f"fairness.policy.{message}") from None

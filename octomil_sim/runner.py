@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
-from octomil_sim.config import validate
+from octomil_sim.config import fairness_kwargs, validate
 from octomil_sim.data import FederatedData
 from octomil_sim.errors import ConfigError
 from octomil_sim.interrupt import Interrupted, StopRequest, stop_on_signals
@@ -109,14 +109,14 @@ class RunSession(Session):
             TimeElapsedColumn(), disable=not cfg.get("progress", True),
         )
         self.task = self.progress.add_task(
-            f"{cfg.strategy.name} on {cfg.dataset.name}: rounds", total=cfg.simulation.rounds
+            f"{run_name(cfg)}: rounds", total=cfg.simulation.rounds
         )
 
     def start(self, strategy, grid: SimulationGrid) -> tuple[ArrayRecord, int]:
         saved = self.saved
         if saved is None:
             return initial_arrays(self.cfg), 1
-        vars(strategy).update(saved["strategy"])
+        restore_strategy_state(strategy, saved["strategy"])
         restore_grid_counters(grid, saved["grid"])
         self.rows, self._bytes = saved["rows"], dict(grid.bytes)
         self.progress.advance(self.task, saved["round"])
@@ -170,7 +170,7 @@ class RunSession(Session):
         })
         self.results = {
             "metric_definitions": DEFINITIONS,
-            "name": f"{self.cfg.strategy.name} on {self.cfg.dataset.name}",
+            "name": run_name(self.cfg),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "rounds": self.rows,
             "clients": clients,
@@ -185,6 +185,13 @@ class RunSession(Session):
                                                 **fairness_report(self.cfg, averaged)}
 
 
+def run_name(cfg: DictConfig) -> str:
+    """``ditto + tilted on synthetic``: the personalization, the fairness policy if any, the data."""
+    fairness = cfg.get("fairness")
+    with_policy = f" + {fairness.name}" if fairness and fairness.get("policy") else ""
+    return f"{cfg.strategy.name}{with_policy} on {cfg.dataset.name}"
+
+
 def client_table(rows: list[dict]) -> list[dict]:
     """Evaluation rows as ``results.json``'s ``clients``: ids and test sizes renamed, in client order."""
     return sorted(({"partition_id": int(c.pop("partition-id")), "num_test": int(c.pop("num-examples")), **c}
@@ -196,7 +203,24 @@ def strategy_state(strategy) -> dict:
     (e.g. bounded group loss's dual variables and averages), the ones rounds carry forward. The
     constructor rebuilds everything else from the same config (``check_same_experiment``), so
     hyperparameters, callables and per-round handles are not saved."""
-    return {name: getattr(strategy, name) for name in getattr(strategy, "round_state", ())}
+    return {name: _attribute(strategy, name)[0] for name in getattr(strategy, "round_state", ())}
+
+
+def _attribute(strategy, name: str):
+    """(the value of ``name``, the object holding it, its last part); ``fairness.mu`` is ``mu`` of
+    the strategy's fairness policy."""
+    *holder, attr = name.split(".")
+    owner = strategy
+    for part in holder:
+        owner = getattr(owner, part)
+    return getattr(owner, attr), owner, attr
+
+
+def restore_strategy_state(strategy, saved: dict) -> None:
+    """Put ``strategy_state``'s values back."""
+    for name, value in saved.items():
+        _, owner, attr = _attribute(strategy, name)
+        setattr(owner, attr, value)
 
 
 def grid_counters(grid: SimulationGrid) -> dict:
@@ -311,7 +335,8 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
     if cfg.get("groups_file"):
         groups = load_groups(cfg.groups_file, cfg.simulation.num_clients)
         out["groups"] = group_summaries(clients, groups, "num_test")
-        bound = cfg.strategy.server.get("max_group_loss")
+        policy = (cfg.get("fairness") or {}).get("policy") or {}
+        bound = cfg.strategy.server.get("max_group_loss", policy.get("max_group_loss"))
         if bound is not None:
             losses = {g: m["global_loss"] for g, m in out["groups"].items()}
             out["group_bound"] = {"max_group_loss": bound, "holds": all(v <= bound for v in losses.values()),
@@ -451,7 +476,8 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
     s = cfg.simulation
     nodes = num_nodes(cfg)
     server_app = build_server_app(
-        make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **client_sizes(cfg)),
+        make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **client_sizes(cfg),
+                                          **fairness_kwargs(cfg)),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
         deadline=SystemModel.from_config(cfg).deadline, should_stop=stop.is_set,
         actors_started=client_actors_started, startup_timeout=s.startup_timeout_s,

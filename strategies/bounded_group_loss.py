@@ -51,9 +51,9 @@ from flwr.app import ArrayRecord
 
 from octomil_sim.errors import ConfigError
 from octomil_sim.metrics import load_groups
-from strategies.fedavg import LOSS_BEFORE, FedAvgClient, ReweightedFedAvg
+from strategies.fedavg import LOSS_BEFORE, FairnessPolicy, FedAvgClient, ReweightedFedAvg
 
-__all__ = ["BoundedGroupLoss", "FedAvgClient", "group_losses", "project_duals", "dual_ascent",
+__all__ = ["GroupLossBound", "BoundedGroupLoss", "FedAvgClient", "group_losses", "project_duals", "dual_ascent",
            "lagrangian_weights", "running_mean"]
 
 
@@ -108,47 +108,48 @@ def running_mean(average, value, count: int):
     return average + (value - average) / count
 
 
-class BoundedGroupLoss(ReweightedFedAvg):
-    """``groups_file``: JSON {client id: group}; ``max_group_loss``: the bound on each group's loss;
-    ``dual_step``: the dual ascent step size; ``dual_bound``: B, the largest ``sum_g mu_g``."""
+class GroupLossBound(FairnessPolicy):
+    """Bounded group loss as a ``FairnessPolicy`` (``fairness=bounded_group_loss`` on any
+    personalization; ``strategy=bounded_group_loss`` is FedAvg with it). ``groups_file``: JSON
+    {client id: group}; ``max_group_loss``: the bound on each group's loss; ``dual_step``: the dual
+    ascent step size; ``dual_bound``: B, the largest ``sum_g mu_g``. The coefficients are
+    ``lagrangian_weights`` of the personalization's ``base`` weights (``n_k`` under FedAvg); the group
+    losses that drive the duals are example-weighted (``num-examples``) whatever the base."""
+
+    coefficient_step = True  # the primal step follows the Lagrangian's unnormalised gradient
+    round_state = ("mu", "mu_average", "model_average", "rounds_averaged")  # carried over rounds: checkpointed
 
     def __init__(self, groups_file: str | None, max_group_loss: float, dual_step: float = 1.0,
-                 dual_bound: float = 1.0, num_clients: int | None = None, **kwargs):
-        super().__init__(**kwargs)
+                 dual_bound: float = 1.0, num_clients: int | None = None, size_key: str = "num-examples"):
         if groups_file is None:
             raise ConfigError("groups_file=None: allowed: a JSON file mapping client id to group "
                               "(bounded group loss needs groups)")
         if max_group_loss <= 0:
-            raise ConfigError(f"strategy.server.max_group_loss={max_group_loss}: allowed: a number > 0")
+            raise ConfigError(f"max_group_loss={max_group_loss}: allowed: a number > 0")
         if not dual_bound > 0:
-            raise ConfigError(f"strategy.server.dual_bound={dual_bound}: allowed: a number > 0")
+            raise ConfigError(f"dual_bound={dual_bound}: allowed: a number > 0")
         self.groups = load_groups(groups_file, num_clients)
-        self.bound, self.dual_step, self.dual_bound = max_group_loss, dual_step, dual_bound
+        self.bound, self.dual_step, self.dual_bound, self.size_key = max_group_loss, dual_step, dual_bound, size_key
         self.mu: dict[str, float] = {}
         self.mu_average: dict[str, float] = {}
         self.model_average: dict | None = None  # name -> tensor, the mean of the models after each round
         self.rounds_averaged = 0
 
-    coefficient_step = True  # the primal step follows the Lagrangian's unnormalised gradient
-    round_state = ("mu", "mu_average", "model_average", "rounds_averaged")  # carried over rounds: checkpointed
-
-    def client_weights(self, server_round, metrics):
+    def weights(self, server_round, metrics, base, update_norms=None):
         groups = [self.groups[int(m["partition-id"])] for m in metrics]
-        sizes = [float(m[self.weighted_by_key]) for m in metrics]
-        weights = lagrangian_weights(sizes, groups, self.mu)
+        weights = lagrangian_weights(base, groups, self.mu)
+        sizes = [float(m[self.size_key]) for m in metrics]
         losses = group_losses([float(m[LOSS_BEFORE]) for m in metrics], sizes, groups)
         self.mu = dual_ascent(self.mu, losses, self.bound, self.dual_step, self.dual_bound)
         return weights
 
-    def aggregate_train(self, server_round, replies):
-        arrays, metrics = super().aggregate_train(server_round, replies)
+    def after_aggregate(self, arrays, metrics):
         if arrays is not None:
             self.update_averages(arrays)
         if metrics is not None:
             for g, value in sorted(self.mu.items()):
                 metrics[f"dual_{g}"] = value
                 metrics[f"dual_avg_{g}"] = self.mu_average.get(g, 0.0)
-        return arrays, metrics
 
     def update_averages(self, arrays: ArrayRecord) -> None:
         """Fold this round's model and duals into ``model_average`` and ``mu_average``."""
@@ -165,3 +166,16 @@ class BoundedGroupLoss(ReweightedFedAvg):
     def average_arrays(self) -> ArrayRecord | None:
         """The averaged iterate ``w_bar`` as arrays (None before the first round)."""
         return None if self.model_average is None else ArrayRecord(self.model_average)
+
+
+class BoundedGroupLoss(ReweightedFedAvg):
+    """FedAvg with the ``GroupLossBound`` policy; arguments as that policy's."""
+
+    def __init__(self, groups_file: str | None, max_group_loss: float, dual_step: float = 1.0,
+                 dual_bound: float = 1.0, num_clients: int | None = None, **kwargs):
+        try:
+            policy = GroupLossBound(groups_file, max_group_loss, dual_step, dual_bound, num_clients)
+        except ConfigError as err:
+            message = str(err)
+            raise ConfigError(message if message.startswith("groups_file") else f"strategy.server.{message}") from None
+        super().__init__(fairness=policy, **kwargs)

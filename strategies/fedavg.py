@@ -8,8 +8,9 @@ Client: ``local_epochs`` of minibatch SGD from the received weights.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 import torch
@@ -28,13 +29,57 @@ def server_step(w: torch.Tensor, w_avg: torch.Tensor, lr: float) -> torch.Tensor
     return (1 - lr) * w + lr * w_avg
 
 
+class FairnessPolicy:
+    """The server half of a fairness method, as a rule for weighting the round's clients, so that any
+    personalization's aggregation can apply it to whatever its clients upload (full models, Scafflix's
+    FLIX points, FedP3's masked layers, personal-layer partial uploads).
+
+    ``weights(server_round, metrics, base)``: each client's weight in the average, given the
+    personalization's own weights ``base`` (``n_k`` for FedAvg, Scafflix's alpha_i^2/gamma_i), which
+    play the part of the client sizes ``n_k`` in the fairness method's formula; with FedAvg's base the
+    weights are exactly the fairness strategy's. ``coefficient_step`` True: the weights are the
+    coefficients ``c_k`` of the step ``w + server_lr sum_k c_k (w_k - w)`` (not shares to normalise).
+    ``round_state``: attributes carried over rounds (checkpointed). ``after_aggregate``: what it does
+    with the new model (bounded group loss's averaged iterate) and the round's metrics."""
+
+    coefficient_step = False
+    server_lr = 1.0
+    round_state: tuple[str, ...] = ()
+    needs_update_norms = False  # weights() also gets ||w - w_k||^2 per client (q-FFL)
+
+    def weights(self, server_round: int, metrics: list[MetricRecord], base: list[float],
+                update_norms: list[float] | None = None) -> list[float]:
+        raise NotImplementedError
+
+    def after_aggregate(self, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
+        """Called with the new global arrays and the round's aggregated training metrics."""
+
+    def average_arrays(self) -> ArrayRecord | None:
+        """An averaged iterate to evaluate besides the final model (None: none)."""
+        return None
+
+
 class FedAvg(SeededSampling, FlowerFedAvg):
     """Flower's FedAvg whose client sampling is a function of ``seed`` and the round; it keeps the
-    global arrays it last sent (``sent``) for server updates that start from them."""
+    global arrays it last sent (``sent``) for server updates that start from them. ``fairness``: a
+    ``FairnessPolicy`` that weights the clients instead of ``num-examples`` (None: FedAvg's weights,
+    Flower's own aggregation, bit for bit)."""
 
-    def __init__(self, **kwargs):
+    WEIGHT = "aggregation-weight"
+    coefficient_step = False
+    server_lr = 1.0
+
+    def __init__(self, fairness: FairnessPolicy | None = None, **kwargs):
         super().__init__(**kwargs)
         self.sent: ArrayRecord | None = None
+        self.fairness = fairness
+
+    @property
+    def round_state(self) -> tuple[str, ...]:
+        """Attributes that rounds carry forward (checkpointed): the strategy's own ``state_names`` and
+        its fairness policy's, the latter as ``fairness.<name>``."""
+        own = tuple(getattr(self, "state_names", ()))
+        return own + tuple(f"fairness.{n}" for n in (self.fairness.round_state if self.fairness else ()))
 
     def configure_train(self, server_round, arrays, config, grid):
         self.sent = arrays
@@ -47,10 +92,70 @@ class FedAvg(SeededSampling, FlowerFedAvg):
         previous = self.sent.to_torch_state_dict()
         return ArrayRecord({k: server_step(previous[k], v, lr) for k, v in averaged.to_torch_state_dict().items()})
 
+    def client_weights(self, server_round: int, metrics: list[MetricRecord]) -> list[float]:
+        """The personalization's own averaging weights: ``num-examples`` (FedAvg)."""
+        return [float(m[self.weighted_by_key]) for m in metrics]
+
+    def fair_weights(self, server_round: int, contents: list[RecordDict], base: list[float] | None = None,
+                     norms: Callable[[], list[float]] | None = None) -> tuple[list[float], float]:
+        """(each reply's weight, the server step's lr): the personalization's weights (``base``, by
+        default ``client_weights``) passed through the fairness policy; with a coefficient step the lr
+        is ``server_lr`` times the weights' sum. ``norms``: ``||w - w_k||^2`` per reply, for policies
+        that need them (default: ``update_norms`` of the uploaded arrays)."""
+        metrics = [c["metrics"] for c in contents]
+        weights = self.client_weights(server_round, metrics) if base is None else base
+        coefficient_step, lr = self.coefficient_step, self.server_lr
+        if self.fairness is not None:
+            needed = self.fairness.needs_update_norms
+            norms = (norms or (lambda: self.update_norms(contents)))() if needed else None
+            weights = self.fairness.weights(server_round, metrics, weights, norms)
+            coefficient_step = coefficient_step or self.fairness.coefficient_step
+            lr *= self.fairness.server_lr
+        if coefficient_step:
+            lr *= sum(weights)
+        return weights, lr
+
+    def update_norms(self, contents: list[RecordDict]) -> list[float]:
+        """``||w - w_k||^2`` over the arrays each reply uploads (those it shares with the model sent)."""
+        sent = self.sent.to_torch_state_dict()
+        out = []
+        for c in contents:
+            up = c[self.arrayrecord_key].to_torch_state_dict()
+            out.append(float(sum(((sent[k].double() - v.double()) ** 2).sum() for k, v in up.items() if k in sent)))
+        return out
+
+    def aggregate_train(self, server_round, replies):
+        if self.fairness is None and not self.reweights:
+            return super().aggregate_train(server_round, replies)  # Flower's, after SeededSampling's filter
+        valid, _ = self._check_and_log_replies(self.aggregated_replies(replies), is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        metrics = [c["metrics"] for c in contents]
+        weights, lr = self.fair_weights(server_round, contents)
+        if lr == 0:  # no step; equal weights only keep the average defined (it is not used)
+            weights = [1.0] * len(weights)
+        for m, w in zip(metrics, weights):
+            m[self.WEIGHT] = w
+        arrays = aggregate_arrayrecords(contents, self.WEIGHT)
+        for m in metrics:
+            del m[self.WEIGHT]
+        arrays, out = self.step_toward(arrays, lr), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        if self.fairness is not None:
+            self.fairness.after_aggregate(arrays, out)
+        return arrays, out
+
+    reweights = False  # True: aggregate with client_weights even without a fairness policy
+
+    def average_arrays(self) -> ArrayRecord | None:
+        """The fairness policy's averaged iterate (bounded group loss), if any."""
+        return self.fairness.average_arrays() if self.fairness is not None else None
+
 
 class ReweightedFedAvg(FedAvg):
     """FedAvg whose averaging weight for each reply is ``client_weights(round, metrics)[k]``
-    instead of ``num-examples`` (fairness reweighting, Scafflix's alpha^2/gamma).
+    instead of ``num-examples`` (Scafflix's alpha^2/gamma; the fairness strategies, whose weights come
+    from their ``FairnessPolicy``).
 
     ``coefficient_step`` True: the weights are a step's coefficients ``c_k``, not shares to be
     normalised; the server step is ``w + server_lr sum_k c_k (w_k - w)`` = ``step_toward`` the
@@ -58,31 +163,7 @@ class ReweightedFedAvg(FedAvg):
     eta_g / (sum q + eps), bounded group loss's Lagrangian). S = 0 keeps the model sent. False (the
     default): the model is ``step_toward`` the normalised average with lr ``server_lr`` (1: as is)."""
 
-    WEIGHT = "aggregation-weight"
-    coefficient_step = False
-    server_lr = 1.0
-
-    def client_weights(self, server_round: int, metrics: list[MetricRecord]) -> list[float]:
-        raise NotImplementedError
-
-    def aggregate_train(self, server_round, replies):
-        valid, _ = self._check_and_log_replies(self.aggregated_replies(replies), is_train=True)
-        if not valid:
-            return None, None
-        contents = [m.content for m in valid]
-        metrics = [c["metrics"] for c in contents]
-        weights = self.client_weights(server_round, metrics)
-        lr = self.server_lr
-        if self.coefficient_step:
-            lr *= sum(weights)
-            if lr == 0:  # no step; equal weights only keep the average defined (it is not used)
-                weights = [1.0] * len(weights)
-        for m, w in zip(metrics, weights):
-            m[self.WEIGHT] = w
-        arrays = aggregate_arrayrecords(contents, self.WEIGHT)
-        for m in metrics:
-            del m[self.WEIGHT]
-        return self.step_toward(arrays, lr), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+    reweights = True
 
 
 def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
@@ -113,6 +194,20 @@ def stored_local_model(model: nn.Module, task: ClientTask, key: str, epochs: int
     else:
         local.load_state_dict(stored)
     return local
+
+
+class FairnessReport:
+    """The client half of a fairness policy, for any personalization: what a client reports with its
+    update, measured on the model it received before it trains. Here ``loss_before``, F_k(w) on
+    its training split (tilting, q-FFL, bounded group loss); ``strategies.maxfl.AppealReport`` adds
+    MaxFL's ``rho``."""
+
+    def metrics(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
+        return {LOSS_BEFORE: evaluate(model, task.data.x_train, task.data.y_train)[0]}
+
+    def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
+        """Extra per-client evaluation numbers (``model``: the global one)."""
+        return {}
 
 
 class FedAvgClient(ClientAlgorithm):

@@ -242,13 +242,22 @@ class FedP3(FedAvg):
         previous = self.sent.to_torch_state_dict()
         decoded = [sparse_decode(r.content[self.arrayrecord_key], previous) for r in valid]
         counts = [len(layers_in_order(t)) for t, _ in decoded]
-        weights = client_weights(counts, self.aggregation)
+        contents = [r.content for r in valid]
+        weights, lr = client_weights(counts, self.aggregation), 1.0
+        if self.fairness is not None:  # the policy's weights in place of mean / weighted_mean's
+            weights, lr = self.fair_weights(server_round, contents, weights, lambda: [
+                float(sum((((t[n] - previous[n]) * m[n]).double() ** 2).sum() for n in t)) for t, m in decoded])
+            if lr == 0:
+                weights = [1.0] * len(weights)
         merged = {}
         for name, prev in previous.items():
             got = [(t[name], m[name], w) for (t, m), w in zip(decoded, weights) if name in t]
             merged[name] = masked_average(*map(list, zip(*got)), prev) if got else prev
-        contents = [r.content for r in valid]
-        return ArrayRecord(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        arrays = self.step_toward(ArrayRecord(merged), lr) if self.fairness is not None else ArrayRecord(merged)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        if self.fairness is not None:
+            self.fairness.after_aggregate(arrays, metrics)
+        return arrays, metrics
 
 
 # --- client half ---------------------------------------------------------------------------------

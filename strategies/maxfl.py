@@ -46,9 +46,10 @@ from torch import nn
 from octomil_sim.client_app import ClientTask, Tensors
 from octomil_sim.errors import ConfigError
 from octomil_sim.training import evaluate
-from strategies.fedavg import LOSS_BEFORE, FedAvgClient, ReweightedFedAvg, stored_local_model
+from strategies.fedavg import (LOSS_BEFORE, FairnessPolicy, FairnessReport, FedAvgClient, ReweightedFedAvg,
+                               stored_local_model)
 
-__all__ = ["MaxFL", "MaxFLClient", "appeal_weights", "appeal_coefficients"]
+__all__ = ["Appeal", "AppealReport", "MaxFL", "MaxFLClient", "appeal_weights", "appeal_coefficients"]
 
 LOCAL = "maxfl_local"
 
@@ -70,23 +71,57 @@ def appeal_coefficients(q: Sequence[float], eta_g: float, eps: float) -> list[fl
     return [scale * qi for qi in q]
 
 
-class MaxFL(ReweightedFedAvg):
-    """``eta_g``: the global learning rate; ``eps``: the constant added to ``sum q_i`` in the step's
-    denominator. Server step ``w + sum_i c_i (w_i - w)`` with ``c = appeal_coefficients``."""
-
-    def __init__(self, eta_g: float = 1.0, eps: float = 1e-3, **kwargs):
-        super().__init__(**kwargs)
-        if not eta_g > 0:
-            raise ConfigError(f"strategy.server.eta_g={eta_g}: allowed: a number > 0")
-        if not eps > 0:
-            raise ConfigError(f"strategy.server.eps={eps}: allowed: a number > 0")
-        self.eta_g, self.eps = eta_g, eps
+class Appeal(FairnessPolicy):
+    """MaxFL's server step as a ``FairnessPolicy`` (``fairness=maxfl`` on any personalization;
+    ``strategy=maxfl`` is FedAvg with it). ``eta_g``: the global learning rate; ``eps``: the constant
+    added to ``sum q_i`` in the step's denominator. Coefficients ``appeal_coefficients`` of the step
+    ``w + sum_i c_i (w_i - w)``; they do not use the personalization's base weights (MaxFL weights
+    clients by appeal alone). Its clients report ``rho`` (``AppealReport``)."""
 
     coefficient_step = True  # the step is w + sum_i c_i (w_i - w); all q_i = 0 leaves w as it is
 
-    def client_weights(self, server_round, metrics):
+    def __init__(self, eta_g: float = 1.0, eps: float = 1e-3):
+        if not eta_g > 0:
+            raise ConfigError(f"eta_g={eta_g}: allowed: a number > 0")
+        if not eps > 0:
+            raise ConfigError(f"eps={eps}: allowed: a number > 0")
+        self.eta_g, self.eps = eta_g, eps
+
+    def weights(self, server_round, metrics, base, update_norms=None):
         q = appeal_weights([float(m[LOSS_BEFORE]) for m in metrics], [float(m["rho"]) for m in metrics])
         return appeal_coefficients(q, self.eta_g, self.eps)
+
+
+class MaxFL(ReweightedFedAvg):
+    """FedAvg with the ``Appeal`` policy; ``eta_g`` and ``eps`` as that policy's."""
+
+    def __init__(self, eta_g: float = 1.0, eps: float = 1e-3, **kwargs):
+        try:
+            policy = Appeal(eta_g, eps)
+        except ConfigError as err:
+            raise ConfigError(f"strategy.server.{err}") from None
+        super().__init__(fairness=policy, **kwargs)
+
+
+class AppealReport(FairnessReport):
+    """MaxFL's client half for any personalization: ``loss_before`` and ``rho_i``, the training loss
+    of the client's model trained alone (``local_epochs_rho`` epochs, once, kept in its state)."""
+
+    def __init__(self, local_epochs_rho: int = 20):
+        self.local_epochs_rho = local_epochs_rho
+
+    def metrics(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
+        local = stored_local_model(model, task, LOCAL, self.local_epochs_rho)
+        rho = evaluate(local, task.data.x_train, task.data.y_train)[0]
+        return {**super().metrics(model, task), "rho": rho}
+
+    def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
+        """``served``: whether the global model's training loss is at most rho_i (results.json's
+        ``appeal`` lists the clients it serves and recommends personalization for the others)."""
+        local = stored_local_model(model, task, LOCAL, self.local_epochs_rho)
+        served = evaluate(model, task.data.x_train, task.data.y_train)[0] <= evaluate(local, task.data.x_train,
+                                                                                   task.data.y_train)[0]
+        return {"served": float(served)}
 
 
 class MaxFLClient(FedAvgClient):

@@ -36,9 +36,9 @@ import math
 from collections.abc import Sequence
 
 from octomil_sim.errors import ConfigError
-from strategies.fedavg import LOSS_BEFORE, FedAvgClient, ReweightedFedAvg
+from strategies.fedavg import LOSS_BEFORE, FairnessPolicy, FedAvgClient, ReweightedFedAvg
 
-__all__ = ["TiltedFedAvg", "FedAvgClient", "tilted_weights", "update_log_normalizer",
+__all__ = ["Tilted", "TiltedFedAvg", "FedAvgClient", "tilted_weights", "update_log_normalizer",
            "normalized_tilted_coefficients"]
 
 
@@ -79,31 +79,42 @@ def normalized_tilted_coefficients(losses: Sequence[float], sizes: Sequence[floa
     return [math.exp(v - log_r) for v in _log_tilted_terms(losses, sizes, t)]
 
 
-class TiltedFedAvg(ReweightedFedAvg):
-    """``t``: the tilt (TERM's t); 0 is FedAvg, larger values favour high-loss clients.
-    ``server_lr``: the server's step toward the tilted average (1: take it whole). A large tilt puts
-    nearly all weight on the worst client of the round, whose local model then replaces the global
-    one and the worst client changes every round; a smaller step damps that oscillation.
-    ``normalizer_rate``: None (default) normalises the weights over each round; a number in (0, 1]
-    is Algorithm 1's lambda: weights are divided by the running normalizer instead (official: 0.5)."""
+class Tilted(FairnessPolicy):
+    """Tilting as a ``FairnessPolicy``: ``base`` weights (``n_k`` under FedAvg) times
+    ``exp(t (F_k - F_ref))``, or with ``normalizer_rate`` Algorithm 1's coefficients ``c_k`` (``base`` in
+    the place of ``n_k`` in ``p_k``). ``server_lr``: the step toward the tilted average (1: whole)."""
 
     round_state = ("log_normalizer",)  # carried from round to round, so checkpoints keep it
 
-    def __init__(self, t: float = 1.0, server_lr: float = 1.0, normalizer_rate: float | None = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, t: float = 1.0, server_lr: float = 1.0, normalizer_rate: float | None = None):
         if not 0 < server_lr <= 1:
-            raise ConfigError(f"strategy.server.server_lr={server_lr}: allowed: a number in (0, 1]")
+            raise ConfigError(f"server_lr={server_lr}: allowed: a number in (0, 1]")
         if normalizer_rate is not None and not 0 < normalizer_rate <= 1:
-            raise ConfigError(f"strategy.server.normalizer_rate={normalizer_rate}: allowed: null (off) "
-                              "or a number in (0, 1]")
+            raise ConfigError(f"normalizer_rate={normalizer_rate}: allowed: null (off) or a number in (0, 1]")
         self.t, self.server_lr, self.normalizer_rate = t, server_lr, normalizer_rate
         self.log_normalizer: float | None = None  # log R, the running normalizer (normalizer_rate only)
         self.coefficient_step = normalizer_rate is not None  # w + sum c_k (w_k - w), c_k = p_k exp(t F_k) / R
 
-    def client_weights(self, server_round, metrics):
+    def weights(self, server_round, metrics, base, update_norms=None):
         losses = [float(m[LOSS_BEFORE]) for m in metrics]
-        sizes = [float(m[self.weighted_by_key]) for m in metrics]
         if self.normalizer_rate is None:
-            return tilted_weights(losses, sizes, self.t)
-        self.log_normalizer = update_log_normalizer(self.log_normalizer, losses, sizes, self.t, self.normalizer_rate)
-        return normalized_tilted_coefficients(losses, sizes, self.t, self.log_normalizer)
+            return tilted_weights(losses, base, self.t)
+        self.log_normalizer = update_log_normalizer(self.log_normalizer, losses, base, self.t, self.normalizer_rate)
+        return normalized_tilted_coefficients(losses, base, self.t, self.log_normalizer)
+
+
+class TiltedFedAvg(ReweightedFedAvg):
+    """FedAvg with the ``Tilted`` policy (``strategy=tilted``; ``fairness=tilted`` puts the same policy
+    on any personalization). ``t``: the tilt (TERM's t); 0 is FedAvg, larger values favour high-loss
+    clients. ``server_lr``: the server's step toward the tilted average (1: take it whole). A large
+    tilt puts nearly all weight on the worst client of the round, whose local model then replaces the
+    global one and the worst client changes every round; a smaller step damps that oscillation.
+    ``normalizer_rate``: None (default) normalises the weights over each round; a number in (0, 1]
+    is Algorithm 1's lambda: weights are divided by the running normalizer instead (official: 0.5)."""
+
+    def __init__(self, t: float = 1.0, server_lr: float = 1.0, normalizer_rate: float | None = None, **kwargs):
+        try:
+            policy = Tilted(t, server_lr, normalizer_rate)
+        except ConfigError as err:
+            raise ConfigError(f"strategy.server.{err}") from None
+        super().__init__(fairness=policy, **kwargs)

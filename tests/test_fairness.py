@@ -77,7 +77,7 @@ def test_bounded_group_loss_round(tmp_path, task_identity):
     path.write_text(json.dumps({"0": "a", "1": "b"}))
     strategy = BoundedGroupLoss(groups_file=str(path), max_group_loss=1.0, dual_step=0.5, dual_bound=10.0,
                                 num_clients=2)
-    strategy.mu = {"b": 1.0}
+    strategy.fairness.mu = {"b": 1.0}
     strategy.sent = ArrayRecord([np.zeros(1, np.float32)])
     replies = _replies([[0.0], [3.0]], [{"num-examples": 1, "loss_before": 0.5, "partition-id": 0},
                                         {"num-examples": 1, "loss_before": 3.0, "partition-id": 1}])
@@ -85,7 +85,7 @@ def test_bounded_group_loss_round(tmp_path, task_identity):
     # coefficients [1/2, 1/2 + 1 * 1/1] = [0.5, 1.5], not normalised: w = 0 + 0.5 (0 - 0) + 1.5 (3 - 0) = 4.5
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [4.5])
     # duals: a: max(0, 0 + 0.5 (0.5 - 1)) = 0; b: 1 + 0.5 (3 - 1) = 2
-    assert strategy.mu == pytest.approx({"a": 0.0, "b": 2.0})
+    assert strategy.fairness.mu == pytest.approx({"a": 0.0, "b": 2.0})
     assert metrics["dual_b"] == pytest.approx(2.0)
 
 

@@ -112,7 +112,7 @@ def test_bounded_group_loss_rounds_project_and_average(tmp_path, task_identity):
     # duals: a: max(0, 0 + (0.5 - 1)) = 0; b: 0 + (3 - 1) = 2, projected onto sum <= 1.5: b = 1.5
     arrays, m = strategy.aggregate_train(1, _replies([[2.0], [4.0]], [dict(x) for x in metrics]))
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [3.0])
-    assert strategy.mu == pytest.approx({"a": 0.0, "b": 1.5})
+    assert strategy.fairness.mu == pytest.approx({"a": 0.0, "b": 1.5})
     assert m["dual_b"] == pytest.approx(1.5) and m["dual_avg_b"] == pytest.approx(1.5)
     # round 2 from w = 3, mu_b = 1.5: coefficients [1/2, 1/2 + 1.5] = [0.5, 2]:
     # w2 = 3 + 0.5 (2 - 3) + 2 (4 - 3) = 4.5 (a normalised average would give (2 * 0.5 + 4 * 2) / 2.5 = 3.6).
@@ -120,14 +120,14 @@ def test_bounded_group_loss_rounds_project_and_average(tmp_path, task_identity):
     strategy.sent = arrays
     arrays, m = strategy.aggregate_train(2, _replies([[2.0], [4.0]], [dict(x) for x in metrics]))
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [4.5])
-    assert strategy.mu == pytest.approx({"a": 0.0, "b": 1.5})
-    assert strategy.rounds_averaged == 2
+    assert strategy.fairness.mu == pytest.approx({"a": 0.0, "b": 1.5})
+    assert strategy.fairness.rounds_averaged == 2
     np.testing.assert_allclose(strategy.average_arrays().to_numpy_ndarrays()[0], [3.75])
-    assert strategy.mu_average == pytest.approx({"a": 0.0, "b": 1.5})
+    assert strategy.fairness.mu_average == pytest.approx({"a": 0.0, "b": 1.5})
     # the duals and averages are its round_state, so a checkpoint keeps them
     saved = decode(*encode(strategy_state(strategy)))
-    assert set(saved) == {"mu", "mu_average", "model_average", "rounds_averaged"}
-    assert saved["rounds_averaged"] == 2 and float(saved["model_average"]["0"]) == pytest.approx(3.75)
+    assert set(saved) == {"fairness.mu", "fairness.mu_average", "fairness.model_average", "fairness.rounds_averaged"}
+    assert saved["fairness.rounds_averaged"] == 2 and float(saved["fairness.model_average"]["0"]) == pytest.approx(3.75)
 
 
 def test_bounded_group_loss_duals_average_by_hand(tmp_path, task_identity):
@@ -138,8 +138,8 @@ def test_bounded_group_loss_duals_average_by_hand(tmp_path, task_identity):
                {"num-examples": 1, "loss_before": 3.0, "partition-id": 1}]
     for r in (1, 2, 3):
         strategy.aggregate_train(r, _replies([[0.0], [0.0]], [dict(m) for m in metrics]))
-    assert strategy.mu == pytest.approx({"a": 1.5, "b": 3.0})
-    assert strategy.mu_average == pytest.approx({"a": 1.0, "b": 2.0})
+    assert strategy.fairness.mu == pytest.approx({"a": 1.5, "b": 3.0})
+    assert strategy.fairness.mu_average == pytest.approx({"a": 1.0, "b": 2.0})
 
 
 def test_dual_bound_config_error(tmp_path):
@@ -180,12 +180,12 @@ def test_tilted_with_running_normalizer_rounds_by_hand(task_identity):
     strategy.server_lr = 0.5
     arrays, _ = strategy.aggregate_train(2, _replies([[2.0], [4.0]], [dict(m) for m in metrics]))
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [7 / 3], rtol=1e-6)
-    assert math.exp(strategy.log_normalizer) == pytest.approx(1.5)
-    assert strategy_state(strategy) == {"log_normalizer": strategy.log_normalizer}  # kept in checkpoints
+    assert math.exp(strategy.fairness.log_normalizer) == pytest.approx(1.5)
+    assert strategy_state(strategy) == {"fairness.log_normalizer": strategy.fairness.log_normalizer}  # kept in checkpoints
 
 
 def test_tilted_normalizer_off_by_default_and_config_error():
-    assert TiltedFedAvg(t=1.0).normalizer_rate is None
+    assert TiltedFedAvg(t=1.0).fairness.normalizer_rate is None
     allowed = r"strategy.server.normalizer_rate=0.0: allowed: null \(off\) or a number in \(0, 1\]"
     with pytest.raises(ConfigError, match=allowed):
         TiltedFedAvg(normalizer_rate=0.0)
