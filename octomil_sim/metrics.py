@@ -127,9 +127,20 @@ def client_rows(contents: Sequence[RecordDict]) -> list[dict]:
     return rows
 
 
-def evaluate_aggregation(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Flower ``evaluate_metrics_aggr_fn``: the across-client summary of one evaluation round."""
-    return MetricRecord(summarize_clients(client_rows(contents), weight_key))
+def evaluate_aggregation(contents: list[RecordDict], weight_key: str,
+                         groups: dict[int, str] | None = None) -> MetricRecord:
+    """Flower ``evaluate_metrics_aggr_fn``: the across-client summary of one evaluation round; with
+    ``groups``, also ``group_<g>_global_acc`` / ``group_<g>_personalized_acc`` (pooled over the group's
+    clients evaluated this round), so a run's per-group curves are logged while it runs."""
+    rows = client_rows(contents)
+    summary = summarize_clients(rows, weight_key)
+    for g in sorted({groups[int(r["partition-id"])] for r in rows}) if groups else ():
+        members = [r for r in rows if groups[int(r["partition-id"])] == g]
+        total = sum(float(r[weight_key]) for r in members) or 1.0
+        for key in ("global_acc", "personalized_acc"):
+            if key in members[0]:
+                summary[f"group_{g}_{key}"] = sum(float(r[key]) * float(r[weight_key]) for r in members) / total
+    return MetricRecord(summary)
 
 
 def train_aggregation(contents: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -9,6 +9,7 @@ run resumes from it (``octomil_sim.checkpoint``), saying so in one log line.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,11 +18,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
@@ -62,18 +65,37 @@ def driver_rss_mb() -> float:
 def strategy_kwargs(cfg: DictConfig) -> dict:
     """Sampling and metric-aggregation arguments every Flower strategy of the framework takes."""
     s = cfg.simulation
-    n_eval = max(1, round(s.fraction_evaluate * s.num_clients)) if s.fraction_evaluate > 0 else 0
+    seen = s.num_clients - len(unseen_clients(cfg))
+    n_eval = max(1, round(s.fraction_evaluate * seen)) if s.fraction_evaluate > 0 else 0
     return {
         "seed": s.seed,
         "train_all_clients": bool(s.get("train_all_clients", False)),
-        "fraction_train": s.clients_per_round / s.num_clients,
+        "fraction_train": s.clients_per_round / seen,
         "min_train_nodes": s.clients_per_round,
         "fraction_evaluate": s.fraction_evaluate,
         "min_evaluate_nodes": n_eval,
-        "min_available_nodes": s.num_clients,
+        "min_available_nodes": seen,
         "train_metrics_aggr_fn": train_aggregation,
-        "evaluate_metrics_aggr_fn": evaluate_aggregation,
+        "evaluate_metrics_aggr_fn": functools.partial(evaluate_aggregation, groups=run_groups(cfg)),
     }
+
+
+def run_groups(cfg: DictConfig) -> dict[int, str] | None:
+    """``groups_file``'s {client: group}, or None."""
+    return load_groups(cfg.groups_file, cfg.simulation.num_clients) if cfg.get("groups_file") else None
+
+
+def unseen_clients(cfg: DictConfig) -> list[int]:
+    """The held-out clients (``simulation.unseen_clients``, a share of all): never sampled for training
+    or per-round evaluation, evaluated at the end with the global model and after the algorithm's
+    personalization step, as a device that joins after training would be (MaxFL's and PFLlib's "new
+    clients"). Drawn by the run's seed; none by default."""
+    s = cfg.simulation
+    count = round(float(s.get("unseen_clients", 0) or 0) * s.num_clients)
+    if count == 0:
+        return []
+    rng = np.random.default_rng([s.seed, 31])
+    return sorted(int(c) for c in rng.choice(s.num_clients, size=count, replace=False))
 
 
 def client_sizes(cfg: DictConfig) -> dict:
@@ -106,11 +128,11 @@ class RunSession(Session):
         self._last = time.perf_counter()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), disable=not cfg.get("progress", True),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[latest]}"),
+            disable=not cfg.get("progress", True),
         )
-        self.task = self.progress.add_task(
-            f"{run_name(cfg)}: rounds", total=cfg.simulation.rounds
-        )
+        self.task = self.progress.add_task(f"{run_name(cfg)}: rounds", total=cfg.simulation.rounds, latest="")
+        self.logger = make_logger(cfg, output_dir)  # logs each round as it ends (W&B: live)
 
     def start(self, strategy, grid: SimulationGrid) -> tuple[ArrayRecord, int]:
         saved = self.saved
@@ -134,7 +156,11 @@ class RunSession(Session):
             "driver_rss_mb": driver_rss_mb(),
         })
         self._bytes, self._last = so_far, now
-        self.progress.advance(self.task)
+        row = self.rows[-1]
+        self.logger.log_round(row)
+        latest = {k: row[k] for k in ("global_acc", "personalized_acc") if k in row}
+        self.progress.update(self.task, advance=1, **({"latest": "  ".join(f"{k} {v:.3f}" for k, v in latest.items())}
+                                                     if latest else {}))
         every = self.cfg.simulation.checkpoint_every
         if every and (server_round % every == 0 or server_round == self.cfg.simulation.rounds):
             self.checkpoint(server_round, arrays, strategy, grid)
@@ -159,8 +185,12 @@ class RunSession(Session):
 
     def done(self, arrays, rows: list[dict], grid: SimulationGrid, averaged_rows: list[dict] | None = None) -> None:
         clients = client_table(rows)
+        unseen = set(unseen_clients(self.cfg))
+        for c in clients:
+            if unseen:
+                c["unseen"] = int(c["partition_id"] in unseen)
         total_bytes = dict(grid.bytes)
-        final = summarize_clients(clients, weight_key="num_test")
+        final = summarize_clients([c for c in clients if c["partition_id"] not in unseen], weight_key="num_test")
         final.update({
             "bytes_up": total_bytes.get("train_up", 0),
             "bytes_down": total_bytes.get("train_down", 0),
@@ -176,9 +206,14 @@ class RunSession(Session):
             "clients": clients,
             "final": final,
             "system": system_report(self.cfg, grid),
-            **fairness_report(self.cfg, clients),
+            **fairness_report(self.cfg, [c for c in clients if c["partition_id"] not in unseen]),
         }
         self.results["worst_group_improvement"] = worst_group_improvement(self.results.get("groups"), final)
+        if unseen:  # the held-out clients apart: ``final`` is over the clients that trained
+            self.results["unseen_clients"] = {
+                "clients": sorted(unseen),
+                "final": summarize_clients([c for c in clients if c["partition_id"] in unseen], weight_key="num_test"),
+            }
         if averaged_rows is not None:  # e.g. bounded group loss: its guarantee is about the averaged iterate
             averaged = client_table(averaged_rows)
             self.results["averaged_iterate"] = {"final": summarize_clients(averaged, weight_key="num_test"),
@@ -244,7 +279,11 @@ def client_state_dir(cfg: DictConfig) -> Path | None:
 
 
 #: keys that may differ between a checkpointed run and its resumption
-RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simulation.ray_address", "progress", "logger"}
+RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simulation.ray_address", "progress", "logger",
+                     "simulation.startup_timeout_s"}
+#: keys added since checkpoints were first written, with the value that means what their absence meant
+ADDED_KEYS = {"simulation.unseen_clients": 0.0, "fairness.name": "none", "fairness.policy": None,
+              "fairness.client": None}
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -260,6 +299,8 @@ def check_same_experiment(saved: dict, cfg: DictConfig, output_dir: Path) -> Non
     """A checkpoint resumes only the experiment that wrote it (more rounds are allowed)."""
     old, new = _flatten(saved), _flatten(OmegaConf.to_container(cfg, resolve=True))
     for key in sorted(set(old) | set(new)):
+        if key not in old and key in ADDED_KEYS and new.get(key) == ADDED_KEYS[key]:
+            continue
         if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
             raise ConfigError(f"{key}={new.get(key)!r}: the checkpoint in {output_dir} was made with "
                               f"{key}={old.get(key)!r}; allowed: the same experiment (only simulation.rounds "
@@ -480,7 +521,7 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
                                           **fairness_kwargs(cfg)),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
         deadline=SystemModel.from_config(cfg).deadline, should_stop=stop.is_set,
-        actors_started=client_actors_started, startup_timeout=s.startup_timeout_s,
+        actors_started=client_actors_started, startup_timeout=s.startup_timeout_s, unseen=unseen_clients(cfg),
     )
     client_app = build_client_app(OmegaConf.to_yaml(cfg, resolve=True))
     backend_config = {
@@ -504,10 +545,12 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
         import ray
 
         ray.shutdown()  # Flower's engine shuts Ray down after a run; a signal before it started skips that
+        session.logger.finish({})  # what was logged so far stays (W&B: the run ends as finished early)
         last = session.stopped_after if session.stopped_after is not None else (saved["round"] if saved else 0)
         checkpointed = bool(s.checkpoint_every) and session.checkpointed == last and last > 0
         raise Interrupted(stop.signum, last, output_dir, checkpointed)
     if session.error is not None:
+        session.logger.finish({})
         raise session.error
     results = session.results
     if results is None:
@@ -515,8 +558,5 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
     results["wall_time_s"] = time.perf_counter() - started
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     plot_run(results, output_dir / "results.png")
-    logger = make_logger(cfg, output_dir)
-    for row in results["rounds"]:
-        logger.log_round(row)
-    logger.finish(results["final"])
+    session.logger.finish(results["final"])
     return results

@@ -44,9 +44,11 @@ class SimulationGrid(Grid):
     """Flower's Grid seen as a federation of ``num_clients`` clients hosted on a few Flower nodes."""
 
     def __init__(self, grid: Grid, num_clients: int, deadline: float | None = None, pull_interval: float = 0.002,
-                 actors_started: Callable[[], int | None] = lambda: None, startup_timeout: float = STARTUP_TIMEOUT_S):
+                 actors_started: Callable[[], int | None] = lambda: None, startup_timeout: float = STARTUP_TIMEOUT_S,
+                 unseen: Iterable[int] = ()):
         self._grid = grid
         self.num_clients, self.deadline = num_clients, deadline
+        self.unseen = frozenset(unseen)  # held-out clients: never trained, evaluated only at the end
         self.actors_started, self.startup_timeout = actors_started, startup_timeout
         self.pull_interval = pull_interval
         self.answered = False  # whether any node has replied yet
@@ -92,6 +94,10 @@ class SimulationGrid(Grid):
         return True
 
     def get_node_ids(self) -> list[int]:
+        """The clients the strategy may sample: all but the held-out ``unseen`` ones."""
+        return [c for c in range(self.num_clients) if c not in self.unseen]
+
+    def all_clients(self) -> list[int]:
         return list(range(self.num_clients))
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
@@ -262,9 +268,10 @@ def successful(replies: Iterable[Message]) -> list[Message]:
 
 
 def evaluate_all(grid: SimulationGrid, arrays: ArrayRecord, server_round: int) -> list[dict]:
-    """Evaluate ``arrays`` on every client's held-out split; one metrics row per client."""
+    """Evaluate ``arrays`` on every client's held-out split (the ``unseen`` clients too, after their
+    personalization step like any other); one metrics row per client."""
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
-    messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in grid.get_node_ids()]
+    messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in grid.all_clients()]
     return client_rows([r.content for r in successful(grid.send_and_receive(messages))])
 
 
@@ -318,7 +325,7 @@ def build_server_app(make_strategy: Callable[[], object], session: Callable[[], 
                      num_clients: int, num_nodes: int, deadline: float | None = None,
                      should_stop: Callable[[], bool] = lambda: False,
                      actors_started: Callable[[], int | None] = lambda: None,
-                     startup_timeout: float = STARTUP_TIMEOUT_S) -> ServerApp:
+                     startup_timeout: float = STARTUP_TIMEOUT_S, unseen: Iterable[int] = ()) -> ServerApp:
     """A ServerApp that runs ``make_strategy()`` up to round ``num_rounds`` (from where ``session()``
     says to start) and then evaluates the final model on every client; when ``should_stop()`` turns
     true it ends after the current round with ``session().stopped`` instead. A ``RunError`` (nodes or
@@ -335,7 +342,7 @@ def build_server_app(make_strategy: Callable[[], object], session: Callable[[], 
 
     def _main(grid: Grid, run: Session) -> None:
         sim_grid = SimulationGrid(grid, num_clients, deadline, actors_started=actors_started,
-                                  startup_timeout=startup_timeout)
+                                  startup_timeout=startup_timeout, unseen=unseen)
         strategy = make_strategy()
         if not sim_grid.wait_for_nodes(num_nodes, should_stop=should_stop):
             return

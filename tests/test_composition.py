@@ -175,3 +175,47 @@ def test_ditto_with_tilting_runs_and_none_is_ditto_alone(make_cfg, tmp_path):
                  tmp_path / "tilted")
     assert tilted["name"] == "ditto + tilted on synthetic"
     assert _numbers(tilted)[0] != _numbers(alone)[0]  # the tilt changed the global model's path
+
+
+# --- live monitoring and held-out clients (issue 10, part 4) -----------------------------------------
+@pytest.mark.slow
+def test_rounds_are_logged_while_the_run_goes_with_per_group_curves(make_cfg, tmp_path, monkeypatch):
+    import octomil_sim.runner as runner
+
+    seen = []
+
+    class Recorder:
+        def log_round(self, row):
+            seen.append((row["round"], (tmp_path / "run" / "results.json").exists(), dict(row)))
+
+        def finish(self, summary):
+            seen.append(("finish", (tmp_path / "run" / "results.json").exists(), summary))
+
+    monkeypatch.setattr(runner, "make_logger", lambda cfg, out: Recorder())
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({str(k): "even" if k % 2 == 0 else "odd" for k in range(12)}))
+    runner.run(make_cfg(*SMALL, "simulation.fraction_evaluate=1", f"groups_file={groups}"), tmp_path / "run")
+    assert [r for r, _, _ in seen] == [1, 2, 3, "finish"]
+    assert not any(written for r, written, _ in seen if r != "finish")  # logged before the run ended
+    assert {"group_even_global_acc", "group_odd_personalized_acc"} <= set(seen[0][2])
+
+
+@pytest.mark.slow
+def test_unseen_clients_never_train_and_are_reported_apart(make_cfg, tmp_path):
+    from octomil_sim.runner import run, unseen_clients
+
+    cfg = make_cfg(*SMALL, "strategy=ditto", "simulation.rounds=6", "simulation.unseen_clients=0.25",
+                   "simulation.fraction_evaluate=0")
+    held_out = unseen_clients(cfg)
+    assert len(held_out) == 3 and held_out == unseen_clients(cfg)  # drawn by the seed
+    results = run(cfg, tmp_path / "run")
+    assert results["unseen_clients"]["clients"] == held_out
+    assert sorted(c["partition_id"] for c in results["clients"] if c["unseen"]) == held_out
+    # Ditto stores a personal model for every client that trained: none for the held-out ones
+    trained = {int(p.stem) for p in (tmp_path / "run" / "client_state" / "ditto_v").glob("*.pt")}
+    assert trained and not trained & set(held_out)
+    unseen = results["unseen_clients"]["final"]
+    # a new device personalizes too (one Ditto personal update on its own data from the global model)
+    assert unseen["personalized_acc"] > unseen["global_acc"]
+    with pytest.raises(ConfigError, match=r"^simulation.unseen_clients=0.9: allowed: a share in \[0, 1\)"):
+        validate(make_cfg(*SMALL, "simulation.unseen_clients=0.9"))

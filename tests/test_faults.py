@@ -166,11 +166,13 @@ def test_interrupted_sweep_resumes_from_its_sweep_dir_and_finished_jobs_are_not_
     assert proc.returncode == 130, err
     [line] = [x for x in err.splitlines() if x.startswith("stopped by")]
     assert line.endswith(f"the same command with hydra.sweep.dir={sweep} resumes the sweep"), line
-    assert not (sweep / "1").exists()  # the sweep ended with its first job
+    assert [p.name.split("_")[0] for p in sweep.iterdir() if p.is_dir()] == ["0"]  # the sweep ended with its first job
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "resuming from round" in again.stdout + again.stderr
-    assert all(len(json.loads((sweep / j / "results.json").read_text())["rounds"]) == 300 for j in ("0", "1"))
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name[:2] for p in jobs] == ["0_", "1_"] and "simulation.seed=1" in jobs[1].name  # named by overrides
+    assert all(len(json.loads((j / "results.json").read_text())["rounds"]) == 300 for j in jobs)
     third = subprocess.run(args, capture_output=True, text=True, timeout=300)
     out = third.stdout + third.stderr
     assert third.returncode == 0 and out.count("not run again") == 2 and "Ray:" not in out, out

@@ -1,0 +1,269 @@
+"""The ``octomil-sim`` command: ``init`` a project, ``train`` it, ``report`` on runs and sweeps.
+
+    octomil-sim init my_project --personalization ditto
+    cd my_project && octomil-sim train --personalization scafflix --fairness bounded-group-loss \
+        --groups-file groups.json --rounds 50 [hydra overrides ...]
+    octomil-sim report multirun/2026-11-25/12-00-00 [--csv table.csv]
+
+``train`` turns its flags into Hydra overrides (``--personalization scafflix`` is
+``personalization=scafflix``; names may use ``-`` for ``_``) and runs exactly what
+``python -m octomil_sim <overrides>`` runs. Inside a folder made by ``init`` (it has
+``conf/experiment/project.yaml``) the project's configs are on Hydra's search path, its folder on the
+Python path (its ``model.py``) and ``experiment=project`` is the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from octomil_sim.errors import ConfigError
+
+PROJECT_EXPERIMENT = Path("conf") / "experiment" / "project.yaml"
+
+
+# --- train ----------------------------------------------------------------------------------------
+def _choice(group: str, value: str) -> str:
+    from octomil_sim.config import group_options
+
+    name = value.replace("-", "_")
+    allowed = group_options(group)
+    if name not in allowed:
+        raise ConfigError(f"--{group}={value!r}: allowed: {', '.join(a.replace('_', '-') for a in allowed)}")
+    return name
+
+
+def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
+    """The Hydra overrides that ``octomil-sim train <argv>`` stands for (in a project folder: its
+    search path and ``experiment=project`` unless another experiment is named)."""
+    parser = argparse.ArgumentParser(prog="octomil-sim train", description="Run one training (a Hydra run; "
+                                     "pass -m and comma lists for a sweep). Other arguments are Hydra overrides.")
+    parser.add_argument("--personalization", help="fedavg, finetune, ditto, pfedme, perfedavg, scafflix, "
+                        "personal-layers, fedp3, prompt-tuning")
+    parser.add_argument("--fairness", help="none, tilted, qffl, bounded-group-loss, maxfl")
+    parser.add_argument("--groups-file", help="JSON {client id: group}: per-group metrics; bounded group loss")
+    parser.add_argument("--rounds", type=int, help="simulation.rounds")
+    parser.add_argument("--clients", type=int, help="simulation.num_clients")
+    parser.add_argument("--seed", type=int, help="simulation.seed")
+    parser.add_argument("--out", help="the run folder (hydra.run.dir)")
+    known, rest = parser.parse_known_args(argv)
+    overrides = []
+    cwd = cwd or Path.cwd()
+    if (cwd / PROJECT_EXPERIMENT).is_file():
+        overrides.append(f"hydra.searchpath=[file://{(cwd / 'conf').resolve()}]")
+        if not any(a.lstrip("+").startswith("experiment=") for a in rest):
+            overrides.append("experiment=project")
+    if known.personalization:
+        overrides.append(f"personalization={_choice('personalization', known.personalization)}")
+    if known.fairness:
+        overrides.append(f"fairness={_choice('fairness', known.fairness)}")
+    if known.groups_file:
+        path = Path(known.groups_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--groups-file={known.groups_file!r}: no such file; allowed: a JSON file "
+                              "{client id: group}")
+        overrides.append(f"groups_file={path.resolve()}")
+    for flag, key in (("rounds", "simulation.rounds"), ("clients", "simulation.num_clients"),
+                      ("seed", "simulation.seed"), ("out", "hydra.run.dir")):
+        if getattr(known, flag) is not None:
+            overrides.append(f"{key}={getattr(known, flag)}")
+    multirun = [a for a in rest if a in ("-m", "--multirun")]  # Hydra wants its flags before the overrides
+    return multirun + overrides + [a for a in rest if a not in multirun]
+
+
+# --- init -----------------------------------------------------------------------------------------
+MODEL_PY = '''"""Your model. octomil-sim builds it as Net(input_shape=..., num_classes=...) from conf/model/project_model.yaml.
+Personal layers (personalization=personal_layers, fedp3) are named by attribute: here `body` and `head`."""
+
+import math
+
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, input_shape, num_classes, hidden=64):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(math.prod(input_shape), hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x.flatten(1)))
+'''
+
+EXPERIMENT_YAML = '''# @package _global_
+# This project's run: your data (conf/dataset/project_data.yaml) and model (model.py), one client per
+# value of the CSV's client column. Change anything here or on the command line (octomil-sim train ...).
+defaults:
+  - override /dataset: project_data
+  - override /partition: natural_id
+  - override /model: project_model
+  - override /strategy: {personalization}
+simulation:
+  num_clients: {num_clients}
+  clients_per_round: {per_round}
+  rounds: 20
+  lr: 0.05
+  fraction_evaluate: 0.25
+'''
+
+DATASET_YAML = '''# Your data: a CSV or parquet file, one row per example, a client column, a label column, feature columns.
+name: project_data
+feature_key: x
+label_key: y
+client_id_key: client
+input_shape: [{num_features}]
+num_classes: {num_classes}
+scale: 1.0
+source:
+  _target_: octomil_sim.data.table_file
+  path: {path}
+  label: label
+  client: client
+  features: null   # null: every column but label and client
+'''
+
+MODEL_YAML = '''name: project_model
+net:
+  _target_: model.Net
+  hidden: 64
+'''
+
+README_MD = '''# {name}
+
+An octomil-sim project: your model in `model.py`, your data in `data/clients.csv` (here: generated
+example data, {num_clients} clients, {num_features} features, {num_classes} classes; replace it with yours,
+same columns: `client`, `label`, features), the run in `conf/experiment/project.yaml`.
+
+    octomil-sim train                                   # {personalization}, 20 rounds
+    octomil-sim train --personalization ditto --fairness tilted --rounds 50
+    octomil-sim train --fairness bounded-group-loss --groups-file groups.json fairness.policy.max_group_loss=1.0
+    octomil-sim train -m simulation.seed=0,1,2 --personalization finetune,ditto && octomil-sim report multirun
+
+Each run writes results.json (global and personalized accuracy per client and per group) and results.png
+into outputs/<date>/<time>/ (or --out DIR). `groups.json` maps each client to a group (here by size).
+'''
+
+
+def write_project(folder: Path, personalization: str, num_clients: int = 20, num_features: int = 10,
+                  num_classes: int = 5, seed: int = 0) -> None:
+    """A runnable project in ``folder`` (which must not exist): config, model, example data, README."""
+    import numpy as np
+
+    if folder.exists():
+        raise ConfigError(f"init {folder}: it exists already; allowed: a new folder name")
+    rng = np.random.default_rng(seed)
+    rows, groups = [], {}
+    shared = rng.normal(size=(num_features, num_classes))
+    for k in range(num_clients):  # each client: its own shift of a shared linear rule, sizes 30..120
+        w = shared + 0.5 * rng.normal(size=shared.shape)
+        n = int(rng.integers(30, 121))
+        x = rng.normal(loc=rng.normal(scale=0.5), size=(n, num_features))
+        y = (x @ w).argmax(1)
+        rows += [[k, int(label), *map(float, feats)] for feats, label in zip(x, y)]
+        groups[str(k)] = "small" if n < 75 else "large"
+    (folder / "data").mkdir(parents=True)
+    with (folder / "data" / "clients.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["client", "label", *(f"f{i}" for i in range(num_features))])
+        writer.writerows(rows)
+    (folder / "groups.json").write_text(json.dumps(groups, indent=1))
+    (folder / "model.py").write_text(MODEL_PY)
+    for sub in ("experiment", "dataset", "model"):
+        (folder / "conf" / sub).mkdir(parents=True)
+    values = {"personalization": personalization, "num_clients": num_clients, "per_round": max(1, num_clients // 4),
+              "num_features": num_features, "num_classes": num_classes, "name": folder.name,
+              "path": (folder / "data" / "clients.csv").resolve()}
+    (folder / PROJECT_EXPERIMENT).write_text(EXPERIMENT_YAML.format(**values))
+    (folder / "conf" / "dataset" / "project_data.yaml").write_text(DATASET_YAML.format(**values))
+    (folder / "conf" / "model" / "project_model.yaml").write_text(MODEL_YAML)
+    (folder / "README.md").write_text(README_MD.format(**values))
+
+
+def init(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="octomil-sim init", description="Write a runnable project folder.")
+    parser.add_argument("name")
+    parser.add_argument("--personalization", default="finetune")
+    args = parser.parse_args(argv)
+    folder = Path(args.name)
+    write_project(folder, _choice("personalization", args.personalization))
+    print(f"created {folder}/ (model.py, data/clients.csv, groups.json, conf/); next: cd {folder} && octomil-sim train")
+
+
+# --- report ---------------------------------------------------------------------------------------
+REPORTED = ("global_acc", "personalized_acc", "global_acc_bottom10", "personalized_acc_bottom10")
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Every run folder (one with results.json) at or under ``paths``."""
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ConfigError(f"report {p}: no such folder; allowed: run folders or a multirun folder")
+        runs += [p] if (p / "results.json").is_file() else sorted(r.parent for r in p.rglob("results.json"))
+    if not runs:
+        raise ConfigError(f"report {' '.join(paths)}: no results.json under it; allowed: finished runs")
+    return runs
+
+
+def _overrides(run: Path) -> dict[str, str]:
+    """The run's command-line overrides (Hydra's .hydra/overrides.yaml), without where it was written."""
+    file = run / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    items = [str(o) for o in OmegaConf.load(file)]
+    pairs = dict(o.lstrip("+~").split("=", 1) for o in items if "=" in o)
+    return {k: v for k, v in pairs.items() if not k.startswith("hydra.") and k not in ("progress",)}
+
+
+def report_table(runs: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per combination of the overrides that differ between runs other than
+    ``simulation.seed``, with ``mean ± std`` over its seeds of each ``REPORTED`` metric (in %) and
+    the worst group's improvement where groups were given."""
+    records = [(_overrides(r), json.loads((r / "results.json").read_text())) for r in runs]
+    keys = sorted({k for o, _ in records for k in o})
+    varying = [k for k in keys if len({o.get(k) for o, _ in records}) > 1 and k != "simulation.seed"]
+    cells: dict[tuple, list[dict]] = {}
+    for o, results in records:
+        cells.setdefault(tuple(o.get(k, "") for k in varying), []).append(results)
+    header = [*varying, "runs", *REPORTED, "worst_group_improvement"]
+    rows = []
+    for combo, results in cells.items():
+        row = [*combo, str(len(results))]
+        for metric in REPORTED:
+            row.append(_mean_std([r["final"][metric] for r in results if metric in r["final"]]))
+        row.append(_mean_std([r["worst_group_improvement"]["value"] for r in results
+                              if r.get("worst_group_improvement", {}).get("value") is not None]))
+        rows.append(row)
+    return header, rows
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = statistics.mean(values) * 100
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {statistics.stdev(values) * 100:.2f}"
+
+
+def report(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="octomil-sim report", description="One table of runs or sweeps: the "
+                                     "overrides that differ against the final metrics, mean ± std over seeds.")
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--csv", help="also write the table as CSV here (default: report.csv in the first folder)")
+    args = parser.parse_args(argv)
+    header, rows = report_table(find_runs(args.paths))
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    out = Path(args.csv) if args.csv else Path(args.paths[0]) / "report.csv"
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    out.write_text(buffer.getvalue())
+    print(f"(also {out})", file=sys.stderr)

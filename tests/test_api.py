@@ -1,0 +1,55 @@
+"""``octomil_sim.simulate`` (issue 10, part 2): the README's example runs as written; bad keywords and
+data are one ``ConfigError`` line before anything runs."""
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import octomil_sim
+from octomil_sim.errors import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_unknown_keyword_is_one_line(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        octomil_sim.simulate(roundz=3, out=tmp_path)
+    message = str(err.value)
+    assert message.startswith("roundz=3: not a simulate() argument; allowed: ") and "rounds" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"data": [[1, 2]]}, "data: a list; allowed: a pandas DataFrame or a datasets.Dataset (one row per example), "
+                         "or None for the config's dataset"),
+    ({"data": pd.DataFrame({"a": [1.0], "label": [0]})}, "data: no column 'client'; its columns: a, label "
+                                                           "(name them with label=, client=, features=)"),
+    ({"personalization": "dito"}, "personalization='dito' is not a known personalization; allowed: ditto, fedavg, "
+                                  "fedp3, finetune, perfedavg, personal_layers, pfedme, prompt_tuning, scafflix"),
+])
+def test_bad_arguments_are_one_line(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        octomil_sim.simulate(out=tmp_path, **kwargs)
+    assert str(err.value) == message
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
+    """The "Use from Python" snippet, as written (in a scratch folder): a module defined in the script
+    itself reaches Ray's actors, the groups are keyed by the data's client ids."""
+    text = README.read_text()
+    section = text[text.index("### Use from Python"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "__main__"}
+    exec(compile(code, "README.md", "exec"), scope)
+    result = scope["result"]
+    assert len(result.rounds) == 15 and len(result.clients) == 8
+    assert set(result.clients["client"]) == {f"device-{k}" for k in range(8)}
+    assert result.raw["name"] == "personal_layers + tilted on user_data"
+    assert set(result.groups.index) == {"old", "new"}
+    assert result.personalized_acc > result.global_acc  # personal heads on devices with their own rules
+    assert (tmp_path / "outputs" / "from_python" / "results.json").is_file()
+    assert "worst-group improvement" in capsys.readouterr().out

@@ -1,0 +1,100 @@
+"""The ``octomil-sim`` command (issue 10, part 3): ``train`` flags become Hydra overrides, ``init`` writes
+a project that trains offline at once, ``report`` tables runs and sweeps (mean ± std over seeds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from octomil_sim.cli import report_table, train_overrides, write_project
+from octomil_sim.errors import ConfigError
+
+
+def test_train_flags_are_the_overrides_they_name(tmp_path):
+    groups = tmp_path / "g.json"
+    groups.write_text("{}")
+    got = train_overrides(["--personalization", "scafflix", "--fairness", "bounded-group-loss", "--groups-file",
+                           str(groups), "--rounds", "50", "--seed", "3", "simulation.lr=0.1"], cwd=tmp_path)
+    assert got == ["personalization=scafflix", "fairness=bounded_group_loss", f"groups_file={groups.resolve()}",
+                   "simulation.rounds=50", "simulation.seed=3", "simulation.lr=0.1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--personalization", "scaflix"], "--personalization='scaflix': allowed: ditto, fedavg, fedp3, finetune, "
+                                       "perfedavg, personal-layers, pfedme, prompt-tuning, scafflix"),
+    (["--fairness", "tilt"], "--fairness='tilt': allowed: bounded-group-loss, maxfl, none, qffl, tilted"),
+    (["--groups-file", "nowhere.json"], "--groups-file='nowhere.json': no such file; allowed: a JSON file "
+                                        "{client id: group}"),
+])
+def test_bad_train_flags_are_one_line(tmp_path, argv, message):
+    with pytest.raises(ConfigError) as err:
+        train_overrides(argv, cwd=tmp_path)
+    assert str(err.value) == message
+
+
+def test_init_writes_a_project_whose_train_uses_it(tmp_path):
+    project = tmp_path / "proj"
+    write_project(project, "ditto", num_clients=6)
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "conf", "data", "groups.json", "model.py"]
+    rows = (project / "data" / "clients.csv").read_text().splitlines()
+    assert rows[0] == "client,label,f0,f1,f2,f3,f4,f5,f6,f7,f8,f9"
+    assert {r.split(",")[0] for r in rows[1:]} == {str(k) for k in range(6)}
+    assert set(json.loads((project / "groups.json").read_text())) == {str(k) for k in range(6)}
+    assert train_overrides([], cwd=project) == [f"hydra.searchpath=[file://{(project / 'conf').resolve()}]",
+                                                "experiment=project"]
+    with pytest.raises(ConfigError, match="it exists already"):
+        write_project(project, "ditto")
+
+
+def _run(folder: Path, overrides: list[str], seed: int, acc: float, improvement: float | None = None) -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("\n".join(f"- {o}" for o in [*overrides, f"simulation.seed={seed}",
+                                                                                    "progress=false"]))
+    final = {"global_acc": acc, "personalized_acc": acc + 0.1, "global_acc_bottom10": acc / 2,
+             "personalized_acc_bottom10": acc / 2}
+    results = {"final": final}
+    if improvement is not None:
+        results["worst_group_improvement"] = {"value": improvement}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_report_groups_seeds_under_the_overrides_that_differ(tmp_path):
+    _run(tmp_path / "0", ["fairness=none"], 0, 0.50, 0.1)
+    _run(tmp_path / "1", ["fairness=none"], 1, 0.60, 0.3)
+    _run(tmp_path / "2", ["fairness=tilted"], 0, 0.70)
+    header, rows = report_table(sorted(p for p in tmp_path.iterdir()))
+    assert header == ["fairness", "runs", "global_acc", "personalized_acc", "global_acc_bottom10",
+                      "personalized_acc_bottom10", "worst_group_improvement"]
+    # 0.5 and 0.6: mean 55, sample std 7.07; improvements 0.1 and 0.3: 20 ± 14.14
+    assert rows[0] == ["none", "2", "55.00 ± 7.07", "65.00 ± 7.07", "27.50 ± 3.54", "27.50 ± 3.54", "20.00 ± 14.14"]
+    assert rows[1] == ["tilted", "1", "70.00", "80.00", "35.00", "35.00", ""]
+
+
+@pytest.mark.slow
+def test_init_then_train_and_a_sweep_then_report(tmp_path):
+    """The README's CLI commands on a fresh project: train offline at once, a composed run with a groups
+    file, and a two-seed sweep that ``report`` turns into one row."""
+    exe = [sys.executable, "-m", "octomil_sim"]
+    subprocess.run([*exe, "init", "proj", "--personalization", "ditto"], cwd=tmp_path, check=True, capture_output=True)
+    project = tmp_path / "proj"
+    first = subprocess.run([*exe, "train", "--rounds", "2", "--out", "run1", "progress=false"], cwd=project,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "ditto on project_data: global_acc" in first.stdout
+    composed = subprocess.run([*exe, "train", "--personalization", "scafflix", "--fairness", "bounded-group-loss",
+                               "--groups-file", "groups.json", "--rounds", "2", "--out", "run2", "progress=false"],
+                              cwd=project, capture_output=True, text=True, timeout=300)
+    assert composed.returncode == 0, composed.stderr
+    results = json.loads((project / "run2" / "results.json").read_text())
+    assert results["name"] == "scafflix + bounded_group_loss on project_data"
+    assert set(results["groups"]) == {"small", "large"} and "group_bound" in results
+    sweep = subprocess.run([*exe, "train", "-m", "simulation.seed=0,1", "--rounds", "2", "hydra.sweep.dir=sweep",
+                            "progress=false"], cwd=project, capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr
+    table = subprocess.run([*exe, "report", "sweep"], cwd=project, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("| runs | global_acc |") and len(lines) == 3 and "| 2 |" in lines[2]
+    assert (project / "sweep" / "report.csv").is_file()
