@@ -22,6 +22,7 @@ from fairness_synthetic import DATA, size_groups  # noqa: E402
 
 RESULTS = HERE / "results" / "composition_synthetic"
 BOUND = 1.5
+FLIX_BOUNDS = [0.3, 0.2]  # composed with Scafflix the bound is on the FLIX models' training losses (0.13-0.4 here)
 TILT = 1.0
 
 ROWS = [
@@ -34,6 +35,8 @@ ROWS = [
     ("Scafflix", ["strategy=scafflix"]),
     (f"Scafflix + bounded group loss {BOUND:g}", ["personalization=scafflix", "fairness=bounded_group_loss",
                                                    f"fairness.policy.max_group_loss={BOUND}"]),
+    *[(f"Scafflix + bounded group loss {b:g}", ["personalization=scafflix", "fairness=bounded_group_loss",
+                                                 f"fairness.policy.max_group_loss={b}"]) for b in FLIX_BOUNDS],
 ]
 
 

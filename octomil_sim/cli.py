@@ -102,7 +102,7 @@ defaults:
   - override /dataset: project_data
   - override /partition: natural_id
   - override /model: project_model
-  - override /strategy: {personalization}
+  - override /personalization: {personalization}
 simulation:
   num_clients: {num_clients}
   clients_per_round: {per_round}

@@ -90,6 +90,16 @@ class ClientAlgorithm:
         """Receive the new global model right after the round this client trained in (sent only by
         strategies that need it, as a ``train.sync`` message)."""
 
+    #: True when ``objective_model`` is the client's personalized model (then a group-loss bound is
+    #: checked on the personalized models' losses in ``results.json``)
+    objective_is_personalized = False
+
+    def objective_model(self, model: nn.Module, task: ClientTask) -> nn.Module:
+        """The model whose training loss is this client's objective at the received ``model``, which a
+        fairness policy weights clients by (``loss_before``): the received model itself, or e.g.
+        Scafflix's FLIX point alpha_i x_i* + (1 - alpha_i) x. Must leave ``model`` as it is."""
+        return model
+
     def check(self, model: nn.Module) -> None:
         """Raise ``ConfigError`` if this algorithm cannot work with ``model`` (run before Ray starts)."""
 
@@ -156,7 +166,7 @@ class ClientRuntime:
         if self.system.drops_out(pid, task.server_round):
             raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
         model = self.model_from(content["arrays"], task)
-        reported = self.fairness.metrics(model, task) if self.fairness is not None else {}
+        reported = self.fairness.metrics(self.algorithm.objective_model(model, task), task) if self.fairness else {}
         upload, metrics = self.algorithm.train(model, task)
         metrics = {**reported, **metrics}
         metrics.update({"num-examples": task.data.num_train, "partition-id": pid,
@@ -179,7 +189,7 @@ class ClientRuntime:
             "personalized_loss": p_loss, "personalized_acc": p_acc,
             "num-examples": data.num_test, "partition-id": pid,
             **self.algorithm.report(model, task),
-            **(self.fairness.report(model, task) if self.fairness is not None else {}),
+            **(self.fairness.report(self.algorithm.objective_model(model, task), task) if self.fairness else {}),
         }
         return RecordDict({"metrics": MetricRecord(metrics)})
 

@@ -378,9 +378,13 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
         out["groups"] = group_summaries(clients, groups, "num_test")
         policy = (cfg.get("fairness") or {}).get("policy") or {}
         bound = cfg.strategy.server.get("max_group_loss", policy.get("max_group_loss"))
-        if bound is not None:
-            losses = {g: m["global_loss"] for g, m in out["groups"].items()}
-            out["group_bound"] = {"max_group_loss": bound, "holds": all(v <= bound for v in losses.values()),
+        if bound is not None:  # on the losses of the model the constraint is about (Scafflix: the FLIX models)
+            from hydra.utils import get_object
+
+            key = ("personalized_loss" if getattr(get_object(cfg.strategy.client._target_), "objective_is_personalized",
+                                                  False) else "global_loss")
+            losses = {g: m[key] for g, m in out["groups"].items()}
+            out["group_bound"] = {"max_group_loss": bound, "loss": key, "holds": all(v <= bound for v in losses.values()),
                                   "violated_by": sorted(g for g, v in losses.items() if v > bound)}
     if clients and "served" in clients[0]:
         served = [c["partition_id"] for c in clients if c["served"] >= 0.5]

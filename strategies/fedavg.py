@@ -112,7 +112,8 @@ class FedAvg(SeededSampling, FlowerFedAvg):
             coefficient_step = coefficient_step or self.fairness.coefficient_step
             lr *= self.fairness.server_lr
         if coefficient_step:
-            lr *= sum(weights)
+            total = sum(weights)
+            lr = (lr if total else 0.0) if self.average_only else lr * total
         return weights, lr
 
     def update_norms(self, contents: list[RecordDict]) -> list[float]:
@@ -146,6 +147,7 @@ class FedAvg(SeededSampling, FlowerFedAvg):
         return arrays, out
 
     reweights = False  # True: aggregate with client_weights even without a fairness policy
+    average_only = False  # True: a coefficient-step policy's weights are normalised (the step is an average)
 
     def average_arrays(self) -> ArrayRecord | None:
         """The fairness policy's averaged iterate (bounded group loss), if any."""

@@ -101,7 +101,13 @@ def per_client(value, key: str, allowed: str, ok, num_clients: int | None) -> li
 
 
 class Scafflix(ReweightedFedAvg):
-    """Draws the round's local-step count ``L ~ Geometric(p)``; averages with weights alpha^2/gamma."""
+    """Draws the round's local-step count ``L ~ Geometric(p)``; averages with weights alpha^2/gamma.
+    A fairness policy reweights that average but never lengthens it into an extrapolating step
+    (``average_only``): the control variates' update ``h_i += (p alpha_i / gamma_i)(x_new - x_hat_i)``
+    assumes ``x_new`` is an average of the uploads; bounded group loss's step of 1 + sum mu (up to 2)
+    times the average's made Synthetic(1, 1) runs diverge within 100 rounds."""
+
+    average_only = True
 
     def __init__(self, p: float = 0.2, max_local_steps: int = 100, **kwargs):
         super().__init__(**kwargs)
@@ -200,6 +206,13 @@ class ScafflixClient(ClientAlgorithm):
         new = dict(model.named_parameters())
         task.state.save("h", {k: control_variate_update(h[k], new[k].detach(), x_hat[k], alpha, gamma, p)
                               for k in x_hat})
+
+    objective_is_personalized = True
+
+    def objective_model(self, model: nn.Module, task: ClientTask) -> nn.Module:
+        """The FLIX point alpha_i x_i* + (1 - alpha_i) x: f_i there is client i's FLIX objective, the
+        loss a fairness policy composed with Scafflix weights it by (the global x is never deployed)."""
+        return self.personalize(copy.deepcopy(model), task)
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         alpha = self.alpha(task.client_id)

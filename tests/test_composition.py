@@ -219,3 +219,22 @@ def test_unseen_clients_never_train_and_are_reported_apart(make_cfg, tmp_path):
     assert unseen["personalized_acc"] > unseen["global_acc"]
     with pytest.raises(ConfigError, match=r"^simulation.unseen_clients=0.9: allowed: a share in \[0, 1\)"):
         validate(make_cfg(*SMALL, "simulation.unseen_clients=0.9"))
+
+
+def test_a_policy_never_extrapolates_scafflixs_average(tmp_path, task_identity):
+    """Scafflix's control variates assume the new model is an average of the uploads: a coefficient-step
+    policy (bounded group loss, coefficients [0.5, 1.5]) is applied there as normalised weights."""
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"0": "a", "1": "b"}))
+
+    class AverageOnly(BaseWeights):
+        average_only = True
+
+    policy = GroupLossBound(str(groups), max_group_loss=1.0, dual_step=0.5, dual_bound=10.0, num_clients=2)
+    policy.mu = {"b": 1.0}
+    strategy = AverageOnly(fairness=policy)
+    strategy.sent = ArrayRecord([np.zeros(1, np.float32)])
+    metrics = [{"num-examples": 1, "own-weight": 1.0, "loss_before": 0.5, "partition-id": 0},
+               {"num-examples": 1, "own-weight": 1.0, "loss_before": 3.0, "partition-id": 1}]
+    arrays, _ = strategy.aggregate_train(1, _replies([[0.0], [2.0]], metrics))
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [1.5])  # (0.5 * 0 + 1.5 * 2) / 2, not 3.0

@@ -112,7 +112,7 @@ def test_fairness_report_groups_bound_and_appeal(make_cfg, tmp_path):
     report = fairness_report(cfg, rows)
     assert report["groups"]["a"]["global_loss"] == pytest.approx((0.2 + 3.0) / 4)
     assert report["groups"]["a"]["global_acc"] == pytest.approx(0.25)
-    assert report["group_bound"] == {"max_group_loss": 0.7, "holds": False, "violated_by": ["a"]}
+    assert report["group_bound"] == {"max_group_loss": 0.7, "loss": "global_loss", "holds": False, "violated_by": ["a"]}
     assert report["appeal"] == {"served": [0, 2], "recommend_personalization": [1], "served_fraction": 2 / 3}
 
 
