@@ -19,14 +19,19 @@ from octomil_sim.errors import ConfigError, RunError
 from octomil_sim.interrupt import Interrupted
 
 
-def job_dirname(overrides: str, limit: int = 120) -> str:
-    """A ``-m`` job's folder name from its overrides (Hydra's ``override_dirname``): path separators
-    replaced, cut to ``limit`` characters with a short hash of the whole when longer."""
+def job_dirname(overrides: str, limit: int = 150) -> str:
+    """A ``-m`` job's folder name from its overrides (Hydra's ``override_dirname``, ``key=value`` joined
+    by commas): path separators replaced; when longer than ``limit``, each key shortened to its last
+    part (``simulation.seed=1`` -> ``seed=1``), and if still longer, cut with a short hash of the whole.
+    ``octomil-sim report`` reads a job's overrides from its ``.hydra/overrides.yaml``, not its name."""
     import hashlib
 
     name = overrides.replace(os.sep, "_") or "defaults"
     if len(name) > limit:
-        name = f"{name[:limit - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        name = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" if sep else k
+                        for k, sep, v in (item.partition("=") for item in name.split(",")))
+    if len(name) > limit:
+        name = f"{name[:limit - 9]}-{hashlib.sha256(overrides.encode()).hexdigest()[:8]}"
     return name
 
 

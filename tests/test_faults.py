@@ -171,7 +171,7 @@ def test_interrupted_sweep_resumes_from_its_sweep_dir_and_finished_jobs_are_not_
     assert again.returncode == 0, again.stderr
     assert "resuming from round" in again.stdout + again.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name[:2] for p in jobs] == ["0_", "1_"] and "simulation.seed=1" in jobs[1].name  # named by overrides
+    assert [p.name[:2] for p in jobs] == ["0_", "1_"] and "seed=1" in jobs[1].name  # named by overrides
     assert all(len(json.loads((j / "results.json").read_text())["rounds"]) == 300 for j in jobs)
     third = subprocess.run(args, capture_output=True, text=True, timeout=300)
     out = third.stdout + third.stderr
