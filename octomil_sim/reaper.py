@@ -13,7 +13,9 @@ pipe whose write end only the driver holds. When the pipe ends without the drive
 driver died: kill -9, a crash, ``os._exit`` after a second Ctrl-C), it waits ``grace`` seconds for
 Ray's own fate-sharing, then SIGKILLs every listed process that still runs (the same pid *and* start
 time, so a reused pid is never hit). A driver that ends normally writes "done" first, and nothing is
-killed. Only processes that descend from the driver are ever listed, never one found by its name.
+killed. Only processes that descend from the driver are ever listed, never one found by its name;
+but all of them are, Ray's or not (e.g. W&B's service process, or a notebook kernel's other children
+when a run is started from one): a driver that dies takes its whole process tree with it.
 """
 
 from __future__ import annotations

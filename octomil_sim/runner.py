@@ -103,8 +103,8 @@ def client_sizes(cfg: DictConfig) -> dict:
     by size (``strategy.server.sampling=size_proportional``), else nothing."""
     if cfg.strategy.server.get("sampling") != "size_proportional":
         return {}
-    data = FederatedData(cfg)
-    return {"client_sizes": [data.num_train(k) for k in range(data.num_clients)]}
+    data, unseen = FederatedData(cfg), set(unseen_clients(cfg))  # a held-out client is never drawn
+    return {"client_sizes": [0 if k in unseen else data.num_train(k) for k in range(data.num_clients)]}
 
 
 def initial_arrays(cfg: DictConfig) -> ArrayRecord:
@@ -141,6 +141,8 @@ class RunSession(Session):
         restore_strategy_state(strategy, saved["strategy"])
         restore_grid_counters(grid, saved["grid"])
         self.rows, self._bytes = saved["rows"], dict(grid.bytes)
+        for row in self.rows:  # the logger sees the whole run (the interrupted part first)
+            self.logger.log_round(row)
         self.progress.advance(self.task, saved["round"])
         return ArrayRecord(saved["arrays"]), saved["round"] + 1
 
@@ -215,7 +217,7 @@ class RunSession(Session):
                 "final": summarize_clients([c for c in clients if c["partition_id"] in unseen], weight_key="num_test"),
             }
         if averaged_rows is not None:  # e.g. bounded group loss: its guarantee is about the averaged iterate
-            averaged = client_table(averaged_rows)
+            averaged = [c for c in client_table(averaged_rows) if c["partition_id"] not in unseen]
             self.results["averaged_iterate"] = {"final": summarize_clients(averaged, weight_key="num_test"),
                                                 **fairness_report(self.cfg, averaged)}
 
@@ -254,6 +256,8 @@ def _attribute(strategy, name: str):
 def restore_strategy_state(strategy, saved: dict) -> None:
     """Put ``strategy_state``'s values back."""
     for name, value in saved.items():
+        if "." not in name and not hasattr(strategy, name) and hasattr(getattr(strategy, "fairness", None), name):
+            name = f"fairness.{name}"  # saved before fairness became a policy (tilted's log_normalizer, BGL's mu)
         _, owner, attr = _attribute(strategy, name)
         setattr(owner, attr, value)
 
@@ -532,9 +536,9 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
         "client_resources": {"num_cpus": s.num_cpus_per_client, "num_gpus": s.num_gpus_per_client},
         "init_args": ray_init_args(s),
     }
-    check_data_while_ray_starts(cfg, backend_config)
     reaper = Reaper() if s.get("ray_address") is None else None  # a killed driver leaves no Ray process behind
     try:
+        check_data_while_ray_starts(cfg, backend_config)
         stop.rearm()
         log.info(ray_report(s))
         session = RunSession(cfg, output_dir, saved, started)
@@ -559,8 +563,11 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
     results = session.results
     if results is None:
         raise RuntimeError("the ServerApp ended without results; see the Flower log above")
-    results["wall_time_s"] = time.perf_counter() - started
-    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
-    plot_run(results, output_dir / "results.png")
-    session.logger.finish(results["final"])
+    try:
+        results["wall_time_s"] = time.perf_counter() - started
+        (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+        plot_run(results, output_dir / "results.png")
+        session.logger.finish(results["final"])
+    finally:
+        session.logger.finish({})  # on any error too (a no-op once finished)
     return results

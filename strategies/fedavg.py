@@ -8,6 +8,7 @@ Client: ``local_epochs`` of minibatch SGD from the received weights.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
@@ -59,6 +60,25 @@ class FairnessPolicy:
         return None
 
 
+def _outermost_aggregation(aggregate_train: Callable) -> Callable:
+    """``aggregate_train`` that, when it is the outermost call (subclasses extend it through ``super()``),
+    hands the round's final global arrays to the fairness policy's ``after_aggregate``: after
+    personal layers' merge into the full model and pFedMe's beta step, not before."""
+
+    @functools.wraps(aggregate_train)
+    def wrapper(self, server_round, replies):
+        self._aggregation_depth = getattr(self, "_aggregation_depth", 0) + 1
+        try:
+            arrays, metrics = aggregate_train(self, server_round, replies)
+        finally:
+            self._aggregation_depth -= 1
+        if self._aggregation_depth == 0 and self.fairness is not None:
+            self.fairness.after_aggregate(arrays, metrics)
+        return arrays, metrics
+
+    return wrapper
+
+
 class FedAvg(SeededSampling, FlowerFedAvg):
     """Flower's FedAvg whose client sampling is a function of ``seed`` and the round; it keeps the
     global arrays it last sent (``sent``) for server updates that start from them. ``fairness``: a
@@ -73,6 +93,11 @@ class FedAvg(SeededSampling, FlowerFedAvg):
         super().__init__(**kwargs)
         self.sent: ArrayRecord | None = None
         self.fairness = fairness
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "aggregate_train" in cls.__dict__:
+            cls.aggregate_train = _outermost_aggregation(cls.__dict__["aggregate_train"])
 
     @property
     def round_state(self) -> tuple[str, ...]:
@@ -141,10 +166,7 @@ class FedAvg(SeededSampling, FlowerFedAvg):
         arrays = aggregate_arrayrecords(contents, self.WEIGHT)
         for m in metrics:
             del m[self.WEIGHT]
-        arrays, out = self.step_toward(arrays, lr), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        if self.fairness is not None:
-            self.fairness.after_aggregate(arrays, out)
-        return arrays, out
+        return self.step_toward(arrays, lr), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     reweights = False  # True: aggregate with client_weights even without a fairness policy
     average_only = False  # True: a coefficient-step policy's weights are normalised (the step is an average)
@@ -152,6 +174,9 @@ class FedAvg(SeededSampling, FlowerFedAvg):
     def average_arrays(self) -> ArrayRecord | None:
         """The fairness policy's averaged iterate (bounded group loss), if any."""
         return self.fairness.average_arrays() if self.fairness is not None else None
+
+
+FedAvg.aggregate_train = _outermost_aggregation(FedAvg.aggregate_train)
 
 
 class ReweightedFedAvg(FedAvg):

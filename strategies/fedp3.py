@@ -236,7 +236,7 @@ class FedP3(FedAvg):
         return out
 
     def aggregate_train(self, server_round, replies):
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid, _ = self._check_and_log_replies(self.aggregated_replies(replies), is_train=True, validate=False)
         if not valid or self.sent is None:
             return None, None
         previous = self.sent.to_torch_state_dict()
@@ -254,10 +254,7 @@ class FedP3(FedAvg):
             got = [(t[name], m[name], w) for (t, m), w in zip(decoded, weights) if name in t]
             merged[name] = masked_average(*map(list, zip(*got)), prev) if got else prev
         arrays = self.step_toward(ArrayRecord(merged), lr) if self.fairness is not None else ArrayRecord(merged)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        if self.fairness is not None:
-            self.fairness.after_aggregate(arrays, metrics)
-        return arrays, metrics
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
 # --- client half ---------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ instead of in one extra training round, and leaves the stored head unchanged.
 
 from __future__ import annotations
 
+import copy
+
 from flwr.app import ArrayRecord
 from torch import nn
 
@@ -97,6 +99,12 @@ class PersonalLayersClient(ClientAlgorithm):
         if stored is not None:
             model.load_state_dict(stored, strict=False)
         return stored is not None
+
+    def objective_model(self, model: nn.Module, task: ClientTask) -> nn.Module:
+        """The received shared layers with the client's own local ones (what its training starts from)."""
+        own = copy.deepcopy(model)
+        self._with_own_layers(own, task)
+        return own
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
         local, shared = self._split(model)

@@ -35,6 +35,22 @@ def test_bad_arguments_are_one_line(tmp_path, kwargs, message):
     assert str(err.value) == message
 
 
+def test_client_ids_are_numbered_as_the_natural_id_partitioner_numbers_them(tmp_path):
+    """flwr-datasets numbers the sorted ids: the groups and the results' client column must follow."""
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    from octomil_sim.api import _dataset
+    from octomil_sim.data import table_file
+
+    frame = pd.DataFrame({"client": ["b", "b", "a", "c"], "label": [0, 1, 0, 1], "f0": [1.0, 2.0, 3.0, 4.0]})
+    node, ids = _dataset(frame, tmp_path, "label", "client", None)
+    assert ids == ["a", "b", "c"]
+    partitioner = NaturalIdPartitioner(partition_by="client")
+    partitioner.dataset = table_file(node["source"]["path"])
+    assert [set(partitioner.load_partition(i)["client"]) for i in range(3)] == [{"a"}, {"b"}, {"c"}]
+    assert len(node["source"]["sha256"]) == 64  # the data is part of the run's config
+
+
 @pytest.mark.slow
 def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     """The "Use from Python" snippet, as written (in a scratch folder): a module defined in the script

@@ -65,7 +65,45 @@ def test_group_bound_on_partial_uploads_averages_only_what_is_uploaded(tmp_path,
     assert state["body"].tolist() == [3.0]  # 0 + 0.5 (0 - 0) + 1.5 (2 - 0)
     assert state["head"].tolist() == [9.0]  # the head is not uploaded
     assert policy.mu == pytest.approx({"a": 0.0, "b": 2.0}) and out["dual_b"] == pytest.approx(2.0)
-    assert strategy.average_arrays() is not None  # the averaged iterate, evaluated at the end
+    # the averaged iterate is of the whole model (after the merge), so every client can load it at the end
+    averaged = strategy.average_arrays().to_torch_state_dict()
+    assert averaged["body"].tolist() == [3.0] and averaged["head"].tolist() == [9.0]
+
+
+def test_the_policy_sees_the_model_after_pfedmes_beta_step(tmp_path, task_identity):
+    from strategies.pfedme import PFedMe
+
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"0": "a", "1": "a"}))
+    policy = GroupLossBound(str(groups), max_group_loss=10.0, dual_step=0.5, num_clients=2)
+    strategy = PFedMe(beta=0.5, fairness=policy)
+    strategy.sent = ArrayRecord([np.zeros(1, np.float32)])
+    metrics = [{"num-examples": 1, "loss_before": 0.5, "partition-id": k} for k in (0, 1)]
+    arrays, _ = strategy.aggregate_train(1, _replies([[2.0], [2.0]], metrics))
+    assert arrays.to_numpy_ndarrays()[0].tolist() == [1.0]  # halfway from 0 to the average 2
+    assert policy.average_arrays().to_numpy_ndarrays()[0].tolist() == [1.0]  # the model deployed, not the average
+
+
+def test_checkpoints_of_the_fairness_strategies_from_before_the_policies_resume(tmp_path):
+    from octomil_sim.runner import restore_strategy_state, strategy_state
+    from strategies.bounded_group_loss import BoundedGroupLoss
+
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"0": "a"}))
+    strategy = BoundedGroupLoss(groups_file=str(groups), max_group_loss=1.0, num_clients=1)
+    restore_strategy_state(strategy, {"mu": {"a": 0.5}, "rounds_averaged": 3})  # the names they had then
+    assert strategy.fairness.mu == {"a": 0.5} and strategy.fairness.rounds_averaged == 3
+    assert strategy_state(strategy)["fairness.mu"] == {"a": 0.5}
+
+
+def test_size_proportional_sampling_never_draws_a_held_out_client(make_cfg):
+    from octomil_sim.runner import client_sizes, unseen_clients
+
+    cfg = make_cfg("strategy=qffl", "simulation.unseen_clients=0.3", "simulation.num_clients=20")
+    sizes = client_sizes(cfg)["client_sizes"]
+    held_out = unseen_clients(cfg)
+    assert len(held_out) == 6 and all(sizes[k] == 0 for k in held_out) and all(sizes[k] > 0 for k in range(20)
+                                                                                if k not in held_out)
 
 
 def test_qffl_policy_on_fedavg_is_flowers_qfedavg(task_identity):
