@@ -185,6 +185,12 @@ class RunSession(Session):
     def failed(self, error: Exception) -> None:
         self.error = error
 
+    def end_logging(self, summary: dict) -> None:
+        """Finish the logger once, with ``summary`` (later calls do nothing)."""
+        if self.logger is not None:
+            self.logger.finish(summary)
+            self.logger = None
+
     def done(self, arrays, rows: list[dict], grid: SimulationGrid, averaged_rows: list[dict] | None = None) -> None:
         clients = client_table(rows)
         unseen = set(unseen_clients(self.cfg))
@@ -553,12 +559,12 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
         import ray
 
         ray.shutdown()  # Flower's engine shuts Ray down after a run; a signal before it started skips that
-        session.logger.finish({})  # what was logged so far stays (W&B: the run ends as finished early)
+        session.end_logging({})  # what was logged so far stays (W&B: the run ends as finished early)
         last = session.stopped_after if session.stopped_after is not None else (saved["round"] if saved else 0)
         checkpointed = bool(s.checkpoint_every) and session.checkpointed == last and last > 0
         raise Interrupted(stop.signum, last, output_dir, checkpointed)
     if session.error is not None:
-        session.logger.finish({})
+        session.end_logging({})
         raise session.error
     results = session.results
     if results is None:
@@ -567,7 +573,7 @@ def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
         results["wall_time_s"] = time.perf_counter() - started
         (output_dir / "results.json").write_text(json.dumps(results, indent=1))
         plot_run(results, output_dir / "results.png")
-        session.logger.finish(results["final"])
+        session.end_logging(results["final"])
     finally:
-        session.logger.finish({})  # on any error too (a no-op once finished)
+        session.end_logging({})  # on any error too (a no-op once finished)
     return results
