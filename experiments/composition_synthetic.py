@@ -33,6 +33,7 @@ ROWS = [
     ("Ditto", ["strategy=ditto"]),
     (f"Ditto + tilted t={TILT:g}", ["personalization=ditto", "fairness=tilted", f"fairness.policy.t={TILT}"]),
     ("Scafflix", ["strategy=scafflix"]),
+    (f"Scafflix + tilted t={TILT:g}", ["personalization=scafflix", "fairness=tilted", f"fairness.policy.t={TILT}"]),
     (f"Scafflix + bounded group loss {BOUND:g}", ["personalization=scafflix", "fairness=bounded_group_loss",
                                                    f"fairness.policy.max_group_loss={BOUND}"]),
     *[(f"Scafflix + bounded group loss {b:g}", ["personalization=scafflix", "fairness=bounded_group_loss",
