@@ -17,8 +17,8 @@ import argparse
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 
-from common import HERE, mean_std, run_cell, slug, write_block  # noqa: E402
-from fairness_synthetic import DATA, size_groups  # noqa: E402
+from common import HERE, mean_std, write_block  # noqa: E402
+from fairness_synthetic import cell as fairness_cell  # noqa: E402
 
 RESULTS = HERE / "results" / "composition_synthetic"
 BOUND = 1.5
@@ -42,8 +42,7 @@ ROWS = [
 
 
 def cell(name: str, overrides: list[str], seed: int, rounds: int) -> dict:
-    extra = [f"simulation.seed={seed}", f"simulation.rounds={rounds}", f"groups_file={size_groups(seed)}"]
-    return run_cell(RESULTS / slug(name) / f"seed{seed}", [*overrides, *DATA, *extra])
+    return fairness_cell(name, overrides, seed, rounds, RESULTS)  # fairness_synthetic's setting, our folder
 
 
 def worst_group(results: dict, key: str) -> float:

@@ -16,6 +16,7 @@ import json
 import statistics
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import matplotlib
 
@@ -53,9 +54,10 @@ def size_groups(seed: int) -> str:
     return str(path)
 
 
-def cell(name: str, overrides: list[str], seed: int, rounds: int) -> dict:
+def cell(name: str, overrides: list[str], seed: int, rounds: int, results: Path = RESULTS) -> dict:
+    """One run of this setting (``DATA``, the size groups of ``seed``) into ``results/<name>/seed<seed>``."""
     extra = [f"simulation.seed={seed}", f"simulation.rounds={rounds}", f"groups_file={size_groups(seed)}"]
-    return run_cell(RESULTS / slug(name) / f"seed{seed}", [*overrides, *DATA, *extra])
+    return run_cell(results / slug(name) / f"seed{seed}", [*overrides, *DATA, *extra])
 
 
 def main() -> None:

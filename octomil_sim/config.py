@@ -273,11 +273,17 @@ def composes_with_fairness(strategy: str) -> bool:
     return strategy not in group_options("fairness") and "fairness" in (target_parameters(node.server._target_) or ())
 
 
+def fairness_policy(cfg: DictConfig) -> DictConfig | None:
+    """The ``fairness.policy`` node when ``fairness`` names a policy (not ``none``), else None."""
+    fairness = cfg.get("fairness")
+    return fairness.get("policy") if fairness else None
+
+
 def check_fairness(cfg: DictConfig) -> None:
     """``fairness=<policy>`` goes with a personalization whose aggregation can weight its clients."""
-    fairness = cfg.get("fairness")
-    if not fairness or not fairness.get("policy"):
+    if not fairness_policy(cfg):
         return
+    fairness = cfg.fairness
     name = cfg.strategy.name
     if name in group_options("fairness"):
         raise ConfigError(f"fairness={fairness.name}: strategy={name} is a fairness method itself; allowed: "
@@ -290,11 +296,7 @@ def check_fairness(cfg: DictConfig) -> None:
 
 def fairness_kwargs(cfg: DictConfig) -> dict:
     """``{"fairness": policy}`` for the strategy's constructor when ``fairness`` names one, else nothing."""
-    fairness = cfg.get("fairness")
-    if not fairness or not fairness.get("policy"):
-        return {}
-    try:
-        return {"fairness": instantiate(fairness.policy)}
-    except ConfigError as err:
-        message = str(err)
-        raise ConfigError(message if message.startswith("groups_file") else f"fairness.policy.{message}") from None
+    from strategies.fedavg import policy_under
+
+    policy = fairness_policy(cfg)
+    return {"fairness": policy_under("fairness.policy.", lambda: instantiate(policy))} if policy else {}

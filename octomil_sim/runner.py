@@ -28,7 +28,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
-from octomil_sim.config import fairness_kwargs, validate
+from octomil_sim.config import fairness_kwargs, fairness_policy, validate
 from octomil_sim.data import FederatedData
 from octomil_sim.errors import ConfigError
 from octomil_sim.interrupt import Interrupted, StopRequest, stop_on_signals
@@ -194,11 +194,12 @@ class RunSession(Session):
     def done(self, arrays, rows: list[dict], grid: SimulationGrid, averaged_rows: list[dict] | None = None) -> None:
         clients = client_table(rows)
         unseen = set(unseen_clients(self.cfg))
-        for c in clients:
-            if unseen:
+        if unseen:
+            for c in clients:
                 c["unseen"] = int(c["partition_id"] in unseen)
+        trained = [c for c in clients if c["partition_id"] not in unseen]  # what final and groups are over
         total_bytes = dict(grid.bytes)
-        final = summarize_clients([c for c in clients if c["partition_id"] not in unseen], weight_key="num_test")
+        final = summarize_clients(trained, weight_key="num_test")
         final.update({
             "bytes_up": total_bytes.get("train_up", 0),
             "bytes_down": total_bytes.get("train_down", 0),
@@ -214,7 +215,7 @@ class RunSession(Session):
             "clients": clients,
             "final": final,
             "system": system_report(self.cfg, grid),
-            **fairness_report(self.cfg, [c for c in clients if c["partition_id"] not in unseen]),
+            **fairness_report(self.cfg, trained),
         }
         self.results["worst_group_improvement"] = worst_group_improvement(self.results.get("groups"), final)
         if unseen:  # the held-out clients apart: ``final`` is over the clients that trained
@@ -230,8 +231,7 @@ class RunSession(Session):
 
 def run_name(cfg: DictConfig) -> str:
     """``ditto + tilted on synthetic``: the personalization, the fairness policy if any, the data."""
-    fairness = cfg.get("fairness")
-    with_policy = f" + {fairness.name}" if fairness and fairness.get("policy") else ""
+    with_policy = f" + {cfg.fairness.name}" if fairness_policy(cfg) else ""
     return f"{cfg.strategy.name}{with_policy} on {cfg.dataset.name}"
 
 
@@ -384,10 +384,9 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
     ``max_group_loss``), and which clients the global model serves (algorithms reporting ``served``)."""
     out: dict = {}
     if cfg.get("groups_file"):
-        groups = load_groups(cfg.groups_file, cfg.simulation.num_clients)
+        groups = run_groups(cfg)
         out["groups"] = group_summaries(clients, groups, "num_test")
-        policy = (cfg.get("fairness") or {}).get("policy") or {}
-        bound = cfg.strategy.server.get("max_group_loss", policy.get("max_group_loss"))
+        bound = cfg.strategy.server.get("max_group_loss", (fairness_policy(cfg) or {}).get("max_group_loss"))
         if bound is not None:  # on the losses of the model the constraint is about (Scafflix: the FLIX models)
             from hydra.utils import get_object
 

@@ -11,7 +11,7 @@ Map to the papers, their code and this file:
 
 - ``lagrangian_weights``: the Lagrangian's gradient in w is ``sum_k c_k grad F_k`` with
   ``c_k = n_k/N + mu_g n_k/N_g``.
-- ``coefficient_step`` (applied by ``strategies.fedavg.ReweightedFedAvg.aggregate_train``): the primal
+- ``coefficient_step`` (applied by ``strategies.fedavg.FedAvg.fair_weights``): the primal
   step along that gradient, with each client's local update ``w_k - w`` standing in for ``-lr grad F_k``
   (FedAvg's reading): ``w <- w + sum_k c_k (w_k - w)``.
   The coefficients sum to ``1 + sum_g mu_g`` (groups of the round); they are not normalised, so the
@@ -51,7 +51,7 @@ from flwr.app import ArrayRecord
 
 from octomil_sim.errors import ConfigError
 from octomil_sim.metrics import load_groups
-from strategies.fedavg import LOSS_BEFORE, FairnessPolicy, FedAvgClient, ReweightedFedAvg
+from strategies.fedavg import LOSS_BEFORE, FairnessPolicy, FedAvgClient, ReweightedFedAvg, policy_under
 
 __all__ = ["GroupLossBound", "BoundedGroupLoss", "FedAvgClient", "group_losses", "project_duals", "dual_ascent",
            "lagrangian_weights", "running_mean"]
@@ -173,9 +173,6 @@ class BoundedGroupLoss(ReweightedFedAvg):
 
     def __init__(self, groups_file: str | None, max_group_loss: float, dual_step: float = 1.0,
                  dual_bound: float = 1.0, num_clients: int | None = None, **kwargs):
-        try:
-            policy = GroupLossBound(groups_file, max_group_loss, dual_step, dual_bound, num_clients)
-        except ConfigError as err:
-            message = str(err)
-            raise ConfigError(message if message.startswith("groups_file") else f"strategy.server.{message}") from None
+        policy = policy_under("strategy.server.", lambda: GroupLossBound(groups_file, max_group_loss, dual_step,
+                                                                           dual_bound, num_clients))
         super().__init__(fairness=policy, **kwargs)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
+from octomil_sim.errors import ConfigError
 from octomil_sim.server_app import SeededSampling
 from octomil_sim.training import evaluate, sgd_epochs
 
@@ -58,6 +59,16 @@ class FairnessPolicy:
     def average_arrays(self) -> ArrayRecord | None:
         """An averaged iterate to evaluate besides the final model (None: none)."""
         return None
+
+
+def policy_under(prefix: str, build: Callable[[], FairnessPolicy]) -> FairnessPolicy:
+    """``build()``, with a ``ConfigError`` from the policy's checks naming its key under ``prefix``
+    (``strategy.server.`` or ``fairness.policy.``); ``groups_file`` is a top-level key and stays as it is."""
+    try:
+        return build()
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith("groups_file") else f"{prefix}{message}") from None
 
 
 def _outermost_aggregation(aggregate_train: Callable) -> Callable:
@@ -101,10 +112,8 @@ class FedAvg(SeededSampling, FlowerFedAvg):
 
     @property
     def round_state(self) -> tuple[str, ...]:
-        """Attributes that rounds carry forward (checkpointed): the strategy's own ``state_names`` and
-        its fairness policy's, the latter as ``fairness.<name>``."""
-        own = tuple(getattr(self, "state_names", ()))
-        return own + tuple(f"fairness.{n}" for n in (self.fairness.round_state if self.fairness else ()))
+        """Attributes that rounds carry forward (checkpointed): its fairness policy's, as ``fairness.<name>``."""
+        return tuple(f"fairness.{n}" for n in self.fairness.round_state) if self.fairness is not None else ()
 
     def configure_train(self, server_round, arrays, config, grid):
         self.sent = arrays

@@ -12,7 +12,7 @@ Map to the paper (Sec. 4, Algorithm 1) and to this file:
 - ``appeal_weights``: ``q_i = sigma'(f_i(w) - rho_i)``, the weight of client i's update (Algorithm 1,
   the q_i each sampled client computes at the received global model).
 - ``appeal_coefficients``, taken as a step's coefficients (``coefficient_step``, applied by
-  ``strategies.fedavg.ReweightedFedAvg.aggregate_train``): the server step
+  ``strategies.fedavg.FedAvg.fair_weights``): the server step
   ``w <- w - eta_g sum_i q_i Delta_i / (sum_i q_i + eps)``, ``Delta_i = w - w_i`` the client's local
   update (Algorithm 1's global update; ``eta_g`` the global learning rate, ``eps`` > 0 keeps the
   step finite). The weights are not normalised to sum to 1: when every sampled client is far from
@@ -47,7 +47,7 @@ from octomil_sim.client_app import ClientTask, Tensors
 from octomil_sim.errors import ConfigError
 from octomil_sim.training import evaluate
 from strategies.fedavg import (LOSS_BEFORE, FairnessPolicy, FairnessReport, FedAvgClient, ReweightedFedAvg,
-                               stored_local_model)
+                               policy_under, stored_local_model)
 
 __all__ = ["Appeal", "AppealReport", "MaxFL", "MaxFLClient", "appeal_weights", "appeal_coefficients"]
 
@@ -96,35 +96,14 @@ class MaxFL(ReweightedFedAvg):
     """FedAvg with the ``Appeal`` policy; ``eta_g`` and ``eps`` as that policy's."""
 
     def __init__(self, eta_g: float = 1.0, eps: float = 1e-3, **kwargs):
-        try:
-            policy = Appeal(eta_g, eps)
-        except ConfigError as err:
-            raise ConfigError(f"strategy.server.{err}") from None
-        super().__init__(fairness=policy, **kwargs)
+        super().__init__(fairness=policy_under("strategy.server.", lambda: Appeal(eta_g, eps)), **kwargs)
 
 
 class AppealReport(FairnessReport):
     """MaxFL's client half for any personalization: ``loss_before`` and ``rho_i``, the training loss
-    of the client's model trained alone (``local_epochs_rho`` epochs, once, kept in its state)."""
+    of the client's model trained alone (``local_epochs_rho`` epochs, once, kept in its state), and at
+    evaluation whether the global model serves the client (``served``)."""
 
-    def __init__(self, local_epochs_rho: int = 20):
-        self.local_epochs_rho = local_epochs_rho
-
-    def metrics(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
-        local = stored_local_model(model, task, LOCAL, self.local_epochs_rho)
-        rho = evaluate(local, task.data.x_train, task.data.y_train)[0]
-        return {**super().metrics(model, task), "rho": rho}
-
-    def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
-        """``served``: whether the global model's training loss is at most rho_i (results.json's
-        ``appeal`` lists the clients it serves and recommends personalization for the others)."""
-        local = stored_local_model(model, task, LOCAL, self.local_epochs_rho)
-        served = evaluate(model, task.data.x_train, task.data.y_train)[0] <= evaluate(local, task.data.x_train,
-                                                                                   task.data.y_train)[0]
-        return {"served": float(served)}
-
-
-class MaxFLClient(FedAvgClient):
     def __init__(self, local_epochs_rho: int = 20):
         self.local_epochs_rho = local_epochs_rho
 
@@ -133,18 +112,36 @@ class MaxFLClient(FedAvgClient):
         local = stored_local_model(model, task, LOCAL, self.local_epochs_rho)
         return local, evaluate(local, task.data.x_train, task.data.y_train)[0]
 
-    def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
-        _, rho = self.local_model(model, task)
-        upload, metrics = super().train(model, task)
-        return upload, {**metrics, "rho": rho}
-
-    def _served(self, model: nn.Module, task: ClientTask) -> tuple[bool, nn.Module]:
+    def served(self, model: nn.Module, task: ClientTask) -> tuple[bool, nn.Module]:
+        """Whether ``model``'s training loss is at most rho_i, and the client's own model."""
         local, rho = self.local_model(model, task)
         return evaluate(model, task.data.x_train, task.data.y_train)[0] <= rho, local
 
+    def metrics(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
+        _, rho = self.local_model(model, task)
+        return {**super().metrics(model, task), "rho": rho}
+
+    def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
+        """``served`` (results.json's ``appeal`` lists the clients the global model serves and
+        recommends personalization for the others)."""
+        return {"served": float(self.served(model, task)[0])}
+
+
+class MaxFLClient(FedAvgClient):
+    """FedAvg's local SGD plus MaxFL's appeal (``AppealReport``): reports ``rho``, deploys whichever of
+    the global and its own model has the lower training loss, and reports ``served``."""
+
+    def __init__(self, local_epochs_rho: int = 20):
+        self.appeal = AppealReport(local_epochs_rho)
+
+    def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
+        _, rho = self.appeal.local_model(model, task)
+        upload, metrics = super().train(model, task)
+        return upload, {**metrics, "rho": rho}
+
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
-        served, local = self._served(model, task)
+        served, local = self.appeal.served(model, task)
         return model if served else local
 
     def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
-        return {"served": float(self._served(model, task)[0])}
+        return self.appeal.report(model, task)

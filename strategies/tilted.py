@@ -36,7 +36,7 @@ import math
 from collections.abc import Sequence
 
 from octomil_sim.errors import ConfigError
-from strategies.fedavg import LOSS_BEFORE, FairnessPolicy, FedAvgClient, ReweightedFedAvg
+from strategies.fedavg import LOSS_BEFORE, FairnessPolicy, FedAvgClient, ReweightedFedAvg, policy_under
 
 __all__ = ["Tilted", "TiltedFedAvg", "FedAvgClient", "tilted_weights", "update_log_normalizer",
            "normalized_tilted_coefficients"]
@@ -113,8 +113,5 @@ class TiltedFedAvg(ReweightedFedAvg):
     is Algorithm 1's lambda: weights are divided by the running normalizer instead (official: 0.5)."""
 
     def __init__(self, t: float = 1.0, server_lr: float = 1.0, normalizer_rate: float | None = None, **kwargs):
-        try:
-            policy = Tilted(t, server_lr, normalizer_rate)
-        except ConfigError as err:
-            raise ConfigError(f"strategy.server.{err}") from None
-        super().__init__(fairness=policy, **kwargs)
+        super().__init__(fairness=policy_under("strategy.server.", lambda: Tilted(t, server_lr, normalizer_rate)),
+                         **kwargs)

@@ -14,45 +14,13 @@ from pathlib import Path
 import pytest
 
 from octomil_sim.checkpoint import checkpoint_folders
+from octomil_sim.reaper import descendants
+from octomil_sim.reaper import still_running as alive
 
 pytestmark = pytest.mark.slow
 
 ARGS = [sys.executable, "-m", "octomil_sim", "strategy=fedavg", "simulation.num_clients=10",
         "simulation.clients_per_round=4", "simulation.fraction_evaluate=0", "progress=false"]
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """{pid: start time} of every live descendant of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    start: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        start[int(entry.name)] = fields[19]
-    out, todo = {}, list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        out[p] = start[p]
-        todo += children.get(p, [])
-    return out
-
-
-def alive(processes: dict[int, str]) -> list[int]:
-    """The ones still running (the same process: same start time, not a zombie)."""
-    left = []
-    for pid, started in processes.items():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[19] == started and fields[0] != "Z":
-            left.append(pid)
-    return left
 
 
 def _cmdline(pid: int) -> bytes:
