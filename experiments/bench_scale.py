@@ -101,14 +101,14 @@ def plain_loop(out: Path, args: list[str]) -> None:
 
     from octomil_sim.client_app import build_model, client_runtime
     from octomil_sim.runner import initial_arrays
+    from octomil_sim.spec import RunSpec
     from octomil_sim.training import evaluate
 
     with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[*args, "simulation.state_store=memory"])
-    from omegaconf import OmegaConf
+        cfg = RunSpec.from_config(compose("config", overrides=[*args, "simulation.state_store=memory"]))
 
     started = time.perf_counter()
-    rt = client_runtime(OmegaConf.to_yaml(cfg, resolve=True))
+    rt = client_runtime(cfg)
     s = cfg.simulation
     round_times = []
     weights = {k: v.numpy() for k, v in initial_arrays(cfg).to_torch_state_dict().items()}
@@ -143,9 +143,10 @@ def warm_cache(args: list[str]) -> None:
     from hydra import compose, initialize_config_module
 
     from octomil_sim.data import FederatedData
+    from octomil_sim.spec import RunSpec
 
     with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):
-        FederatedData(compose("config", overrides=args))
+        FederatedData(RunSpec.from_config(compose("config", overrides=args)))
 
 
 def flower_final_weights(run_dir: Path) -> dict:

@@ -15,7 +15,7 @@ import copy
 import json
 
 import torch
-from omegaconf import OmegaConf
+from octomil_sim.spec import RunSpec
 
 from common import HERE
 from octomil_sim.checkpoint import load_checkpoint
@@ -28,7 +28,7 @@ from strategies.perfedavg import PerFedAvgClient
 
 def pooled(cfg, data, model, mode: str) -> float:
     c = cfg.strategy.client
-    client = PerFedAvgClient(beta=c.beta, adapt_on=mode)
+    client = PerFedAvgClient(beta=c.get("beta"), adapt_on=mode)
     s = cfg.simulation
     hp = LocalTraining(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed, local_steps=s.local_steps)
     correct = total = 0
@@ -46,7 +46,7 @@ def main() -> None:
         if found is None or not (run_dir / "results.json").exists():
             continue
         saved = found[1]
-        cfg = OmegaConf.create(json.loads((run_dir / "results.json").read_text())["config"])
+        cfg = RunSpec.from_config(json.loads((run_dir / "results.json").read_text())["config"])
         model = build_model(cfg)
         model.load_state_dict(saved["arrays"])
         data = FederatedData(cfg)

@@ -42,11 +42,12 @@ if not OmegaConf.has_resolver("octomil_sim.dirname"):
 @hydra.main(config_path="pkg://octomil_sim.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from octomil_sim.runner import run
+    from octomil_sim.spec import RunSpec
 
     try:
         check_added_keys(cfg, list(HydraConfig.get().overrides.task))
         check_output_paths(HydraConfig.get().runtime.output_dir)
-        results = run(cfg, HydraConfig.get().runtime.output_dir)
+        results = run(RunSpec.from_config(cfg), HydraConfig.get().runtime.output_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -194,6 +194,7 @@ def simulate(model: Any = None, data: Any = None, *, personalization: str | None
 
     from octomil_sim.config import check_group_choices
     from octomil_sim.runner import run
+    from octomil_sim.spec import RunSpec
 
     layers = {k: settings.pop(k) for k in ("local_layers", "sync_layers") if k in settings}
     unknown = sorted(set(settings) - set(SETTINGS))
@@ -246,7 +247,7 @@ def simulate(model: Any = None, data: Any = None, *, personalization: str | None
             path.write_text(json.dumps({str(position.get(str(k), k)): str(v) for k, v in groups.items()}))
             groups = path
         cfg.groups_file = str(Path(groups).resolve())
-    results = Results(run(cfg, out), out)
+    results = Results(run(RunSpec.from_config(cfg), out), out)  # the typed spec, as the other front ends build it
     if ids:
         for row in results.raw["clients"]:
             row["client"] = ids[row["partition_id"]]

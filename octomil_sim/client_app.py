@@ -22,12 +22,11 @@ from functools import lru_cache
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from octomil_sim.batching import pack, unpack
 from octomil_sim.data import ClientData, FederatedData, federated_data
-from octomil_sim.errors import instantiate
+from octomil_sim.spec import RunSpec
 from octomil_sim.state import ClientState, ClientStateStore, make_store
 from octomil_sim.system import ClientDropout, SystemModel
 from octomil_sim.training import BatchStream, LocalTraining, StepBudget, client_seed, evaluate
@@ -116,25 +115,25 @@ def received_state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return _last_received[1]
 
 
-def build_model(cfg: DictConfig) -> nn.Module:
-    """The configured model for the configured dataset's input shape and classes."""
-    d = cfg.dataset
-    return instantiate(cfg.model.net, input_shape=tuple(d.input_shape), num_classes=d.num_classes)
+def build_model(spec: RunSpec) -> nn.Module:
+    """The run's model for its dataset's input shape and classes."""
+    d = spec.dataset
+    return spec.model.net.build(input_shape=tuple(d.input_shape), num_classes=d.num_classes)
 
 
-def build_initial_model(cfg: DictConfig) -> nn.Module:
+def build_initial_model(spec: RunSpec) -> nn.Module:
     """The round-0 global model of a run: ``build_model`` under ``torch.manual_seed(simulation.seed)``
     (the global RNG is restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.simulation.seed)
-        return build_model(cfg)
+        torch.manual_seed(spec.simulation.seed)
+        return build_model(spec)
 
 
 @dataclass
 class ClientRuntime:
     """What one process (a Ray actor) keeps between messages: data, model shape, algorithm."""
 
-    cfg: DictConfig
+    spec: RunSpec
     data: FederatedData
     algorithm: ClientAlgorithm
     hp: LocalTraining
@@ -146,7 +145,7 @@ class ClientRuntime:
 
     def initial_model(self) -> nn.Module:
         if self._initial is None:
-            self._initial = build_initial_model(self.cfg)
+            self._initial = build_initial_model(self.spec)
         return copy.deepcopy(self._initial)
 
     def model_from(self, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
@@ -199,22 +198,22 @@ class ClientRuntime:
 
 
 @lru_cache(maxsize=2)
-def client_runtime(cfg_yaml: str) -> ClientRuntime:
-    cfg = OmegaConf.create(cfg_yaml)
+def client_runtime(spec: RunSpec) -> ClientRuntime:
+    """The runtime of ``spec``'s clients in this process, built on its first message and kept."""
     torch.set_num_threads(1)  # one core per simulated client; Ray runs several side by side
     # in the actor's process: Flower's "Manually terminating ClientAppActor" at a normal shutdown is noise
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    s = cfg.simulation
+    s = spec.simulation
     return ClientRuntime(
-        cfg=cfg,
-        data=federated_data(cfg),
-        algorithm=instantiate(cfg.strategy.client),
+        spec=spec,
+        data=federated_data(spec),
+        algorithm=spec.strategy.client.build(),
         hp=LocalTraining(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
-                         local_steps=s.get("local_steps")),
+                         local_steps=s.local_steps),
         store=make_store(s.state_store, s.state_dir),
-        system=SystemModel.from_config(cfg),
-        template=build_model(cfg),
-        fairness=instantiate(cfg.fairness.client) if cfg.get("fairness") and cfg.fairness.get("client") else None,
+        system=SystemModel.of_run(spec),
+        template=build_model(spec),
+        fairness=spec.fairness.client.build() if spec.fairness.client else None,
     )
 
 
@@ -234,20 +233,20 @@ def run_clients(handler, packed: RecordDict) -> RecordDict:
     return pack(done, failed)
 
 
-def build_client_app(cfg_yaml: str) -> ClientApp:
-    """A ClientApp for the run described by ``cfg_yaml`` (the resolved Hydra config as YAML)."""
+def build_client_app(spec: RunSpec) -> ClientApp:
+    """A ClientApp for the run ``spec`` (which travels to the Ray actors with the app)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return Message(run_clients(client_runtime(cfg_yaml).train, msg.content), reply_to=msg)
+        return Message(run_clients(client_runtime(spec).train, msg.content), reply_to=msg)
 
     @app.train("sync")
     def sync(msg: Message, context: Context) -> Message:
-        return Message(run_clients(client_runtime(cfg_yaml).sync, msg.content), reply_to=msg)
+        return Message(run_clients(client_runtime(spec).sync, msg.content), reply_to=msg)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return Message(run_clients(client_runtime(cfg_yaml).evaluate, msg.content), reply_to=msg)
+        return Message(run_clients(client_runtime(spec).evaluate, msg.content), reply_to=msg)
 
     return app

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from octomil_sim.errors import ConfigError, instantiate, number_list
+from octomil_sim.errors import ConfigError, number_list
+from octomil_sim.spec import RunSpec
 
 GROUPS = ("dataset", "partition", "model", "strategy", "personalization", "fairness", "simulation", "system", "logger",
           "experiment")
@@ -146,29 +147,29 @@ def _is_int(value, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def check_partition(cfg: DictConfig) -> None:
+def check_partition(spec: RunSpec) -> None:
     """The partitioner's own arguments, which flwr-datasets checks only once a client loads its data
     (in a Ray actor, as a traceback) or not at all (a Dirichlet alpha of 0)."""
-    p, target = cfg.partition, str(cfg.partition.get("_target_", ""))
+    p = spec.partition.partitioner
+    target, get = p.target, p.get
     if target.endswith("DirichletPartitioner"):
-        alphas = number_list(p.alpha)
-        _require("partition.alpha", p.alpha, alphas is not None and all(a > 0 for a in alphas),
+        alphas = number_list(get("alpha"))
+        _require("partition.alpha", get("alpha"), alphas is not None and all(a > 0 for a in alphas),
                  "a number > 0, or a list of such numbers (one per client)")
-        _require("partition.min_partition_size", p.min_partition_size, _is_int(p.min_partition_size, 0),
+        _require("partition.min_partition_size", get("min_partition_size"), _is_int(get("min_partition_size"), 0),
                  "an integer >= 0")
     elif target.endswith("PathologicalPartitioner"):
-        classes = cfg.dataset.num_classes
-        _require("partition.num_classes_per_partition", p.num_classes_per_partition,
-                 _is_int(p.num_classes_per_partition, 1) and p.num_classes_per_partition <= classes,
-                 f"an integer in 1..{classes} (dataset={cfg.dataset.name} has {classes} classes)")
+        classes, per = spec.dataset.num_classes, get("num_classes_per_partition")
+        _require("partition.num_classes_per_partition", per, _is_int(per, 1) and per <= classes,
+                 f"an integer in 1..{classes} (dataset={spec.dataset.name} has {classes} classes)")
         modes = ("random", "first-deterministic", "deterministic")
-        _require("partition.class_assignment_mode", p.class_assignment_mode, p.class_assignment_mode in modes,
+        _require("partition.class_assignment_mode", get("class_assignment_mode"), get("class_assignment_mode") in modes,
                  ", ".join(modes))
     elif target.endswith("ShardPartitioner"):
-        _require("partition.num_shards_per_partition", p.get("num_shards_per_partition"),
-                 p.get("num_shards_per_partition") is None or _is_int(p.num_shards_per_partition, 1),
+        _require("partition.num_shards_per_partition", get("num_shards_per_partition"),
+                 get("num_shards_per_partition") is None or _is_int(get("num_shards_per_partition"), 1),
                  "null or an integer >= 1")
-        _require("partition.shard_size", p.get("shard_size"), p.get("shard_size") is None or _is_int(p.shard_size, 1),
+        _require("partition.shard_size", get("shard_size"), get("shard_size") is None or _is_int(get("shard_size"), 1),
                  "null or an integer >= 1")
 
 
@@ -197,25 +198,25 @@ def _require(key: str, value, ok: bool, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r}: allowed: {allowed}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Value checks Hydra cannot do; raises ``ConfigError``."""
-    s = cfg.simulation
+def validate(spec: RunSpec) -> None:
+    """Value checks of a run spec that its types cannot say; raises ``ConfigError``."""
+    s = spec.simulation
     _require("simulation.num_clients", s.num_clients, isinstance(s.num_clients, int) and s.num_clients >= 1, "an integer >= 1")
     _require("simulation.clients_per_round", s.clients_per_round,
              isinstance(s.clients_per_round, int) and 1 <= s.clients_per_round <= s.num_clients,
              f"an integer in 1..simulation.num_clients ({s.num_clients})")
     _require("simulation.rounds", s.rounds, isinstance(s.rounds, int) and s.rounds >= 1, "an integer >= 1")
     _require("simulation.local_epochs", s.local_epochs, isinstance(s.local_epochs, int) and s.local_epochs >= 1, "an integer >= 1")
-    _require("simulation.local_steps", s.get("local_steps"), s.get("local_steps") is None
+    _require("simulation.local_steps", s.local_steps, s.local_steps is None
              or (isinstance(s.local_steps, int) and s.local_steps >= 1), "null or an integer >= 1")
-    _require("simulation.train_all_clients", s.get("train_all_clients"), isinstance(s.get("train_all_clients", False), bool),
+    _require("simulation.train_all_clients", s.train_all_clients, isinstance(s.train_all_clients, bool),
              "true, false")
     _require("simulation.batch_size", s.batch_size, isinstance(s.batch_size, int) and s.batch_size >= 1, "an integer >= 1")
     _require("simulation.lr", s.lr, isinstance(s.lr, (int, float)) and s.lr > 0, "a number > 0")
     _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")
     _require("simulation.fraction_evaluate", s.fraction_evaluate, 0 <= s.fraction_evaluate <= 1, "a number in [0, 1]")
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.num_cpus_per_client > 0, "a number > 0")
-    unseen = s.get("unseen_clients", 0) or 0
+    unseen = s.unseen_clients or 0
     _require("simulation.unseen_clients", unseen, isinstance(unseen, (int, float)) and 0 <= unseen < 1
              and s.num_clients - round(unseen * s.num_clients) >= s.clients_per_round,
              f"a share in [0, 1) that leaves at least simulation.clients_per_round ({s.clients_per_round}) of the "
@@ -227,10 +228,10 @@ def validate(cfg: DictConfig) -> None:
              "null or an integer >= 1")
     _require("simulation.checkpoint_every", s.checkpoint_every, isinstance(s.checkpoint_every, int) and s.checkpoint_every >= 0,
              "an integer >= 0 (0: no checkpoints)")
-    _require("simulation.ray_address", s.get("ray_address"), s.get("ray_address") is None
+    _require("simulation.ray_address", s.ray_address, s.ray_address is None
              or (isinstance(s.ray_address, str) and bool(s.ray_address.strip())),
              "null (a private local Ray instance), auto, or host:port of a running Ray cluster")
-    _require("simulation.ray_num_cpus", s.ray_num_cpus, s.ray_num_cpus is None or s.get("ray_address") is None,
+    _require("simulation.ray_num_cpus", s.ray_num_cpus, s.ray_num_cpus is None or s.ray_address is None,
              "null when joining a cluster (simulation.ray_address): its nodes set their own CPUs")
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.ray_num_cpus is None
              or s.num_cpus_per_client <= s.ray_num_cpus,
@@ -241,29 +242,26 @@ def validate(cfg: DictConfig) -> None:
              "simulation.num_cpus_per_client)")
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or not s.checkpoint_every,
              "disk when checkpointing (the memory store lives in a Ray actor; set simulation.checkpoint_every=0)")
-    check_partition(cfg)
-    if cfg.get("groups_file"):
+    check_partition(spec)
+    if spec.groups_file:
         from octomil_sim.metrics import load_groups
 
-        load_groups(cfg.groups_file, s.num_clients)
-    rank = cfg.model.get("input_rank")
-    _require("dataset", cfg.dataset.name, rank is None or len(cfg.dataset.input_shape) == rank,
-             f"model={cfg.model.name} needs {rank}-d inputs; datasets with them: mnist5k, femnist")
-    _require("model", cfg.model.name, bool(cfg.model.get("tokens", False)) == bool(cfg.dataset.get("tokens", False)),
+        load_groups(spec.groups_file, s.num_clients)
+    rank, d, m = spec.model.input_rank, spec.dataset, spec.model
+    _require("dataset", d.name, rank is None or len(d.input_shape) == rank,
+             f"model={m.name} needs {rank}-d inputs; datasets with them: mnist5k, femnist")
+    _require("model", m.name, bool(m.tokens) == bool(d.tokens),
              "a token model (prompt_transformer) for token data (synthetic_tokens), another model otherwise")
-    for part in ("server", "client"):
-        _require(f"strategy.{part}", cfg.strategy.get(part), bool(cfg.strategy.get(part)) and "_target_" in cfg.strategy[part],
-                 "a mapping with a _target_ (see conf/strategy/*.yaml)")
     from octomil_sim.client_app import build_model
     from octomil_sim.system import SystemModel
 
-    SystemModel.from_config(cfg)
+    SystemModel.of_run(spec)
 
-    instantiate(cfg.strategy.client).check(build_model(cfg))
+    spec.strategy.client.build().check(build_model(spec))
     from octomil_sim.runner import strategy_kwargs
 
-    check_fairness(cfg)
-    instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **fairness_kwargs(cfg))  # its own checks (p, sparsity, ...)
+    check_fairness(spec)
+    spec.strategy.server.build(**strategy_kwargs(spec), **fairness_kwargs(spec))  # its own checks (p, sparsity, ...)
 
 
 def composes_with_fairness(strategy: str) -> bool:
@@ -273,30 +271,23 @@ def composes_with_fairness(strategy: str) -> bool:
     return strategy not in group_options("fairness") and "fairness" in (target_parameters(node.server._target_) or ())
 
 
-def fairness_policy(cfg: DictConfig) -> DictConfig | None:
-    """The ``fairness.policy`` node when ``fairness`` names a policy (not ``none``), else None."""
-    fairness = cfg.get("fairness")
-    return fairness.get("policy") if fairness else None
-
-
-def check_fairness(cfg: DictConfig) -> None:
+def check_fairness(spec: RunSpec) -> None:
     """``fairness=<policy>`` goes with a personalization whose aggregation can weight its clients."""
-    if not fairness_policy(cfg):
+    if not spec.policy:
         return
-    fairness = cfg.fairness
-    name = cfg.strategy.name
+    fairness, name = spec.fairness.name, spec.strategy.name
     if name in group_options("fairness"):
-        raise ConfigError(f"fairness={fairness.name}: strategy={name} is a fairness method itself; allowed: "
+        raise ConfigError(f"fairness={fairness}: strategy={name} is a fairness method itself; allowed: "
                           f"fairness=none, or personalization=fedavg fairness={name}")
-    if "fairness" not in (target_parameters(cfg.strategy.server._target_) or ()):
+    if "fairness" not in (target_parameters(spec.strategy.server.target) or ()):
         allowed = [s for s in group_options("strategy") if composes_with_fairness(s)]
-        raise ConfigError(f"fairness={fairness.name}: strategy={name} does not weight its clients; allowed "
+        raise ConfigError(f"fairness={fairness}: strategy={name} does not weight its clients; allowed "
                           f"personalizations: {', '.join(allowed)} (or fairness=none)")
 
 
-def fairness_kwargs(cfg: DictConfig) -> dict:
+def fairness_kwargs(spec: RunSpec) -> dict:
     """``{"fairness": policy}`` for the strategy's constructor when ``fairness`` names one, else nothing."""
     from strategies.fedavg import policy_under
 
-    policy = fairness_policy(cfg)
-    return {"fairness": policy_under("fairness.policy.", lambda: instantiate(policy))} if policy else {}
+    policy = spec.policy
+    return {"fairness": policy_under("fairness.policy.", policy.build)} if policy else {}

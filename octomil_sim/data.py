@@ -19,10 +19,8 @@ import math
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
 import numpy as np
@@ -33,10 +31,9 @@ from octomil_sim.lazy_imports import defer_flwr_datasets_plots
 defer_flwr_datasets_plots()
 from flwr_datasets import FederatedDataset  # noqa: E402
 from flwr_datasets.partitioner import Partitioner  # noqa: E402
-from hydra.utils import get_method, instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from octomil_sim.errors import ConfigError  # noqa: E402
+from octomil_sim.spec import DatasetSpec, RunSpec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -251,15 +248,14 @@ class ClientData:
         return len(self.y_test)
 
 
-def _partitioner(cfg: DictConfig) -> Partitioner:
-    pcfg = cfg.partition
-    if "partition_by" in pcfg and pcfg.partition_by is None:
+def _partitioner(spec: RunSpec) -> Partitioner:
+    p = spec.partition
+    if "partition_by" in p.partitioner.kwargs and p.partitioner.get("partition_by") is None:
         raise ConfigError(
-            f"partition={pcfg.name}: dataset={cfg.dataset.name} has no natural client-id column; "
+            f"partition={p.name}: dataset={spec.dataset.name} has no natural client-id column; "
             "allowed partitions for it: iid, dirichlet, pathological, shard"
         )
-    kwargs = {k: v for k, v in OmegaConf.to_container(pcfg, resolve=True).items() if k != "name"}
-    return instantiate(kwargs)
+    return p.partitioner.build()
 
 
 def cache_root() -> Path:
@@ -267,24 +263,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("OCTOMIL_SIM_CACHE", Path.home() / ".cache" / "octomil_sim")) / "datasets"
 
 
-def _source(cfg: DictConfig):
+def _source(spec: RunSpec):
     """The configured source. A dataset generated in memory (synthetic, digits, mnist5k) is written
     once to the cache as Arrow files and memory-mapped from there: every Ray actor then shares the
     same pages instead of holding its own copy, so memory does not grow with actors x clients."""
-    spec = OmegaConf.to_container(cfg.dataset.source, resolve=True)
-    if spec["_target_"].endswith("HubDataset"):
-        return instantiate(spec)
-    generator = get_method(spec["_target_"])  # its code is part of the key: a fix makes new data
-    read = Path(str(spec.get("path", ""))).expanduser()
-    files = ([read] if read.is_file() else sorted(p for p in read.rglob("*") if p.is_file())) if spec.get("path") else []
+    source = spec.dataset.source
+    if source.target.endswith("HubDataset"):
+        return source.build()
+    generator = source.obj  # its code is part of the key: a fix makes new data
+    read = Path(str(source.get("path", ""))).expanduser()
+    files = ([read] if read.is_file() else sorted(p for p in read.rglob("*") if p.is_file())) if source.get("path") else []
     stamp = "".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    key = hashlib.sha256((json.dumps(spec, sort_keys=True) + inspect.getsource(generator) + stamp)
+    key = hashlib.sha256((json.dumps(source.as_node(), sort_keys=True) + inspect.getsource(generator) + stamp)
                          .encode()).hexdigest()[:16]  # a file's size and time too: an edited file is read anew
-    path = cache_root() / f"{cfg.dataset.name}-{key}"
+    path = cache_root() / f"{spec.dataset.name}-{key}"
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         datasets.disable_progress_bars()
-        generated = instantiate(spec)
+        generated = source.build()
         try:
             generated.save_to_disk(str(tmp))
         except OSError:  # no writable cache: every process generates its own copy
@@ -296,12 +292,12 @@ def _source(cfg: DictConfig):
     return datasets.load_from_disk(str(path))
 
 
-def cache_source(cfg: DictConfig) -> None:
+def cache_source(spec: RunSpec) -> None:
     """Generate the configured dataset into the cache now, in the calling thread, if it is a generated
     one not cached yet. The runner calls it before Ray starts: generating in the data-check thread
     while Ray forks its processes left NumPy's threaded BLAS spinning in an SVD for minutes
     (``multivariate_normal`` of the pFedMe generator); a cached dataset only opens here."""
-    _source(cfg)
+    _source(spec)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -329,10 +325,11 @@ def go_offline() -> None:
     datasets.config.HF_HUB_OFFLINE = True
 
 
-def _load_partitions(cfg: DictConfig):
+def _load_partitions(spec: RunSpec):
     """Return a function ``partition_id -> datasets.Dataset`` and the number of partitions."""
-    source = _source(cfg)
-    partitioner = _partitioner(cfg)
+    source = _source(spec)
+    partitioner = _partitioner(spec)
+    d = spec.dataset
     if isinstance(source, HubDataset):
         offline = not Path(source.path).exists() and not hub_reachable()
         if offline:  # read the local cache only: no five retries with back-off, each line printed twice
@@ -348,8 +345,7 @@ def _load_partitions(cfg: DictConfig):
             raise ConfigError(
                 f"dataset.source.path={source.path!r} could not be loaded ({reason}); set it to a "
                 "HF hub id reachable from here or a local directory of parquet files with columns "
-                f"{cfg.dataset.feature_key}, {cfg.dataset.label_key}"
-                + (f", {cfg.dataset.client_id_key}" if cfg.dataset.client_id_key else "")
+                f"{d.feature_key}, {d.label_key}" + (f", {d.client_id_key}" if d.client_id_key else "")
             ) from None
         return (lambda pid: fds.load_partition(pid, source.split)), partitioner.num_partitions
     partitioner.dataset = source
@@ -363,26 +359,27 @@ def _load_partitions(cfg: DictConfig):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if redraws:
             log.info("flwr-datasets drew the Dirichlet partition %d more time(s) until every client had "
-                     "partition.min_partition_size=%s examples", len(redraws), cfg.partition.min_partition_size)
+                     "partition.min_partition_size=%s examples", len(redraws),
+                     spec.partition.partitioner.get("min_partition_size"))
     except ValueError as exc:
         if "max number of attempts" not in str(exc):
             raise
-        p = cfg.partition
+        p = spec.partition.partitioner
         raise ConfigError(
-            f"partition.alpha={p.alpha}: flwr-datasets' Dirichlet partitioner could not give all "
-            f"{cfg.simulation.num_clients} clients partition.min_partition_size={p.min_partition_size} examples "
+            f"partition.alpha={p.get('alpha')}: flwr-datasets' Dirichlet partitioner could not give all "
+            f"{spec.simulation.num_clients} clients partition.min_partition_size={p.get('min_partition_size')} examples "
             "in 10 tries; allowed: a larger partition.alpha, a smaller partition.min_partition_size, fewer "
             "simulation.num_clients, or another simulation.seed"
         ) from None
     return partitioner.load_partition, partitioner.num_partitions
 
 
-def _to_tensors(ds: datasets.Dataset, d: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_tensors(ds: datasets.Dataset, d: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Features as float32 of shape ``(n, *dataset.input_shape)`` divided by ``dataset.scale`` (int64
     token ids, unscaled, for ``dataset.tokens``), and int64 labels."""
     batch = ds.with_format("numpy")[:]  # one Arrow-to-NumPy conversion (a column read goes row by row)
     features = np.stack(batch[d.feature_key]) if batch[d.feature_key].dtype == object else batch[d.feature_key]
-    if d.get("tokens", False):  # token ids stay integers
+    if d.tokens:  # token ids stay integers
         x = torch.from_numpy(np.asarray(features, dtype=np.int64)).reshape(-1, *d.input_shape)
     else:
         x = np.asarray(features, dtype=np.float32) / d.scale
@@ -412,14 +409,14 @@ def train_test_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndar
 class FederatedData:
     """All clients' data of one run; a client's tensors are built on first use and then kept."""
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self._load, available = _load_partitions(cfg)
-        wanted = cfg.simulation.num_clients
+    def __init__(self, spec: RunSpec):
+        self.dataset, self.simulation = spec.dataset, spec.simulation
+        self._load, available = _load_partitions(spec)
+        wanted = spec.simulation.num_clients
         if wanted > available:
             raise ConfigError(
-                f"simulation.num_clients={wanted}: partition={cfg.partition.name} of "
-                f"dataset={cfg.dataset.name} yields only {available} clients; allowed: 1..{available}"
+                f"simulation.num_clients={wanted}: partition={spec.partition.name} of "
+                f"dataset={spec.dataset.name} yields only {available} clients; allowed: 1..{available}"
             )
         self.num_clients = wanted
         self._clients: dict[int, ClientData] = {}
@@ -428,25 +425,29 @@ class FederatedData:
         """The size of a client's training split, from its partition's row count alone (no tensors
         built or kept: the driver asks this of every client for size-proportional sampling)."""
         n = len(self._load(partition_id))
-        return n - num_test_rows(n, self.cfg.simulation.test_fraction)
+        return n - num_test_rows(n, self.simulation.test_fraction)
 
     def client(self, partition_id: int) -> ClientData:
         if partition_id not in self._clients:
-            d, s = self.cfg.dataset, self.cfg.simulation
+            d, s = self.dataset, self.simulation
             x, y = _to_tensors(self._load(partition_id), d)
-            split_seed = s.seed if d.get("split_seed") is None else d.split_seed
+            split_seed = s.seed if d.split_seed is None else d.split_seed
             train, test = (torch.from_numpy(i) for i in train_test_indices(len(y), s.test_fraction, split_seed + partition_id))
             self._clients[partition_id] = ClientData(x[train], y[train], x[test], y[test])
         return self._clients[partition_id]
 
 
-@lru_cache(maxsize=2)
-def _federated_data(cfg_yaml: str) -> FederatedData:
-    return FederatedData(OmegaConf.create(cfg_yaml))
+_built: dict[str, FederatedData] = {}
 
 
-def federated_data(cfg: DictConfig | dict[str, Any]) -> FederatedData:
-    """Process-wide cache: every Ray actor builds the partitions once and reuses them."""
-    keys = ("dataset", "partition", "simulation")
-    sub = OmegaConf.create({k: OmegaConf.to_container(OmegaConf.create(cfg)[k], resolve=True) for k in keys})
-    return _federated_data(OmegaConf.to_yaml(sub))
+def federated_data(spec: RunSpec) -> FederatedData:
+    """Process-wide cache: every Ray actor builds the partitions once and reuses them (keyed by what
+    the data depends on: the dataset, the partition, the clients, the split, the seed)."""
+    s = spec.simulation
+    key = json.dumps([asdict(spec.dataset), asdict(spec.partition), s.num_clients, s.test_fraction, s.seed],
+                     sort_keys=True, default=str)
+    if key not in _built:
+        while len(_built) >= 2:  # at most two runs' data per process, as before
+            _built.pop(next(iter(_built)))
+        _built[key] = FederatedData(spec)
+    return _built[key]

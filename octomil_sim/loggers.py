@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from octomil_sim.spec import RunSpec
 
 
 class NoLogger:
@@ -16,13 +16,13 @@ class NoLogger:
 
 
 class WandbLogger(NoLogger):
-    def __init__(self, cfg: DictConfig, output_dir: Path):
+    def __init__(self, spec: RunSpec, output_dir: Path):
         import wandb
 
         self._run = wandb.init(
-            project=cfg.logger.project, mode=cfg.logger.mode, dir=str(output_dir),
-            name=f"{cfg.strategy.name}-{cfg.dataset.name}-s{cfg.simulation.seed}",
-            config=OmegaConf.to_container(cfg, resolve=True),
+            project=spec.logger.project, mode=spec.logger.mode, dir=str(output_dir),
+            name=f"{spec.strategy.name}-{spec.dataset.name}-s{spec.simulation.seed}",
+            config=spec.config,
         )
 
     def log_round(self, row: dict) -> None:
@@ -37,5 +37,5 @@ class WandbLogger(NoLogger):
         self._run = None
 
 
-def make_logger(cfg: DictConfig, output_dir: Path) -> NoLogger:
-    return WandbLogger(cfg, output_dir) if cfg.logger.name == "wandb" else NoLogger()
+def make_logger(spec: RunSpec, output_dir: Path) -> NoLogger:
+    return WandbLogger(spec, output_dir) if spec.logger.name == "wandb" else NoLogger()

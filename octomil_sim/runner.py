@@ -1,6 +1,6 @@
 """Runs one configured experiment through Flower's simulation engine and writes its results.
 
-``run(cfg, output_dir)`` checks the config, loads the data once (so a missing dataset fails before
+``run(spec, output_dir)`` checks the run spec (``octomil_sim.spec``), loads the data once (so a missing dataset fails before
 Ray starts), builds the ServerApp and ClientApp, runs them on the Ray backend (one Flower node per
 Ray actor, each carrying a share of the round's clients) and writes ``results.json`` and
 ``results.png`` into ``output_dir``. If ``output_dir`` holds a checkpoint of the same experiment, the
@@ -21,14 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
-from octomil_sim.config import fairness_kwargs, fairness_policy, validate
+from octomil_sim.config import fairness_kwargs, validate
 from octomil_sim.data import FederatedData
 from octomil_sim.errors import ConfigError
 from octomil_sim.interrupt import Interrupted, StopRequest, stop_on_signals
@@ -46,6 +44,7 @@ from octomil_sim.metrics import (
 from octomil_sim.plots import plot_run
 from octomil_sim.reaper import Reaper
 from octomil_sim.server_app import Session, SimulationGrid, build_server_app
+from octomil_sim.spec import RunSpec, SimulationSpec
 from octomil_sim.system import SystemModel
 
 log = logging.getLogger(__name__)
@@ -62,54 +61,54 @@ def driver_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
-def strategy_kwargs(cfg: DictConfig) -> dict:
+def strategy_kwargs(spec: RunSpec) -> dict:
     """Sampling and metric-aggregation arguments every Flower strategy of the framework takes."""
-    s = cfg.simulation
-    seen = s.num_clients - len(unseen_clients(cfg))
+    s = spec.simulation
+    seen = s.num_clients - len(unseen_clients(spec))
     n_eval = max(1, round(s.fraction_evaluate * seen)) if s.fraction_evaluate > 0 else 0
     return {
         "seed": s.seed,
-        "train_all_clients": bool(s.get("train_all_clients", False)),
+        "train_all_clients": bool(s.train_all_clients),
         "fraction_train": s.clients_per_round / seen,
         "min_train_nodes": s.clients_per_round,
         "fraction_evaluate": s.fraction_evaluate,
         "min_evaluate_nodes": n_eval,
         "min_available_nodes": seen,
         "train_metrics_aggr_fn": train_aggregation,
-        "evaluate_metrics_aggr_fn": functools.partial(evaluate_aggregation, groups=run_groups(cfg)),
+        "evaluate_metrics_aggr_fn": functools.partial(evaluate_aggregation, groups=run_groups(spec)),
     }
 
 
-def run_groups(cfg: DictConfig) -> dict[int, str] | None:
+def run_groups(spec: RunSpec) -> dict[int, str] | None:
     """``groups_file``'s {client: group}, or None."""
-    return load_groups(cfg.groups_file, cfg.simulation.num_clients) if cfg.get("groups_file") else None
+    return load_groups(spec.groups_file, spec.simulation.num_clients) if spec.groups_file else None
 
 
-def unseen_clients(cfg: DictConfig) -> list[int]:
+def unseen_clients(spec: RunSpec) -> list[int]:
     """The held-out clients (``simulation.unseen_clients``, a share of all): never sampled for training
     or per-round evaluation, evaluated at the end with the global model and after the algorithm's
     personalization step, as a device that joins after training would be (MaxFL's and PFLlib's "new
     clients"). Drawn by the run's seed; none by default."""
-    s = cfg.simulation
-    count = round(float(s.get("unseen_clients", 0) or 0) * s.num_clients)
+    s = spec.simulation
+    count = round(float(s.unseen_clients or 0) * s.num_clients)
     if count == 0:
         return []
     rng = np.random.default_rng([s.seed, 31])
     return sorted(int(c) for c in rng.choice(s.num_clients, size=count, replace=False))
 
 
-def client_sizes(cfg: DictConfig) -> dict:
+def client_sizes(spec: RunSpec) -> dict:
     """``{"client_sizes": [n_k]}`` (training examples per client) for a strategy that samples clients
     by size (``strategy.server.sampling=size_proportional``), else nothing."""
-    if cfg.strategy.server.get("sampling") != "size_proportional":
+    if spec.strategy.server.get("sampling") != "size_proportional":
         return {}
-    data, unseen = FederatedData(cfg), set(unseen_clients(cfg))  # a held-out client is never drawn
+    data, unseen = FederatedData(spec), set(unseen_clients(spec))  # a held-out client is never drawn
     return {"client_sizes": [0 if k in unseen else data.num_train(k) for k in range(data.num_clients)]}
 
 
-def initial_arrays(cfg: DictConfig) -> ArrayRecord:
-    torch.manual_seed(cfg.simulation.seed)  # the driver's RNG after this point stays what it always was
-    return ArrayRecord(build_initial_model(cfg).state_dict())
+def initial_arrays(spec: RunSpec) -> ArrayRecord:
+    torch.manual_seed(spec.simulation.seed)  # the driver's RNG after this point stays what it always was
+    return ArrayRecord(build_initial_model(spec).state_dict())
 
 
 class RunSession(Session):
@@ -117,8 +116,8 @@ class RunSession(Session):
     ``simulation.checkpoint_every`` rounds, and resumes from ``saved``, the state of the checkpoint
     ``resume_point`` chose. ``started``: the ``time.perf_counter()`` the run's wall time counts from."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, saved: dict | None, started: float):
-        self.cfg, self.output_dir, self.saved, self.started = cfg, output_dir, saved, started
+    def __init__(self, spec: RunSpec, output_dir: Path, saved: dict | None, started: float):
+        self.spec, self.output_dir, self.saved, self.started = spec, output_dir, saved, started
         self.rows: list[dict] = []
         self.results: dict | None = None
         self.checkpointed = saved["round"] if saved else 0  # the round of the newest checkpoint
@@ -129,15 +128,15 @@ class RunSession(Session):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[latest]}"),
-            disable=not cfg.get("progress", True),
+            disable=not spec.progress,
         )
-        self.task = self.progress.add_task(f"{run_name(cfg)}: rounds", total=cfg.simulation.rounds, latest="")
-        self.logger = make_logger(cfg, output_dir)  # logs each round as it ends (W&B: live)
+        self.task = self.progress.add_task(f"{spec.name}: rounds", total=spec.simulation.rounds, latest="")
+        self.logger = make_logger(spec, output_dir)  # logs each round as it ends (W&B: live)
 
     def start(self, strategy, grid: SimulationGrid) -> tuple[ArrayRecord, int]:
         saved = self.saved
         if saved is None:
-            return initial_arrays(self.cfg), 1
+            return initial_arrays(self.spec), 1
         restore_strategy_state(strategy, saved["strategy"])
         restore_grid_counters(grid, saved["grid"])
         self.rows, self._bytes = saved["rows"], dict(grid.bytes)
@@ -163,23 +162,23 @@ class RunSession(Session):
         latest = {k: row[k] for k in ("global_acc", "personalized_acc") if k in row}
         self.progress.update(self.task, advance=1, **({"latest": "  ".join(f"{k} {v:.3f}" for k, v in latest.items())}
                                                      if latest else {}))
-        every = self.cfg.simulation.checkpoint_every
-        if every and (server_round % every == 0 or server_round == self.cfg.simulation.rounds):
+        every = self.spec.simulation.checkpoint_every
+        if every and (server_round % every == 0 or server_round == self.spec.simulation.rounds):
             self.checkpoint(server_round, arrays, strategy, grid)
 
     def checkpoint(self, server_round: int, arrays, strategy, grid: SimulationGrid) -> None:
         save_checkpoint(self.output_dir, server_round, {
-            "round": server_round, "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "round": server_round, "config": self.spec.config,
             "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy),
             "rows": self.rows, "grid": grid_counters(grid), "wall_time_s": time.perf_counter() - self.started,
-        }, client_state_dir(self.cfg))
+        }, client_state_dir(self.spec))
         self.checkpointed = server_round
 
     def stopped(self, last_round: int, arrays, strategy, grid: SimulationGrid) -> None:
         """A signal stopped the run after ``last_round``: checkpoint that round (unless it just was, or
         checkpoints are off) so that nothing done is lost."""
         self.stopped_after = last_round
-        if self.cfg.simulation.checkpoint_every and last_round and self.checkpointed != last_round:
+        if self.spec.simulation.checkpoint_every and last_round and self.checkpointed != last_round:
             self.checkpoint(last_round, arrays, strategy, grid)
 
     def failed(self, error: Exception) -> None:
@@ -193,7 +192,7 @@ class RunSession(Session):
 
     def done(self, arrays, rows: list[dict], grid: SimulationGrid, averaged_rows: list[dict] | None = None) -> None:
         clients = client_table(rows)
-        unseen = set(unseen_clients(self.cfg))
+        unseen = set(unseen_clients(self.spec))
         if unseen:
             for c in clients:
                 c["unseen"] = int(c["partition_id"] in unseen)
@@ -209,13 +208,13 @@ class RunSession(Session):
         })
         self.results = {
             "metric_definitions": DEFINITIONS,
-            "name": run_name(self.cfg),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "name": self.spec.name,
+            "config": self.spec.config,
             "rounds": self.rows,
             "clients": clients,
             "final": final,
-            "system": system_report(self.cfg, grid),
-            **fairness_report(self.cfg, trained),
+            "system": system_report(self.spec, grid),
+            **fairness_report(self.spec, trained),
         }
         self.results["worst_group_improvement"] = worst_group_improvement(self.results.get("groups"), final)
         if unseen:  # the held-out clients apart: ``final`` is over the clients that trained
@@ -226,13 +225,7 @@ class RunSession(Session):
         if averaged_rows is not None:  # e.g. bounded group loss: its guarantee is about the averaged iterate
             averaged = [c for c in client_table(averaged_rows) if c["partition_id"] not in unseen]
             self.results["averaged_iterate"] = {"final": summarize_clients(averaged, weight_key="num_test"),
-                                                **fairness_report(self.cfg, averaged)}
-
-
-def run_name(cfg: DictConfig) -> str:
-    """``ditto + tilted on synthetic``: the personalization, the fairness policy if any, the data."""
-    with_policy = f" + {cfg.fairness.name}" if fairness_policy(cfg) else ""
-    return f"{cfg.strategy.name}{with_policy} on {cfg.dataset.name}"
+                                                **fairness_report(self.spec, averaged)}
 
 
 def client_table(rows: list[dict]) -> list[dict]:
@@ -283,9 +276,9 @@ def restore_grid_counters(grid: SimulationGrid, saved: dict) -> None:
     grid.last_failure.update({int(c): r for c, r in saved["last_failure"].items()})
 
 
-def client_state_dir(cfg: DictConfig) -> Path | None:
+def client_state_dir(spec: RunSpec) -> Path | None:
     """The disk client-state store's folder, which checkpoints snapshot; None for the memory store."""
-    return Path(cfg.simulation.state_dir) if cfg.simulation.state_store == "disk" else None
+    return Path(spec.simulation.state_dir) if spec.simulation.state_store == "disk" else None
 
 
 #: keys that may differ between a checkpointed run and its resumption
@@ -305,9 +298,9 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
-def check_same_experiment(saved: dict, cfg: DictConfig, output_dir: Path) -> None:
+def check_same_experiment(saved: dict, spec: RunSpec, output_dir: Path) -> None:
     """A checkpoint resumes only the experiment that wrote it (more rounds are allowed)."""
-    old, new = _flatten(saved), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    old, new = _flatten(saved), _flatten(spec.config)
     for key in sorted(set(old) | set(new)):
         if key not in old and key in ADDED_KEYS and new.get(key) == ADDED_KEYS[key]:
             continue
@@ -317,49 +310,50 @@ def check_same_experiment(saved: dict, cfg: DictConfig, output_dir: Path) -> Non
                               "may grow), or a new hydra.run.dir")
 
 
-def check_rounds(saved_round: int, cfg: DictConfig, output_dir: Path) -> None:
+def check_rounds(saved_round: int, spec: RunSpec, output_dir: Path) -> None:
     """A run resumes forward only: fewer rounds than its checkpoint would report rounds past
     ``simulation.rounds`` and overwrite the longer run's results."""
-    rounds = cfg.simulation.rounds
+    rounds = spec.simulation.rounds
     if rounds < saved_round:
         raise ConfigError(f"simulation.rounds={rounds}: the run dir {output_dir} holds a checkpoint at round "
                           f"{saved_round}; allowed: >= {saved_round}, or another hydra.run.dir")
 
 
-def resume_point(cfg: DictConfig, output_dir: Path) -> dict | None:
-    """The state of ``output_dir``'s newest readable checkpoint, checked against ``cfg`` and with the
+def resume_point(spec: RunSpec, output_dir: Path) -> dict | None:
+    """The state of ``output_dir``'s newest readable checkpoint, checked against ``spec`` and with the
     client-state store put back as it was then; None for a fresh run. Runs before Ray starts, so a
     wrong resumption stops with one line."""
     if (found := load_checkpoint(output_dir)) is None:
         return None
     folder, saved = found
-    check_same_experiment(saved["config"], cfg, output_dir)
-    check_rounds(saved["round"], cfg, output_dir)
+    check_same_experiment(saved["config"], spec, output_dir)
+    check_rounds(saved["round"], spec, output_dir)
     log.info("resuming from round %d (%s)", saved["round"], folder)
-    restore_client_state(folder, client_state_dir(cfg))
+    restore_client_state(folder, client_state_dir(spec))
     return saved
 
 
-def finished_results(saved: dict | None, cfg: DictConfig, output_dir: Path) -> dict | None:
+def finished_results(saved: dict | None, spec: RunSpec, output_dir: Path) -> dict | None:
     """The results of a run that already finished in ``output_dir`` (its checkpoint is at
     ``simulation.rounds`` and its results.json was written after it), so that the same command, or a
     resumed ``-m`` sweep whose finished jobs share their folders with it, does not run it again."""
+    rounds = spec.simulation.rounds
     results_file = output_dir / "results.json"
-    if saved is None or saved["round"] != cfg.simulation.rounds or not results_file.is_file():
+    if saved is None or saved["round"] != rounds or not results_file.is_file():
         return None
     try:
         results = json.loads(results_file.read_text())
     except ValueError:
         return None  # cut short while written: the final evaluation runs again
-    if len(results.get("rounds", ())) != cfg.simulation.rounds:
+    if len(results.get("rounds", ())) != rounds:
         return None
-    log.info("already finished: %s (simulation.rounds=%d); not run again", results_file, cfg.simulation.rounds)
+    log.info("already finished: %s (simulation.rounds=%d); not run again", results_file, rounds)
     return results
 
 
-def system_report(cfg: DictConfig, grid: SimulationGrid) -> dict:
+def system_report(spec: RunSpec, grid: SimulationGrid) -> dict:
     """Resource class of every client and which clients failed or straggled, and how often."""
-    classes = SystemModel.from_config(cfg).assignment
+    classes = SystemModel.of_run(spec).assignment
     return {
         "class_counts": dict(Counter(classes)),
         "failed_rounds": sum(grid.failed.values()),
@@ -379,19 +373,18 @@ def _sum_by(classes: list[str], counts: Counter) -> dict[str, int]:
     return dict(out)
 
 
-def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
+def fairness_report(spec: RunSpec, clients: list[dict]) -> dict:
     """Per-group metrics (``groups_file``), whether a group-loss bound holds (strategies with
     ``max_group_loss``), and which clients the global model serves (algorithms reporting ``served``)."""
     out: dict = {}
-    if cfg.get("groups_file"):
-        groups = run_groups(cfg)
+    if spec.groups_file:
+        groups = run_groups(spec)
         out["groups"] = group_summaries(clients, groups, "num_test")
-        bound = cfg.strategy.server.get("max_group_loss", (fairness_policy(cfg) or {}).get("max_group_loss"))
+        policy = spec.policy
+        bound = spec.strategy.server.get("max_group_loss", policy.get("max_group_loss") if policy else None)
         if bound is not None:  # on the losses of the model the constraint is about (Scafflix: the FLIX models)
-            from hydra.utils import get_object
-
-            key = ("personalized_loss" if getattr(get_object(cfg.strategy.client._target_), "objective_is_personalized",
-                                                  False) else "global_loss")
+            key = ("personalized_loss" if getattr(spec.strategy.client.obj, "objective_is_personalized", False)
+                   else "global_loss")
             losses = {g: m[key] for g, m in out["groups"].items()}
             out["group_bound"] = {"max_group_loss": bound, "loss": key, "holds": all(v <= bound for v in losses.values()),
                                   "violated_by": sorted(g for g, v in losses.items() if v > bound)}
@@ -405,14 +398,14 @@ def fairness_report(cfg: DictConfig, clients: list[dict]) -> dict:
     return out
 
 
-def _count_clients(cfg: DictConfig) -> int:
+def _count_clients(spec: RunSpec) -> int:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):
-        return FederatedData(cfg).num_clients
+        return FederatedData(spec).num_clients
 
 
-def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
+def check_data_while_ray_starts(spec: RunSpec, backend_config: dict) -> None:
     """Fail fast (missing dataset, impossible partition) before any client runs. The check opens the
     data in a thread of this process (the data module is imported here already; partitions are
     memory-mapped Arrow and are dropped once counted) while Ray starts through Flower's own backend
@@ -432,9 +425,9 @@ def check_data_while_ray_starts(cfg: DictConfig, backend_config: dict) -> None:
 
     from octomil_sim.data import cache_source
 
-    cache_source(cfg)  # a generated dataset's first generation runs here, before any fork (see its docstring)
+    cache_source(spec)  # a generated dataset's first generation runs here, before any fork (see its docstring)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        checked = pool.submit(_count_clients, cfg)
+        checked = pool.submit(_count_clients, spec)
         with without_autoscaler():
             RayBackend(backend_config)
         try:
@@ -458,32 +451,35 @@ def _runtime_environment() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def num_nodes(cfg: DictConfig) -> int:
+def num_nodes(spec: RunSpec) -> int:
     """Flower nodes to simulate: ``simulation.num_nodes``, or one per Ray actor; never more than clients."""
-    s = cfg.simulation
+    s = spec.simulation
     actors = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client))
     return min(s.num_nodes or actors, s.num_clients)
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Run the experiment ``cfg`` (or resume it from ``output_dir``'s checkpoint); returns the
-    results dict also written to ``results.json``."""
+def run(spec: RunSpec, output_dir: str | Path) -> dict:
+    """Run the experiment ``spec`` (or resume it from ``output_dir``'s checkpoint); returns the
+    results dict also written to ``results.json``. The front ends build ``spec`` with
+    ``RunSpec.from_config``."""
+    if not isinstance(spec, RunSpec):
+        raise TypeError(f"run() takes a RunSpec (RunSpec.from_config(cfg)), not {type(spec).__name__}")
     _runtime_environment()  # first: validate builds the strategy, whose warnings it quiets
-    validate(cfg)
+    validate(spec)
     output_dir = Path(output_dir)
-    if cfg.simulation.state_dir is None:
-        cfg = OmegaConf.merge(cfg, {"simulation": {"state_dir": str(output_dir.resolve() / "client_state")}})
+    if spec.simulation.state_dir is None:
+        spec = spec.replace(simulation={"state_dir": str(output_dir.resolve() / "client_state")})
     output_dir.mkdir(parents=True, exist_ok=True)
     with stop_on_signals() as stop:
-        return _run(cfg, output_dir, stop)
+        return _run(spec, output_dir, stop)
 
 
-def ray_init_args(s: DictConfig) -> dict:
+def ray_init_args(s: SimulationSpec) -> dict:
     """``ray.init`` arguments: a private local instance (``address="local"``: never one that someone
     started on this machine, which ``ray.init()`` would join) sized by ``ray_num_cpus``, or the cluster
     at ``ray_address`` (``auto``: the one this machine belongs to), whose nodes set their own CPUs."""
     args = {"include_dashboard": False, "logging_level": logging.ERROR}
-    if s.get("ray_address") is None:
+    if s.ray_address is None:
         args["address"] = "local"
         if s.ray_num_cpus is not None:
             args["num_cpus"] = s.ray_num_cpus
@@ -505,48 +501,48 @@ def client_actors_started() -> int | None:
         return None
 
 
-def ray_report(s: DictConfig) -> str:
+def ray_report(s: SimulationSpec) -> str:
     """One line saying which Ray the run uses (after Ray started)."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if s.get("ray_address") is None:
+    if s.ray_address is None:
         return f"Ray: a private local instance ({cpus} CPUs)"
     return f"Ray: joined the cluster at {s.ray_address} ({nodes} nodes, {cpus} CPUs)"
 
 
-def _run(cfg: DictConfig, output_dir: Path, stop: StopRequest) -> dict:
+def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     from flwr.simulation import run_simulation  # after _runtime_environment's settings
 
     from octomil_sim.polling import prompt_simulation_runtime
 
     started = time.perf_counter()
-    saved = resume_point(cfg, output_dir)
-    if (finished := finished_results(saved, cfg, output_dir)) is not None:
+    saved = resume_point(spec, output_dir)
+    if (finished := finished_results(saved, spec, output_dir)) is not None:
         return finished
     if saved is not None:
         started -= saved["wall_time_s"]  # wall_time_s also counts the interrupted run, up to its checkpoint
-    s = cfg.simulation
-    nodes = num_nodes(cfg)
+    s = spec.simulation
+    nodes = num_nodes(spec)
     server_app = build_server_app(
-        make_strategy=lambda: instantiate(cfg.strategy.server, **strategy_kwargs(cfg), **client_sizes(cfg),
-                                          **fairness_kwargs(cfg)),
+        make_strategy=lambda: spec.strategy.server.build(**strategy_kwargs(spec), **client_sizes(spec),
+                                                         **fairness_kwargs(spec)),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
-        deadline=SystemModel.from_config(cfg).deadline, should_stop=stop.is_set,
-        actors_started=client_actors_started, startup_timeout=s.startup_timeout_s, unseen=unseen_clients(cfg),
+        deadline=SystemModel.of_run(spec).deadline, should_stop=stop.is_set,
+        actors_started=client_actors_started, startup_timeout=s.startup_timeout_s, unseen=unseen_clients(spec),
     )
-    client_app = build_client_app(OmegaConf.to_yaml(cfg, resolve=True))
+    client_app = build_client_app(spec)
     backend_config = {
         "client_resources": {"num_cpus": s.num_cpus_per_client, "num_gpus": s.num_gpus_per_client},
         "init_args": ray_init_args(s),
     }
-    reaper = Reaper() if s.get("ray_address") is None else None  # a killed driver leaves no Ray process behind
+    reaper = Reaper() if s.ray_address is None else None  # a killed driver leaves no Ray process behind
     try:
-        check_data_while_ray_starts(cfg, backend_config)
+        check_data_while_ray_starts(spec, backend_config)
         stop.rearm()
         log.info(ray_report(s))
-        session = RunSession(cfg, output_dir, saved, started)
+        session = RunSession(spec, output_dir, saved, started)
         if not stop.is_set():
             with session.progress, prompt_simulation_runtime():
                 run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,

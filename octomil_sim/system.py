@@ -16,12 +16,15 @@ Which class a client is in, and whether it drops out in a round, are functions o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from functools import cached_property
 
 import numpy as np
-from omegaconf import DictConfig
 
 from octomil_sim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from octomil_sim.spec import RunSpec
 
 
 class ClientDropout(RuntimeError):
@@ -45,8 +48,10 @@ class SystemModel:
     num_clients: int
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "SystemModel":
-        return cls.build(cfg.get("system"), int(cfg.simulation.seed), int(cfg.simulation.num_clients))
+    def of_run(cls, spec: "RunSpec") -> "SystemModel":
+        """The system model of a run (``RunSpec.system``, drawn with its seed over its clients)."""
+        system = {"classes": spec.system.classes, "deadline": spec.system.deadline}
+        return cls.build(system, int(spec.simulation.seed), int(spec.simulation.num_clients))
 
     @classmethod
     def build(cls, system, seed: int, num_clients: int) -> "SystemModel":

@@ -21,6 +21,14 @@ def make_cfg():
 
 
 @pytest.fixture
+def make_spec(make_cfg):
+    """``make_cfg``'s config as the typed run spec the runtime takes (``RunSpec.from_config``)."""
+    from octomil_sim.spec import RunSpec
+
+    return lambda *overrides: RunSpec.from_config(make_cfg(*overrides))
+
+
+@pytest.fixture
 def task_identity():
     """Messages built outside a running ServerApp need Flower's process identity set."""
     from flwr.supercore.task_identity import TaskIdentity

@@ -69,3 +69,18 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert result.personalized_acc > result.global_acc  # personal heads on devices with their own rules
     assert (tmp_path / "outputs" / "from_python" / "results.json").is_file()
     assert "worst-group improvement" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_readme_run_spec_example_runs(tmp_path, monkeypatch, capsys):
+    """The "One run spec" snippet, as written: a spec built in Python, one field replaced, run."""
+    text = README.read_text()
+    section = text[text.index("### One run spec"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "__main__"}
+    exec(compile(code, "README.md", "exec"), scope)
+    results = scope["results"]
+    assert len(results["rounds"]) == 5 and len(results["clients"]) == 20
+    assert results["name"] == "ditto + tilted on synthetic" and results["config"]["simulation"]["rounds"] == 5
+    assert capsys.readouterr().out.startswith("ditto + tilted on synthetic 0.05 [0.1, 1.0, 2.0]")

@@ -18,6 +18,7 @@ from octomil_sim import runner
 from octomil_sim.checkpoint import (STATE_FILE, TENSOR_FILE, checkpoint_folders, decode, encode, load_checkpoint,
                                     restore_client_state, save_checkpoint)
 from octomil_sim.errors import ConfigError
+from octomil_sim.spec import RunSpec
 
 
 def _state(r: int) -> dict:
@@ -177,11 +178,11 @@ def test_fewer_rounds_than_the_checkpoint_stop_before_ray(make_cfg, tmp_path, mo
 
     monkeypatch.setattr(runner, "check_data_while_ray_starts", ray_started)
     with pytest.raises(ConfigError) as err:
-        runner.run(make_cfg("simulation.rounds=100"), tmp_path)
+        runner.run(RunSpec.from_config(make_cfg("simulation.rounds=100")), tmp_path)
     assert str(err.value) == (f"simulation.rounds=100: the run dir {tmp_path} holds a checkpoint at round 200; "
                               "allowed: >= 200, or another hydra.run.dir")
     with pytest.raises(AssertionError, match="Ray started"):  # equal or more rounds go on to start Ray
-        runner.run(make_cfg("simulation.rounds=200"), tmp_path)
+        runner.run(RunSpec.from_config(make_cfg("simulation.rounds=200")), tmp_path)
 
 
 @pytest.mark.slow

@@ -96,10 +96,10 @@ def test_checkpoints_of_the_fairness_strategies_from_before_the_policies_resume(
     assert strategy_state(strategy)["fairness.mu"] == {"a": 0.5}
 
 
-def test_size_proportional_sampling_never_draws_a_held_out_client(make_cfg):
+def test_size_proportional_sampling_never_draws_a_held_out_client(make_spec):
     from octomil_sim.runner import client_sizes, unseen_clients
 
-    cfg = make_cfg("strategy=qffl", "simulation.unseen_clients=0.3", "simulation.num_clients=20")
+    cfg = make_spec("strategy=qffl", "simulation.unseen_clients=0.3", "simulation.num_clients=20")
     sizes = client_sizes(cfg)["client_sizes"]
     held_out = unseen_clients(cfg)
     assert len(held_out) == 6 and all(sizes[k] == 0 for k in held_out) and all(sizes[k] > 0 for k in range(20)
@@ -146,20 +146,20 @@ def test_appeal_policy_weights_clients_near_their_boundary(task_identity):
     (["personalization=scafflix", "fairness=bounded_group_loss"],
      "groups_file=None: allowed: a JSON file mapping client id to group (bounded group loss needs groups)"),
 ])
-def test_composition_errors_are_one_line(make_cfg, overrides, message):
+def test_composition_errors_are_one_line(make_spec, overrides, message):
     with pytest.raises(ConfigError) as err:
-        validate(make_cfg(*overrides))
+        validate(make_spec(*overrides))
     assert str(err.value) == message
 
 
 @pytest.mark.parametrize("personalization", ["fedavg", "finetune", "ditto", "pfedme", "perfedavg", "scafflix",
                                              "personal_layers", "fedp3"])
-def test_every_personalization_composes_with_every_fairness_policy(make_cfg, tmp_path, personalization):
+def test_every_personalization_composes_with_every_fairness_policy(make_spec, tmp_path, personalization):
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({str(k): str(k % 2) for k in range(100)}))
     for fairness in ("tilted", "qffl", "bounded_group_loss", "maxfl"):
         body_and_head = ["model=mlp"] if personalization in ("personal_layers", "fedp3") else []
-        validate(make_cfg(f"personalization={personalization}", f"fairness={fairness}", f"groups_file={groups}",
+        validate(make_spec(f"personalization={personalization}", f"fairness={fairness}", f"groups_file={groups}",
                           *body_and_head))
 
 
@@ -180,7 +180,7 @@ def _numbers(results: dict):
     ("bounded_group_loss", ["strategy.server.max_group_loss=0.5", "fairness.policy.max_group_loss=0.5"]),
     ("maxfl", ["strategy.client.local_epochs_rho=3", "fairness.client.local_epochs_rho=3"]),
 ])
-def test_fedavg_with_a_fairness_policy_is_that_fairness_strategy_bit_for_bit(make_cfg, tmp_path, fairness, extra):
+def test_fedavg_with_a_fairness_policy_is_that_fairness_strategy_bit_for_bit(make_spec, tmp_path, fairness, extra):
     from octomil_sim.runner import run
 
     groups = tmp_path / "groups.json"
@@ -188,8 +188,8 @@ def test_fedavg_with_a_fairness_policy_is_that_fairness_strategy_bit_for_bit(mak
     common = [*SMALL, f"groups_file={groups}"]
     strategy_extra = [e for e in extra if e.startswith("strategy.")]
     fairness_extra = [e for e in extra if e.startswith("fairness.")]
-    alone = run(make_cfg(*common, f"strategy={fairness}", *strategy_extra), tmp_path / "alone")
-    composed = run(make_cfg(*common, "personalization=fedavg", f"fairness={fairness}", *fairness_extra),
+    alone = run(make_spec(*common, f"strategy={fairness}", *strategy_extra), tmp_path / "alone")
+    composed = run(make_spec(*common, "personalization=fedavg", f"fairness={fairness}", *fairness_extra),
                    tmp_path / "composed")
     if fairness == "maxfl":  # strategy=maxfl's client also deploys its local model where the global one does
         # not serve it; fedavg deploys the global model: compare the training and the global model only
@@ -203,13 +203,13 @@ def test_fedavg_with_a_fairness_policy_is_that_fairness_strategy_bit_for_bit(mak
 
 
 @pytest.mark.slow
-def test_ditto_with_tilting_runs_and_none_is_ditto_alone(make_cfg, tmp_path):
+def test_ditto_with_tilting_runs_and_none_is_ditto_alone(make_spec, tmp_path):
     from octomil_sim.runner import run
 
-    alone = run(make_cfg(*SMALL, "strategy=ditto"), tmp_path / "alone")
-    none = run(make_cfg(*SMALL, "personalization=ditto", "fairness=none"), tmp_path / "none")
+    alone = run(make_spec(*SMALL, "strategy=ditto"), tmp_path / "alone")
+    none = run(make_spec(*SMALL, "personalization=ditto", "fairness=none"), tmp_path / "none")
     assert _numbers(none) == _numbers(alone)
-    tilted = run(make_cfg(*SMALL, "personalization=ditto", "fairness=tilted", "fairness.policy.t=5"),
+    tilted = run(make_spec(*SMALL, "personalization=ditto", "fairness=tilted", "fairness.policy.t=5"),
                  tmp_path / "tilted")
     assert tilted["name"] == "ditto + tilted on synthetic"
     assert _numbers(tilted)[0] != _numbers(alone)[0]  # the tilt changed the global model's path
@@ -217,7 +217,7 @@ def test_ditto_with_tilting_runs_and_none_is_ditto_alone(make_cfg, tmp_path):
 
 # --- live monitoring and held-out clients (issue 10, part 4) -----------------------------------------
 @pytest.mark.slow
-def test_rounds_are_logged_while_the_run_goes_with_per_group_curves(make_cfg, tmp_path, monkeypatch):
+def test_rounds_are_logged_while_the_run_goes_with_per_group_curves(make_spec, tmp_path, monkeypatch):
     import octomil_sim.runner as runner
 
     seen = []
@@ -229,20 +229,20 @@ def test_rounds_are_logged_while_the_run_goes_with_per_group_curves(make_cfg, tm
         def finish(self, summary):
             seen.append(("finish", (tmp_path / "run" / "results.json").exists(), summary))
 
-    monkeypatch.setattr(runner, "make_logger", lambda cfg, out: Recorder())
+    monkeypatch.setattr(runner, "make_logger", lambda spec, out: Recorder())
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({str(k): "even" if k % 2 == 0 else "odd" for k in range(12)}))
-    runner.run(make_cfg(*SMALL, "simulation.fraction_evaluate=1", f"groups_file={groups}"), tmp_path / "run")
+    runner.run(make_spec(*SMALL, "simulation.fraction_evaluate=1", f"groups_file={groups}"), tmp_path / "run")
     assert [r for r, _, _ in seen] == [1, 2, 3, "finish"]
     assert not any(written for r, written, _ in seen if r != "finish")  # logged before the run ended
     assert {"group_even_global_acc", "group_odd_personalized_acc"} <= set(seen[0][2])
 
 
 @pytest.mark.slow
-def test_unseen_clients_never_train_and_are_reported_apart(make_cfg, tmp_path):
+def test_unseen_clients_never_train_and_are_reported_apart(make_spec, tmp_path):
     from octomil_sim.runner import run, unseen_clients
 
-    cfg = make_cfg(*SMALL, "strategy=ditto", "simulation.rounds=6", "simulation.unseen_clients=0.25",
+    cfg = make_spec(*SMALL, "strategy=ditto", "simulation.rounds=6", "simulation.unseen_clients=0.25",
                    "simulation.fraction_evaluate=0")
     held_out = unseen_clients(cfg)
     assert len(held_out) == 3 and held_out == unseen_clients(cfg)  # drawn by the seed
@@ -256,7 +256,7 @@ def test_unseen_clients_never_train_and_are_reported_apart(make_cfg, tmp_path):
     # a new device personalizes too (one Ditto personal update on its own data from the global model)
     assert unseen["personalized_acc"] > unseen["global_acc"]
     with pytest.raises(ConfigError, match=r"^simulation.unseen_clients=0.9: allowed: a share in \[0, 1\)"):
-        validate(make_cfg(*SMALL, "simulation.unseen_clients=0.9"))
+        validate(make_spec(*SMALL, "simulation.unseen_clients=0.9"))
 
 
 def test_a_policy_never_extrapolates_scafflixs_average(tmp_path, task_identity):

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from femnist_fixture import write_femnist
 from octomil_sim.data import FederatedData, synthetic_dataset
@@ -23,23 +22,23 @@ def _all_rows(fd: FederatedData) -> list[bytes]:
 
 
 @pytest.mark.parametrize("partition", ["natural_id", "iid", "dirichlet", "pathological", "shard"])
-def test_partitions_disjoint_and_complete(make_cfg, partition):
-    cfg = make_cfg(f"partition={partition}", "simulation.num_clients=10")
+def test_partitions_disjoint_and_complete(make_spec, partition):
+    cfg = make_spec(f"partition={partition}", "simulation.num_clients=10")
     fd = FederatedData(cfg)
-    source = instantiate(cfg.dataset.source).with_format("numpy")
+    source = cfg.dataset.source.build().with_format("numpy")
     everything = _rows(torch.from_numpy(np.asarray(source["x"])))
     assert len(set(everything)) == len(everything)  # Gaussian features: every row is unique
     rows = _all_rows(fd)
     assert len(rows) == len(set(rows)), "a sample is in two clients (or twice in one)"
     assert set(rows) <= set(everything)
     if partition == "shard":  # FedAvg-paper shards drop only the remainder that fills no shard
-        assert len(everything) - len(rows) == len(everything) % (10 * cfg.partition.num_shards_per_partition)
+        assert len(everything) - len(rows) == len(everything) % (10 * cfg.partition.partitioner.get('num_shards_per_partition'))
     else:
         assert len(rows) == len(everything)
 
 
-def test_natural_id_clients_are_the_generated_users(make_cfg):
-    cfg = make_cfg("simulation.num_clients=5")
+def test_natural_id_clients_are_the_generated_users(make_spec):
+    cfg = make_spec("simulation.num_clients=5")
     fd = FederatedData(cfg)
     ds = synthetic_dataset(0.5, 0.5, 5, seed=cfg.simulation.seed).with_format("numpy")
     for pid in range(5):
@@ -57,9 +56,9 @@ def test_synthetic_is_reproducible_and_alpha_beta_checked():
         synthetic_dataset(-1, 0.5, 4)
 
 
-def test_femnist_local_copy_through_flwr_datasets(make_cfg, tmp_path):
+def test_femnist_local_copy_through_flwr_datasets(make_spec, tmp_path):
     root = write_femnist(tmp_path / "femnist", writers=6, per_writer=12)
-    cfg = make_cfg("dataset=femnist", "model=femnist_cnn", f"dataset.source.path={root}",
+    cfg = make_spec("dataset=femnist", "model=femnist_cnn", f"dataset.source.path={root}",
                    "simulation.num_clients=6")
     fd = FederatedData(cfg)
     seen = set()
@@ -72,28 +71,28 @@ def test_femnist_local_copy_through_flwr_datasets(make_cfg, tmp_path):
         seen.add(round(values.item() * 255))
         assert int(c.y_train.max()) < 62
     assert seen == {10 * (w + 1) for w in range(6)}  # one client per writer, all writers used
-    model = instantiate(cfg.model.net, input_shape=(1, 28, 28), num_classes=62)
+    model = cfg.model.net.build(input_shape=(1, 28, 28), num_classes=62)
     assert model(fd.client(0).x_train).shape == (len(fd.client(0).y_train), 62)
 
 
-def test_femnist_too_many_clients_names_the_limit(make_cfg, tmp_path):
+def test_femnist_too_many_clients_names_the_limit(make_spec, tmp_path):
     root = write_femnist(tmp_path / "femnist", writers=3, per_writer=4)
-    cfg = make_cfg("dataset=femnist", f"dataset.source.path={root}", "simulation.num_clients=5")
+    cfg = make_spec("dataset=femnist", f"dataset.source.path={root}", "simulation.num_clients=5")
     with pytest.raises(ConfigError, match=r"simulation.num_clients=5: .* only 3 clients; allowed: 1..3"):
         FederatedData(cfg)
 
 
-def test_missing_dataset_offline_is_one_line(make_cfg, tmp_path):
-    cfg = make_cfg("dataset=femnist", f"dataset.source.path={tmp_path / 'nowhere'}")
+def test_missing_dataset_offline_is_one_line(make_spec, tmp_path):
+    cfg = make_spec("dataset=femnist", f"dataset.source.path={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError) as err:
         FederatedData(cfg)
     msg = str(err.value)
     assert "\n" not in msg and "dataset.source.path=" in msg and "nowhere" in msg
 
 
-def test_natural_id_on_a_dataset_without_clients(make_cfg):
+def test_natural_id_on_a_dataset_without_clients(make_spec):
     with pytest.raises(ConfigError, match="partition=natural_id: dataset=digits .* allowed partitions"):
-        FederatedData(make_cfg("dataset=digits"))
+        FederatedData(make_spec("dataset=digits"))
 
 
 def test_train_test_indices_are_hf_train_test_split():

@@ -18,10 +18,10 @@ def test_pfedme_synthetic_matches_the_official_generator_stream():
     assert counts.sum() > 1000
 
 
-def test_pfedme_synthetic_full_size_and_fixed_across_run_seeds(make_cfg):
+def test_pfedme_synthetic_full_size_and_fixed_across_run_seeds(make_spec):
     assert sum((np.random.RandomState(0).lognormal(4, 2, 100).astype(int) + 50) * 5) == 205_795
-    a = FederatedData(make_cfg("dataset=synthetic_pfedme", "simulation.seed=0", "simulation.test_fraction=0.1"))
-    b = FederatedData(make_cfg("dataset=synthetic_pfedme", "simulation.seed=5", "simulation.test_fraction=0.1"))
+    a = FederatedData(make_spec("dataset=synthetic_pfedme", "simulation.seed=0", "simulation.test_fraction=0.1"))
+    b = FederatedData(make_spec("dataset=synthetic_pfedme", "simulation.seed=5", "simulation.test_fraction=0.1"))
     for k in (0, 7):
         ca, cb = a.client(k), b.client(k)
         assert torch.equal(ca.x_train, cb.x_train) and torch.equal(ca.y_test, cb.y_test)
@@ -38,6 +38,6 @@ def test_batch_stream_carries_over_between_rounds():
     assert [i.tolist() for i in second.take(3)] == [[4], [0, 1], [2, 3]]
 
 
-def test_num_train_matches_the_built_split(make_cfg):
-    data = FederatedData(make_cfg("simulation.num_clients=5", "simulation.test_fraction=0.1"))
+def test_num_train_matches_the_built_split(make_spec):
+    data = FederatedData(make_spec("simulation.num_clients=5", "simulation.test_fraction=0.1"))
     assert [data.num_train(k) for k in range(5)] == [data.client(k).num_train for k in range(5)]

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from octomil_sim.runner import initial_arrays, run
+from octomil_sim.spec import RunSpec
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +18,8 @@ def _numbers(results: dict) -> tuple:
     return [drop(r) for r in results["rounds"]], results["clients"], drop(results["final"])
 
 
-def test_two_rounds_write_results_plot_and_bytes(make_cfg, tmp_path):
-    cfg = make_cfg("simulation.num_clients=10", "simulation.clients_per_round=3", "simulation.rounds=2",
+def test_two_rounds_write_results_plot_and_bytes(make_spec, tmp_path):
+    cfg = make_spec("simulation.num_clients=10", "simulation.clients_per_round=3", "simulation.rounds=2",
                    "simulation.fraction_evaluate=0.5", "strategy=finetune")
     results = run(cfg, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -42,14 +43,14 @@ def test_two_rounds_write_results_plot_and_bytes(make_cfg, tmp_path):
     assert final["global_acc"] == pytest.approx(sum(a * w for a, w in zip(accs, weights)) / sum(weights))
 
 
-def test_fixed_seed_identical_and_finetuning_beats_fedavg(make_cfg, tmp_path):
+def test_fixed_seed_identical_and_finetuning_beats_fedavg(make_spec, tmp_path):
     """Synthetic(0.5, 0.5): local models differ (alpha), so one global model cannot fit every
     client and fine-tuning it on the client's own data must raise per-client accuracy."""
     common = ["simulation.num_clients=30", "simulation.clients_per_round=10", "simulation.rounds=15",
               "simulation.fraction_evaluate=0"]
-    fedavg = run(make_cfg("strategy=fedavg", *common), tmp_path / "a")
-    again = run(make_cfg("strategy=fedavg", *common), tmp_path / "b")
-    finetune = run(make_cfg("strategy=finetune", *common), tmp_path / "c")
+    fedavg = run(make_spec("strategy=fedavg", *common), tmp_path / "a")
+    again = run(make_spec("strategy=fedavg", *common), tmp_path / "b")
+    finetune = run(make_spec("strategy=finetune", *common), tmp_path / "c")
 
     assert _numbers(fedavg) == _numbers(again)  # fixed seeds, identical numbers
     # fine-tuning never uploads: training, hence the global model, is FedAvg's bit for bit
@@ -69,12 +70,12 @@ def test_fixed_seed_identical_and_finetuning_beats_fedavg(make_cfg, tmp_path):
      ["strategy=personal_layers", "model=mlp"]],
     ids=["ditto", "pfedme", "scafflix", "personal_layers"],
 )
-def test_personalization_beats_fedavg_on_synthetic(make_cfg, tmp_path, overrides, fedavg_small):
+def test_personalization_beats_fedavg_on_synthetic(make_spec, tmp_path, overrides, fedavg_small):
     """Synthetic(0.5, 0.5) gives every client its own model (alpha) and inputs (beta): a model
     personalized to the client must serve it better than the one global model."""
     model = [o for o in overrides if o.startswith("model=")]
     baseline = fedavg_small(tuple(model))
-    result = run(make_cfg(*overrides, *SMALL), tmp_path)
+    result = run(make_spec(*overrides, *SMALL), tmp_path)
     p, f = result["final"], baseline["final"]
     assert p["personalized_acc"] > f["personalized_acc"] + 0.05
     assert p["personalized_acc_bottom10"] > f["personalized_acc_bottom10"]
@@ -95,24 +96,24 @@ def fedavg_small(tmp_path_factory):
         if model not in cache:
             with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):
                 cfg = compose("config", overrides=["strategy=fedavg", *model, *SMALL])
-            cache[model] = run(cfg, tmp_path_factory.mktemp("fedavg"))
+            cache[model] = run(RunSpec.from_config(cfg), tmp_path_factory.mktemp("fedavg"))
         return cache[model]
 
     return get
 
 
-def test_tilt_zero_is_fedavg_end_to_end(make_cfg, tmp_path, fedavg_small):
+def test_tilt_zero_is_fedavg_end_to_end(make_spec, tmp_path, fedavg_small):
     """t = 0 leaves every weight at n_k, so the whole run equals FedAvg's to the last bit."""
-    tilted = run(make_cfg("strategy=tilted", "strategy.server.t=0", *SMALL), tmp_path)
+    tilted = run(make_spec("strategy=tilted", "strategy.server.t=0", *SMALL), tmp_path)
     fedavg = fedavg_small(())
     assert [c["global_acc"] for c in tilted["clients"]] == [c["global_acc"] for c in fedavg["clients"]]
     assert [r["train_loss"] for r in tilted["rounds"]] == [r["train_loss"] for r in fedavg["rounds"]]
 
 
-def test_bounded_group_loss_reports_groups_and_duals(make_cfg, tmp_path):
+def test_bounded_group_loss_reports_groups_and_duals(make_spec, tmp_path):
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({str(k): "even" if k % 2 == 0 else "odd" for k in range(10)}))
-    cfg = make_cfg("strategy=bounded_group_loss", f"groups_file={groups}", "strategy.server.max_group_loss=0.5",
+    cfg = make_spec("strategy=bounded_group_loss", f"groups_file={groups}", "strategy.server.max_group_loss=0.5",
                    "simulation.num_clients=10", "simulation.clients_per_round=4", "simulation.rounds=3",
                    "simulation.fraction_evaluate=0")
     results = run(cfg, tmp_path / "run")

@@ -101,10 +101,10 @@ def test_groups_file_errors(tmp_path):
         BoundedGroupLoss(groups_file=None, max_group_loss=1.0)
 
 
-def test_fairness_report_groups_bound_and_appeal(make_cfg, tmp_path):
+def test_fairness_report_groups_bound_and_appeal(make_spec, tmp_path):
     path = tmp_path / "groups.json"
     path.write_text(json.dumps({"0": "a", "1": "a", "2": "b"}))
-    cfg = make_cfg("strategy=bounded_group_loss", f"groups_file={path}", "simulation.num_clients=3",
+    cfg = make_spec("strategy=bounded_group_loss", f"groups_file={path}", "simulation.num_clients=3",
                    "simulation.clients_per_round=1", "strategy.server.max_group_loss=0.7")
     rows = [{"partition_id": 0, "num_test": 1, "global_acc": 1.0, "global_loss": 0.2, "served": 1.0},
             {"partition_id": 1, "num_test": 3, "global_acc": 0.0, "global_loss": 1.0, "served": 0.0},

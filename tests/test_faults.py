@@ -210,10 +210,10 @@ def test_two_node_ray_cluster_runs_clients_on_both_nodes_with_local_numbers(tmp_
     assert a["clients"] == b["clients"]
 
 
-def test_a_client_that_raises_fails_its_rounds_and_the_run_goes_on(make_cfg, tmp_path):
+def test_a_client_that_raises_fails_its_rounds_and_the_run_goes_on(make_spec, tmp_path):
     from octomil_sim.runner import run
 
-    results = run(make_cfg("strategy=fedavg", "strategy.client._target_=fault_clients.FlakyClient",
+    results = run(make_spec("strategy=fedavg", "strategy.client._target_=fault_clients.FlakyClient",
                            "+strategy.client.every=3", "simulation.num_clients=6", "simulation.clients_per_round=6",
                            "simulation.rounds=4", "simulation.fraction_evaluate=0", "simulation.checkpoint_every=0"),
                   tmp_path)

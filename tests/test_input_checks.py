@@ -24,22 +24,22 @@ from octomil_sim.errors import ConfigError
     (["partition=shard", "partition.num_shards_per_partition=0"],
      "partition.num_shards_per_partition=0: allowed: null or an integer >= 1"),
 ])
-def test_partition_arguments(make_cfg, overrides, expected):
+def test_partition_arguments(make_spec, overrides, expected):
     with pytest.raises(ConfigError) as err:
-        validate(make_cfg("dataset=digits", "model=mlp", "simulation.num_clients=20", *overrides))
+        validate(make_spec("dataset=digits", "model=mlp", "simulation.num_clients=20", *overrides))
     assert str(err.value) == expected
 
 
-def test_groups_file_naming_clients_that_do_not_exist(make_cfg, tmp_path):
+def test_groups_file_naming_clients_that_do_not_exist(make_spec, tmp_path):
     path = tmp_path / "groups.json"
     path.write_text(json.dumps({**{str(k): "a" for k in range(10)}, "10": "b", "57": "b"}))
     with pytest.raises(ConfigError, match=r"names clients \[10, 57\] that do not exist; allowed: client ids 0\.\.9"):
-        validate(make_cfg("simulation.num_clients=10", "simulation.clients_per_round=5", f"groups_file={path}"))
+        validate(make_spec("simulation.num_clients=10", "simulation.clients_per_round=5", f"groups_file={path}"))
 
 
-def test_impossible_dirichlet_split_is_one_line(make_cfg):
+def test_impossible_dirichlet_split_is_one_line(make_spec):
     # digits, 20 clients, alpha 0.1, at least 10 examples each: seed 3 cannot be met in flwr-datasets' 10 tries
-    cfg = make_cfg("dataset=digits", "model=mlp", "partition=dirichlet", "partition.alpha=0.1",
+    cfg = make_spec("dataset=digits", "model=mlp", "partition=dirichlet", "partition.alpha=0.1",
                    "partition.min_partition_size=10", "simulation.num_clients=20", "simulation.seed=3")
     with pytest.raises(ConfigError) as err:
         FederatedData(cfg)
@@ -47,7 +47,7 @@ def test_impossible_dirichlet_split_is_one_line(make_cfg):
                               "partition.min_partition_size=10 examples in 10 tries; allowed: a larger partition.alpha, "
                               "a smaller partition.min_partition_size, fewer simulation.num_clients, or another "
                               "simulation.seed")
-    FederatedData(make_cfg("dataset=digits", "model=mlp", "partition=dirichlet", "partition.alpha=0.1",
+    FederatedData(make_spec("dataset=digits", "model=mlp", "partition=dirichlet", "partition.alpha=0.1",
                            "partition.min_partition_size=5", "simulation.num_clients=20", "simulation.seed=3"))
 
 
@@ -70,7 +70,7 @@ def test_output_dir_that_is_a_file(tmp_path):
     assert (tmp_path / "new" / "run").is_dir()
 
 
-def test_unreachable_hub_fails_fast_in_one_line(make_cfg, monkeypatch, tmp_path):
+def test_unreachable_hub_fails_fast_in_one_line(make_spec, monkeypatch, tmp_path):
     import time
 
     import datasets
@@ -85,19 +85,19 @@ def test_unreachable_hub_fails_fast_in_one_line(make_cfg, monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     started = time.perf_counter()
     with pytest.raises(ConfigError) as err:
-        FederatedData(make_cfg("dataset=femnist", "model=femnist_cnn", "simulation.num_clients=5",
+        FederatedData(make_spec("dataset=femnist", "model=femnist_cnn", "simulation.num_clients=5",
                                "simulation.clients_per_round=2"))
     assert time.perf_counter() - started < 10  # today's retries took 28 s
     assert str(err.value).startswith("dataset.source.path='flwrlabs/femnist' could not be loaded (the Hugging Face "
                                      "hub is not reachable from here and the dataset is not in the local cache)")
 
 
-def test_ray_init_args_private_by_default_and_join_on_request(make_cfg):
+def test_ray_init_args_private_by_default_and_join_on_request(make_spec):
     from octomil_sim.runner import ray_init_args
 
-    local = ray_init_args(make_cfg("simulation.ray_num_cpus=2").simulation)
+    local = ray_init_args(make_spec("simulation.ray_num_cpus=2").simulation)
     assert local["address"] == "local" and local["num_cpus"] == 2  # never a cluster someone started here
-    joined = ray_init_args(make_cfg("simulation.ray_address=auto").simulation)
+    joined = ray_init_args(make_spec("simulation.ray_address=auto").simulation)
     assert joined["address"] == "auto" and "num_cpus" not in joined  # the cluster's nodes set their CPUs
 
 
@@ -112,9 +112,9 @@ def test_ray_init_args_private_by_default_and_join_on_request(make_cfg):
      "simulation.ray_address=' ': allowed: null (a private local Ray instance), auto, or host:port of a running "
      "Ray cluster"),
 ])
-def test_ray_address_values(make_cfg, overrides, expected):
+def test_ray_address_values(make_spec, overrides, expected):
     with pytest.raises(ConfigError) as err:
-        validate(make_cfg(*overrides))
+        validate(make_spec(*overrides))
     assert str(err.value) == expected
 
 

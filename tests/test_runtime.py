@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from omegaconf import OmegaConf
 
 from octomil_sim.batching import pack, split_even, unpack
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
@@ -33,15 +32,14 @@ def test_split_even_keeps_order_and_balances():
 
 
 def _system(**classes):
-    return OmegaConf.create({"simulation": {"seed": 0, "num_clients": 10},
-                             "system": {"classes": classes, "deadline": 10.0}})
+    return SystemModel.build({"classes": classes, "deadline": 10.0}, seed=0, num_clients=10)
 
 
 def test_system_classes_have_exact_shares_and_fixed_draws():
-    model = SystemModel.from_config(_system(low={"share": 0.3, "max_steps": 2, "speed": 0.5, "dropout": 0.5},
+    model = (_system(low={"share": 0.3, "max_steps": 2, "speed": 0.5, "dropout": 0.5},
                                             high={"share": 0.7}))
     assert sorted(model.assignment).count("low") == 3
-    assert model.assignment == SystemModel.from_config(_system(
+    assert model.assignment == (_system(
         low={"share": 0.3, "max_steps": 2, "speed": 0.5, "dropout": 0.5}, high={"share": 0.7})).assignment
     low = model.assignment.index("low")
     assert model.duration(low, 4) == 8.0  # 4 steps at speed 0.5
@@ -53,9 +51,9 @@ def test_system_classes_have_exact_shares_and_fixed_draws():
 
 def test_system_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"system.classes=\{.a.: 0.5\}: allowed: classes whose shares sum to 1"):
-        SystemModel.from_config(_system(a={"share": 0.5}))
+        (_system(a={"share": 0.5}))
     with pytest.raises(ConfigError, match=r"system.classes.a.dropout=1.5: allowed: a number in \[0, 1\)"):
-        SystemModel.from_config(_system(a={"share": 1.0, "dropout": 1.5}))
+        (_system(a={"share": 1.0, "dropout": 1.5}))
 
 
 def test_step_budget_cuts_local_sgd():

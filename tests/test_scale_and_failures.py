@@ -29,14 +29,14 @@ def _numbers(results: dict) -> tuple:
     return [drop(r) for r in results["rounds"]], results["clients"], drop(results["final"])
 
 
-def test_clients_per_message_change_no_number(make_cfg, tmp_path):
-    one = run(make_cfg("strategy=ditto", "simulation.num_nodes=1", *SMALL), tmp_path / "one")
-    five = run(make_cfg("strategy=ditto", "simulation.num_nodes=5", *SMALL), tmp_path / "five")
+def test_clients_per_message_change_no_number(make_spec, tmp_path):
+    one = run(make_spec("strategy=ditto", "simulation.num_nodes=1", *SMALL), tmp_path / "one")
+    five = run(make_spec("strategy=ditto", "simulation.num_nodes=5", *SMALL), tmp_path / "five")
     assert _numbers(one) == _numbers(five)
 
 
 @pytest.mark.parametrize("algorithm", ["scafflix", "bounded_group_loss"])
-def test_resume_from_checkpoint_equals_uninterrupted(make_cfg, tmp_path, caplog, algorithm):
+def test_resume_from_checkpoint_equals_uninterrupted(make_spec, tmp_path, caplog, algorithm):
     """Scafflix keeps x_i* and h_i in the client-state store and draws L per round; bounded group
     loss carries its duals and averaged model in its round_state. Run 3 rounds, then ask the same
     run dir for 6: the result must equal 6 rounds in one go, the resumption says where it starts,
@@ -48,13 +48,13 @@ def test_resume_from_checkpoint_equals_uninterrupted(make_cfg, tmp_path, caplog,
         groups = tmp_path / "groups.json"
         groups.write_text(json.dumps({str(k): "even" if k % 2 == 0 else "odd" for k in range(20)}))
         common += ["strategy=bounded_group_loss", f"groups_file={groups}", "strategy.server.max_group_loss=0.5"]
-    straight = run(make_cfg(*common, "simulation.rounds=6"), tmp_path / "straight")
-    run(make_cfg(*common, "simulation.rounds=3"), tmp_path / "resumed")
+    straight = run(make_spec(*common, "simulation.rounds=6"), tmp_path / "straight")
+    run(make_spec(*common, "simulation.rounds=3"), tmp_path / "resumed")
     folder, saved = load_checkpoint(tmp_path / "resumed")
     assert saved["round"] == 3 and saved["config"]["simulation"]["rounds"] == 3
     began = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="octomil_sim.runner"):
-        resumed = run(make_cfg(*common, "simulation.rounds=6"), tmp_path / "resumed")
+        resumed = run(make_spec(*common, "simulation.rounds=6"), tmp_path / "resumed")
     second_part = time.perf_counter() - began
     assert _numbers(resumed) == _numbers(straight)
     assert resumed.get("averaged_iterate") == straight.get("averaged_iterate")
@@ -91,8 +91,8 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
     assert a["system"] == b["system"] and a["system"]["failed_rounds"] > 0
 
 
-def test_heterogeneous_clients_fail_and_straggle_but_the_run_finishes(make_cfg, tmp_path):
-    results = run(make_cfg("system=heterogeneous", "system.deadline=20", "simulation.clients_per_round=10",
+def test_heterogeneous_clients_fail_and_straggle_but_the_run_finishes(make_spec, tmp_path):
+    results = run(make_spec("system=heterogeneous", "system.deadline=20", "simulation.clients_per_round=10",
                            *SMALL[:1], "simulation.rounds=8", "simulation.fraction_evaluate=0"), tmp_path)
     system = results["system"]
     assert system["failed_rounds"] > 0 and system["straggler_rounds"] > 0
@@ -107,11 +107,11 @@ def test_heterogeneous_clients_fail_and_straggle_but_the_run_finishes(make_cfg, 
     assert len(results["clients"]) == 20 and results["final"]["global_acc"] > 0.2
 
 
-def test_fedp3_sends_fewer_bytes_and_personalizes(make_cfg, tmp_path):
+def test_fedp3_sends_fewer_bytes_and_personalizes(make_spec, tmp_path):
     common = ["model=mlp", "model.net.hidden=[64,64]", "simulation.num_clients=20",
               "simulation.clients_per_round=10", "simulation.rounds=15", "simulation.fraction_evaluate=0"]
-    fedavg = run(make_cfg("strategy=fedavg", *common), tmp_path / "fedavg")
-    fedp3 = run(make_cfg("strategy=fedp3", "strategy.server.global_keep=0.3",
+    fedavg = run(make_spec("strategy=fedavg", *common), tmp_path / "fedavg")
+    fedp3 = run(make_spec("strategy=fedp3", "strategy.server.global_keep=0.3",
                          "strategy.server.upload_layers=1", *common), tmp_path / "fedp3")
     f, p = fedavg["final"], fedp3["final"]
     # MLP 60-64-64-10: a client uploads one hidden layer and the head (at most 4,810 of 8,970 numbers);
@@ -121,11 +121,11 @@ def test_fedp3_sends_fewer_bytes_and_personalizes(make_cfg, tmp_path):
     assert p["personalized_acc"] > f["personalized_acc"] + 0.05
 
 
-def test_prompt_tuning_keeps_base_frozen_and_beats_the_shared_model(make_cfg, tmp_path):
+def test_prompt_tuning_keeps_base_frozen_and_beats_the_shared_model(make_spec, tmp_path):
     common = ["dataset=synthetic_tokens", "model=prompt_transformer", "simulation.num_clients=20",
               "simulation.clients_per_round=10", "simulation.rounds=15", "simulation.fraction_evaluate=0",
               "simulation.lr=0.1"]
-    cfg = make_cfg("strategy=prompt_tuning", *common)
+    cfg = make_spec("strategy=prompt_tuning", *common)
     results = run(cfg, tmp_path)
     from octomil_sim.runner import initial_arrays
 

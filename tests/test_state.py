@@ -39,9 +39,9 @@ def test_disk_store_persists_and_leaves_no_partial_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ditto_v").iterdir()) == ["9.pt"]
 
 
-def test_memory_store_needs_a_single_actor(make_cfg):
+def test_memory_store_needs_a_single_actor(make_spec):
     from octomil_sim.config import validate
 
     with pytest.raises(ConfigError, match=r"simulation.state_store='memory': allowed: disk with 2 Ray actors"):
-        validate(make_cfg("simulation.state_store=memory", "simulation.ray_num_cpus=2"))
-    validate(make_cfg("simulation.state_store=memory", "simulation.ray_num_cpus=1", "simulation.checkpoint_every=0"))
+        validate(make_spec("simulation.state_store=memory", "simulation.ray_num_cpus=2"))
+    validate(make_spec("simulation.state_store=memory", "simulation.ray_num_cpus=1", "simulation.checkpoint_every=0"))

@@ -1,0 +1,274 @@
+"""The typed run spec: what one run is, as frozen dataclasses.
+
+Three front ends build it once, at the edge: ``python -m octomil_sim`` (Hydra), ``octomil-sim train``
+(flags mapped to Hydra overrides) and ``octomil_sim.simulate`` (Python objects). Each composes the Hydra
+config and calls ``RunSpec.from_config``; from there on the runner, the data, the ClientApp (and the Ray
+actors it runs in), the strategies' arguments and the logger take the spec, never the ``DictConfig``
+(../shared/STYLE.md, "configuration at the edge"; pfl-research's frozen hyperparameter dataclasses).
+
+A pluggable part (a partitioner, a model, a strategy's server and client halves, a fairness policy, a
+dataset source) is a ``Component``: its import path and its resolved keyword arguments, built with
+``Component.build``. ``RunSpec.config`` keeps the resolved config as plain data: it is the run's record
+(``results.json``'s ``config``, the checkpoint's identity, W&B's config), never read for settings.
+
+``from_config`` checks the shape (a group missing a key, or holding one no field reads, is one
+``ConfigError`` line); ``octomil_sim.config.validate`` then checks the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from typing import Any
+
+from octomil_sim.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Component:
+    """A class or function (``target``, an import path) and the keyword arguments to build it with."""
+
+    target: str
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, node: Any, key: str) -> "Component":
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(f"{key}={node!r}: allowed: a mapping with a _target_ (an import path) and its arguments")
+        return cls(node["_target_"], {k: v for k, v in node.items() if k != "_target_"})
+
+    def build(self, **extra):
+        """The built object (Hydra's ``instantiate``: nested ``_target_`` arguments are built too);
+        ``extra`` adds or replaces arguments."""
+        from octomil_sim.errors import instantiate
+
+        return instantiate({"_target_": self.target, **self.kwargs}, **extra)
+
+    def get(self, name: str, default=None):
+        return self.kwargs.get(name, default)
+
+    @property
+    def obj(self):
+        """The class or function itself (imported, not built)."""
+        from hydra.utils import get_object
+
+        return get_object(self.target)
+
+    def as_node(self) -> dict:
+        return {"_target_": self.target, **self.kwargs}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """``conf/dataset``: where the rows come from and how to read them."""
+
+    name: str
+    source: Component
+    feature_key: str
+    label_key: str
+    client_id_key: str | None
+    input_shape: tuple[int, ...]
+    num_classes: int
+    scale: float = 1.0
+    tokens: bool = False  # integer token ids (a token model), not scaled floats
+    split_seed: int | None = None  # the per-client train/test split's seed (None: simulation.seed)
+    vocab_size: int | None = None
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """``conf/partition``: the flwr-datasets partitioner (``partitioner.kwargs`` as the YAML gives them)."""
+
+    name: str
+    partitioner: Component
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``conf/model``: the network (built with the dataset's ``input_shape`` and ``num_classes``)."""
+
+    name: str
+    net: Component
+    input_rank: int | None = None  # the rank of the inputs it needs (None: any)
+    tokens: bool = False  # a token model
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """``conf/strategy`` (or ``personalization``): the Flower strategy and the client half."""
+
+    name: str
+    server: Component
+    client: Component
+
+
+@dataclass(frozen=True)
+class FairnessSpec:
+    """``conf/fairness``: a fairness policy composed with the personalization (``none``: no policy)."""
+
+    name: str = "none"
+    policy: Component | None = None
+    client: Component | None = None
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    """``conf/simulation``: the federation, local training and the runtime (see its YAML's comments)."""
+
+    num_clients: int
+    clients_per_round: int
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    test_fraction: float
+    fraction_evaluate: float
+    local_steps: int | None = None
+    train_all_clients: bool = False
+    unseen_clients: float = 0.0
+    num_cpus_per_client: float = 1
+    num_gpus_per_client: float = 0.0
+    ray_num_cpus: int | None = None
+    ray_address: str | None = None
+    startup_timeout_s: float = 300
+    num_nodes: int | None = None
+    checkpoint_every: int = 10
+    state_store: str = "disk"
+    state_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """``conf/system``: resource classes ``{name: {share, max_steps, speed, dropout}}`` and the round's
+    ``deadline``; ``octomil_sim.system.SystemModel`` checks and uses them."""
+
+    name: str = "uniform"
+    classes: dict = field(default_factory=lambda: {"full": {"share": 1.0}})
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    """``conf/logger``: none, or W&B (``project``, ``mode``)."""
+
+    name: str = "none"
+    project: str | None = None
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: every group of the config as a typed part, plus the run's record ``config``."""
+
+    dataset: DatasetSpec
+    partition: PartitionSpec
+    model: ModelSpec
+    strategy: StrategySpec
+    simulation: SimulationSpec
+    fairness: FairnessSpec = FairnessSpec()
+    system: SystemSpec = SystemSpec()
+    logger: LoggerSpec = LoggerSpec()
+    groups_file: str | None = None
+    progress: bool = True
+    config: dict = field(default_factory=dict, compare=False)  # the resolved config, as a record only
+
+    @classmethod
+    def from_config(cls, cfg) -> "RunSpec":
+        """The spec of a composed config (a ``DictConfig`` or a plain dict); interpolations are resolved."""
+        from omegaconf import OmegaConf
+
+        tree = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else json.loads(json.dumps(cfg))
+        tree.pop("hydra", None)
+        tree.pop("experiment", None)  # an experiment only overrides other groups
+        tree.pop("personalization", None)  # the same as strategy=
+        top = _take(tree, "", {"dataset", "partition", "model", "strategy", "fairness", "simulation", "system",
+                               "logger", "groups_file", "progress"}, required={"dataset", "partition", "model",
+                                                                                 "strategy", "simulation"})
+        d = dict(_group(top["dataset"], "dataset", DatasetSpec))
+        d["source"] = Component.of(d["source"], "dataset.source")
+        d["input_shape"] = tuple(d["input_shape"]) if isinstance(d["input_shape"], list) else d["input_shape"]
+        p = _mapping(top["partition"], "partition")
+        if "name" not in p:
+            raise ConfigError("partition: no name; allowed: a conf/partition mapping with name and _target_")
+        m = dict(_group(top["model"], "model", ModelSpec))
+        m["net"] = Component.of(m["net"], "model.net")
+        s = dict(_group(top["strategy"], "strategy", StrategySpec))
+        s["server"], s["client"] = Component.of(s["server"], "strategy.server"), Component.of(s["client"], "strategy.client")
+        f = dict(_group(top.get("fairness") or {}, "fairness", FairnessSpec))
+        for part in ("policy", "client"):
+            f[part] = Component.of(f[part], f"fairness.{part}") if f.get(part) else None
+        return cls(
+            dataset=DatasetSpec(**d),
+            partition=PartitionSpec(p["name"], Component.of({k: v for k, v in p.items() if k != "name"}, "partition")),
+            model=ModelSpec(**m),
+            strategy=StrategySpec(**s),
+            simulation=SimulationSpec(**_group(top["simulation"], "simulation", SimulationSpec)),
+            fairness=FairnessSpec(**f),
+            system=SystemSpec(**_group(top.get("system") or {}, "system", SystemSpec)),
+            logger=LoggerSpec(**_group(top.get("logger") or {}, "logger", LoggerSpec)),
+            groups_file=top.get("groups_file"),
+            progress=top.get("progress", True),
+            config=tree,
+        )
+
+    def replace(self, **changes) -> "RunSpec":
+        """A copy with ``group=dict(field=value)`` changed, in the typed parts and in the record alike
+        (``spec.replace(simulation={"state_dir": ...})``)."""
+        config = json.loads(json.dumps(self.config))
+        parts = {}
+        for group, values in changes.items():
+            parts[group] = dataclasses.replace(getattr(self, group), **values)
+            config.setdefault(group, {}).update(values)
+        return dataclasses.replace(self, **parts, config=config)
+
+    @property
+    def policy(self) -> Component | None:
+        """The fairness policy's component when ``fairness`` names one, else None."""
+        return self.fairness.policy
+
+    @property
+    def name(self) -> str:
+        """``ditto + tilted on synthetic``: the personalization, the fairness policy if any, the data."""
+        with_policy = f" + {self.fairness.name}" if self.policy else ""
+        return f"{self.strategy.name}{with_policy} on {self.dataset.name}"
+
+    @cached_property
+    def key(self) -> str:
+        """The spec as one string (equal specs, equal keys): what per-process caches are keyed by."""
+        return json.dumps(dataclasses.asdict(self) | {"config": None}, sort_keys=True, default=str)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _mapping(node, key: str) -> dict:
+    if not isinstance(node, dict):
+        raise ConfigError(f"{key}={node!r}: allowed: a mapping (a conf/{key} YAML)")
+    return node
+
+
+def _take(node: dict, prefix: str, allowed: set[str], required: set[str]) -> dict:
+    """``node``, with a one-line error for a key no field reads (naming the closest allowed one) or a
+    required key missing."""
+    import difflib
+
+    for name in node:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{prefix}{name}: no part of octomil-sim reads this key{hint} (allowed under "
+                              f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(allowed))})")
+    for name in sorted(required - set(node)):
+        raise ConfigError(f"{prefix}{name}: missing; allowed: a value (see the conf/ YAML of this group)")
+    return node
+
+
+def _group(node, key: str, spec_type) -> dict:
+    """The keys of a group that ``spec_type``'s fields read, checked by ``_take``."""
+    names = {f.name for f in fields(spec_type)}
+    required = {f.name for f in fields(spec_type)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return _take(_mapping(node, key), f"{key}.", names, required)
