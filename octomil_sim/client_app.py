@@ -48,6 +48,7 @@ class ClientTask:
     budget: StepBudget = field(default_factory=StepBudget)  # local steps this message allows
     received: dict = field(default_factory=dict)  # what ``ClientAlgorithm.load`` derived (e.g. masks)
     initial: Callable[[], nn.Module] | None = None  # a fresh copy of the run's round-0 global model
+    before: dict = field(default_factory=dict)  # what the fairness policy measured before training (loss_before)
 
     def batch_stream(self) -> BatchStream:
         """This client's minibatch stream, carried over from its previous round (``BatchStream``)."""
@@ -84,6 +85,13 @@ class ClientAlgorithm:
     def report(self, model: nn.Module, task: ClientTask) -> dict[str, float]:
         """Extra per-client evaluation numbers for ``results.json`` (``model``: the global one)."""
         return {}
+
+    def train_cohort(self, models: list[nn.Module], tasks: list[ClientTask]) -> list[tuple[Tensors, dict]] | None:
+        """``train`` for several clients of one message at once (``octomil_sim.cohort``), returning what
+        ``train`` would return for each, up to float rounding; None when this algorithm or model cannot
+        (then each client's ``train`` runs). Must return None before it changes anything (a task's
+        generator, budget or state) and must not write client state unless it succeeds."""
+        return None
 
     def sync(self, model: nn.Module, task: ClientTask) -> None:
         """Receive the new global model right after the round this client trained in (sent only by
@@ -141,6 +149,7 @@ class ClientRuntime:
     system: SystemModel
     template: nn.Module  # built once: Hydra's instantiate costs as much as a small client's update
     fairness: object | None = None  # the fairness policy's client half (``FairnessReport``), if any
+    vectorize: bool = False  # train a message's clients together where the algorithm can (``train_message``)
     _initial: nn.Module | None = None
 
     def initial_model(self) -> nn.Module:
@@ -159,22 +168,61 @@ class ClientRuntime:
                           self.store.bind(pid), config, StepBudget(max_steps), initial=self.initial_model)
 
     # --- one client's share of a message --------------------------------------------------------
-    def train(self, pid: int, content: RecordDict) -> RecordDict:
+    def prepare_train(self, pid: int, content: RecordDict) -> tuple[ClientTask, nn.Module]:
+        """The client's task and received model, and the fairness policy's numbers measured on it
+        (``task.before``); raises ``ClientDropout`` when the system model drops it this round."""
         resources = self.system.of(pid)
         task = self.task(content, pid, salt=0, max_steps=resources.max_steps)
         if self.system.drops_out(pid, task.server_round):
             raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
         model = self.model_from(content["arrays"], task)
-        reported = {}
         if self.fairness is not None:
             training = model.training  # the policy's evaluation puts the model in eval mode
-            reported = self.fairness.metrics(self.algorithm.objective_model(model, task), task)
+            task.before = self.fairness.metrics(self.algorithm.objective_model(model, task), task)
             model.train(training)
-        upload, metrics = self.algorithm.train(model, task)
-        metrics = {**metrics, **reported}  # the policy's numbers, of the model the objective is about
+        return task, model
+
+    def train_reply(self, pid: int, task: ClientTask, upload: Tensors, metrics: dict) -> RecordDict:
+        metrics = {**metrics, **task.before}  # the policy's numbers, of the model the objective is about
         metrics.update({"num-examples": task.data.num_train, "partition-id": pid,
                         "local-steps": task.budget.used, "sim-time": self.system.duration(pid, task.budget.used)})
         return RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
+
+    def train(self, pid: int, content: RecordDict) -> RecordDict:
+        task, model = self.prepare_train(pid, content)
+        return self.train_reply(pid, task, *self.algorithm.train(model, task))
+
+    def train_message(self, packed: RecordDict) -> RecordDict:
+        """All clients of a train message: with ``vectorize``, in cohorts that train together
+        (``ClientAlgorithm.train_cohort``), each cohort as many clients as ``COHORT_BYTES`` of stacked
+        parameters allow; client by client otherwise, or when the algorithm or model cannot. A client
+        the system model drops is reported failed either way. Should a cohort fail, its clients run
+        again one by one from a fresh start (their tasks are functions of the seed)."""
+        if not self.vectorize:
+            return run_clients(self.train, packed)
+        contents, _ = unpack(packed)
+        items = sorted(contents.items())
+        model_bytes = sum(p.numel() * p.element_size() for p in self.template.parameters())
+        size = max(2, COHORT_BYTES // max(1, 3 * model_bytes))  # weights, gradients, starting points
+        done, failed = [], []
+        for start in range(0, len(items), size):
+            prepared = []
+            for pid, content in items[start:start + size]:
+                guarded(pid, lambda: prepared.append((pid, *self.prepare_train(pid, content))), [], failed)
+            pids, tasks, models = zip(*prepared) if prepared else ((), (), ())
+            try:
+                results = self.algorithm.train_cohort(list(models), list(tasks)) if len(prepared) > 1 else None
+            except Exception:  # noqa: BLE001 - the cohort path must never lose a client
+                traceback.print_exc()
+                for pid in pids:
+                    guarded(pid, lambda: self.train(pid, contents[pid]), done, failed)
+                continue
+            if results is None:
+                for pid, task, model in prepared:
+                    guarded(pid, lambda: self.train_reply(pid, task, *self.algorithm.train(model, task)), done, failed)
+            else:
+                done += [(pid, self.train_reply(pid, task, *result)) for pid, task, result in zip(pids, tasks, results)]
+        return pack(done, failed)
 
     def sync(self, pid: int, content: RecordDict) -> RecordDict:
         task = self.task(content, pid, salt=2)
@@ -214,22 +262,33 @@ def client_runtime(spec: RunSpec) -> ClientRuntime:
         system=SystemModel.of_run(spec),
         template=build_model(spec),
         fairness=spec.fairness.client.build() if spec.fairness.client else None,
+        vectorize=s.vectorize,
     )
+
+
+#: stacked parameters (weights, gradients, starting points) one training cohort may hold
+COHORT_BYTES = 256 * 2**20
+
+
+def guarded(pid: int, work: Callable, done: list, failed: list) -> None:
+    """``done.append((pid, work()))``, or, when the client fails (a dropout by the system model, or
+    any error), ``failed.append((pid, reason))``: a failing client must not take its message down."""
+    try:
+        done.append((pid, work()))
+    except ClientDropout as err:
+        failed.append((pid, str(err)))
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        failed.append((pid, f"{type(err).__name__}: {err}"))
 
 
 def run_clients(handler, packed: RecordDict) -> RecordDict:
     """``handler(client, content)`` for every client packed in a message; failures are reported
-    per client (a dropout by the system model, or any error) and the other clients go on."""
+    per client (``guarded``) and the other clients go on."""
     contents, _ = unpack(packed)
     done, failed = [], []
     for pid, content in sorted(contents.items()):
-        try:
-            done.append((pid, handler(pid, content)))
-        except ClientDropout as err:
-            failed.append((pid, str(err)))
-        except Exception as err:  # noqa: BLE001 - a failing client must not take its batch down
-            traceback.print_exc()
-            failed.append((pid, f"{type(err).__name__}: {err}"))
+        guarded(pid, lambda: handler(pid, content), done, failed)
     return pack(done, failed)
 
 
@@ -239,7 +298,7 @@ def build_client_app(spec: RunSpec) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return Message(run_clients(client_runtime(spec).train, msg.content), reply_to=msg)
+        return Message(client_runtime(spec).train_message(msg.content), reply_to=msg)
 
     @app.train("sync")
     def sync(msg: Message, context: Context) -> Message:

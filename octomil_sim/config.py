@@ -211,6 +211,7 @@ def validate(spec: RunSpec) -> None:
              or (isinstance(s.local_steps, int) and s.local_steps >= 1), "null or an integer >= 1")
     _require("simulation.train_all_clients", s.train_all_clients, isinstance(s.train_all_clients, bool),
              "true, false")
+    _require("simulation.vectorize", s.vectorize, isinstance(s.vectorize, bool), "true, false")
     _require("simulation.batch_size", s.batch_size, isinstance(s.batch_size, int) and s.batch_size >= 1, "an integer >= 1")
     _require("simulation.lr", s.lr, isinstance(s.lr, (int, float)) and s.lr > 0, "a number > 0")
     _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")

@@ -283,7 +283,7 @@ def client_state_dir(spec: RunSpec) -> Path | None:
 
 #: keys that may differ between a checkpointed run and its resumption
 RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simulation.ray_address", "progress", "logger",
-                     "simulation.startup_timeout_s"}
+                     "simulation.startup_timeout_s", "simulation.vectorize"}
 #: keys added since checkpoints were first written, with the value that means what their absence meant
 ADDED_KEYS = {"simulation.unseen_clients": 0.0, "fairness.name": "none", "fairness.policy": None,
               "fairness.client": None}

@@ -138,6 +138,7 @@ class SimulationSpec:
     checkpoint_every: int = 10
     state_store: str = "disk"
     state_dir: str | None = None
+    vectorize: bool = True  # a message's clients train together where the algorithm and model allow
 
 
 @dataclass(frozen=True)

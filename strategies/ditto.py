@@ -44,10 +44,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from octomil_sim.client_app import ClientTask, Tensors
+from octomil_sim.cohort import supports
 from octomil_sim.data import ClientData
 from octomil_sim.errors import ConfigError, number_list
 from octomil_sim.training import evaluate, minibatch_passes, prox_grad_step
-from strategies.fedavg import FedAvg, FedAvgClient, local_sgd
+from strategies.fedavg import FedAvg, FedAvgClient, cohort_local_sgd, local_sgd
 
 __all__ = ["FedAvg", "DittoClient"]
 
@@ -166,6 +167,31 @@ class DittoClient(FedAvgClient):
             task = replace(task, data=validation_split(task.data, self.val_fraction)[0])
         upload, metrics = super().train(model, task)
         return upload, {**metrics, "ditto_lam": lam}
+
+    def train_cohort(self, models: list[nn.Module], tasks: list[ClientTask]):
+        """``train`` for a cohort at once when each client has one lambda (no selection, which tries
+        every candidate at every step): the personal steps of all clients together, anchored at the
+        received global model, then FedAvg's local steps together, drawing from each client's
+        generator and budget in ``train``'s order."""
+        if self.selects or type(self).train is not DittoClient.train or not supports(models[0]):
+            return None
+        personals = []
+        for model, task in zip(models, tasks):
+            personal = copy.deepcopy(model)
+            if (stored := task.state.load(PERSONAL)) is not None:
+                personal.load_state_dict(stored)
+            personals.append(personal)
+        anchors = [[p.detach().clone() for p in model.parameters()] for model in models]
+        hp = tasks[0].hp
+        batches = None
+        if hp.local_steps is not None and self.personal_epochs is None:
+            batches = [task.batch_stream().take(hp.local_steps) for task in tasks]  # not saved, as in train
+        cohort_local_sgd(personals, tasks, epochs=hp.epochs if self.personal_epochs is None else self.personal_epochs,
+                         lr=self.personal_lr, anchors=anchors, lam=self.lams[0], batches=batches)
+        results = self.fedavg_cohort(models, tasks)
+        for personal, task in zip(personals, tasks):  # written once both cohorts succeeded
+            task.state.save(PERSONAL, personal.state_dict())
+        return [(upload, {**metrics, "ditto_lam": self.lams[0]}) for upload, metrics in results]
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         stored = task.state.load(PERSONAL)

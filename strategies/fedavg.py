@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
+from octomil_sim.cohort import cohort_sgd, supports
 from octomil_sim.errors import ConfigError
 from octomil_sim.server_app import SeededSampling
 from octomil_sim.training import evaluate, sgd_epochs
@@ -216,6 +217,32 @@ def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
                       generator=task.generator, **options)
 
 
+def cohort_local_sgd(models: list[nn.Module], tasks: list[ClientTask], *, epochs: int | None = None,
+                     lr: float | None = None, anchors: list[list[torch.Tensor]] | None = None, lam: float = 0.0,
+                     batches: list[list[torch.Tensor]] | None = None) -> list[float]:
+    """``local_sgd(model_k, task_k, ...)`` for every client of a cohort at once (``octomil_sim.cohort``:
+    the same minibatches, steps, budgets and generator draws, equal up to float rounding); each model
+    ends with its client's trained weights; returns the clients' losses. ``anchors``/``lam``: the
+    proximal term (one anchor list per client); ``batches``: listed minibatches per client. With
+    ``simulation.local_steps`` and no ``epochs`` given, each client's ``BatchStream`` gives its steps,
+    as in ``local_sgd``. The caller checks ``cohort.supports`` (``ClientAlgorithm.train_cohort``)."""
+    hp = tasks[0].hp
+    streams = []
+    if hp.local_steps is not None and epochs is None and batches is None:
+        streams = [task.batch_stream() for task in tasks]
+        batches = [stream.take(hp.local_steps) for stream in streams]
+    states, losses = cohort_sgd(
+        models[0], [m.state_dict() for m in models], [t.data.x_train for t in tasks], [t.data.y_train for t in tasks],
+        epochs=hp.epochs if epochs is None else epochs, batch_size=hp.batch_size, lr=hp.lr if lr is None else lr,
+        generators=[t.generator for t in tasks], anchors=anchors, lam=lam, budgets=[t.budget for t in tasks],
+        batches=batches)
+    for stream in streams:  # saved once the steps are done: a failed cohort leaves the streams as they were
+        stream.save()
+    for model, state in zip(models, states):
+        model.load_state_dict(state)  # copies out of the cohort's stacked tensors
+    return losses
+
+
 def stored_local_model(model: nn.Module, task: ClientTask, key: str, epochs: int) -> nn.Module:
     """The client's own model under ``key`` in its state store: the model it trains alone,
     ``argmin f_i`` approximated the first time by ``epochs`` of local SGD from the run's initial
@@ -246,12 +273,34 @@ class FairnessReport:
         return {}
 
 
+def loss_before(model: nn.Module, task: ClientTask) -> float:
+    """F_k(w), the received model's loss on the training split: the fairness policy's number when it
+    measured it already on this model (``task.before``), else evaluated here."""
+    if LOSS_BEFORE in task.before:
+        return float(task.before[LOSS_BEFORE])
+    return evaluate(model, task.data.x_train, task.data.y_train)[0]
+
+
 class FedAvgClient(ClientAlgorithm):
     """Local SGD on the client's training split; the global model is also its deployed model.
     Reports ``loss_before``, the received global model's loss F_k(w) on the training split, which
-    fairness strategies (tilting, q-FFL, group bounds, MaxFL) weight clients by."""
+    fairness strategies (tilting, q-FFL, group bounds, MaxFL) weight clients by. ``train_cohort``
+    trains a message's clients together (``octomil_sim.cohort``) when the model allows."""
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
-        loss_before, _ = evaluate(model, task.data.x_train, task.data.y_train)
+        before = loss_before(model, task)
         loss = local_sgd(model, task)
-        return model.state_dict(), {"train_loss": loss, LOSS_BEFORE: loss_before}
+        return model.state_dict(), {"train_loss": loss, LOSS_BEFORE: before}
+
+    def train_cohort(self, models: list[nn.Module], tasks: list[ClientTask]):
+        if type(self).train is not FedAvgClient.train or not supports(models[0]):
+            return None  # a subclass with its own train (MaxFL) goes client by client
+        return self.fedavg_cohort(models, tasks)
+
+    @staticmethod
+    def fedavg_cohort(models: list[nn.Module], tasks: list[ClientTask]) -> list[tuple[Tensors, dict[str, float]]]:
+        """``FedAvgClient.train`` for every client of a cohort at once."""
+        befores = [loss_before(m, t) for m, t in zip(models, tasks)]
+        losses = cohort_local_sgd(models, tasks)
+        return [(m.state_dict(), {"train_loss": loss, LOSS_BEFORE: before})
+                for m, loss, before in zip(models, losses, befores)]

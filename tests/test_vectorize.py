@@ -1,0 +1,152 @@
+"""``simulation.vectorize`` (issue 12, goal 4): a train message's clients trained together
+(``ClientRuntime.train_message`` -> ``ClientAlgorithm.train_cohort`` -> ``octomil_sim.cohort``) give the
+replies the client-by-client path gives, up to float rounding: uploads, metrics, step counts, dropouts,
+client state; and the path falls back to client by client where it cannot apply."""
+
+import copy
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from octomil_sim.batching import pack, unpack
+from octomil_sim.client_app import ClientRuntime, client_runtime
+
+SMALL = ["simulation.num_clients=12", "simulation.clients_per_round=6", "simulation.rounds=3",
+         "simulation.checkpoint_every=0", "progress=false"]
+
+
+def _runtime(make_spec, tmp_path, vectorize: bool, *overrides) -> ClientRuntime:
+    spec = make_spec(*SMALL, "simulation.state_store=memory", "simulation.ray_num_cpus=1", *overrides)
+    spec = spec.replace(simulation={"vectorize": vectorize, "state_dir": str(tmp_path / "state")})
+    client_runtime.cache_clear()  # a fresh state store for each path
+    return client_runtime(spec)
+
+
+def _message(runtime: ClientRuntime, server_round: int, pids=range(12), seed: int = 0) -> RecordDict:
+    torch.manual_seed(seed)
+    model = copy.deepcopy(runtime.template)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    arrays = ArrayRecord(model.state_dict())  # one record shared by every client, as the grid sends it
+    config = ConfigRecord({"server-round": server_round})
+    return pack([(pid, RecordDict({"arrays": arrays, "config": config})) for pid in pids])
+
+
+def _replies(runtime: ClientRuntime, rounds: int = 2, **kwargs):
+    out = []
+    for server_round in range(1, rounds + 1):
+        replies, failed = unpack(runtime.train_message(_message(runtime, server_round, **kwargs)))
+        out.append(({pid: (r["arrays"].to_torch_state_dict(), dict(r["metrics"])) for pid, r in replies.items()},
+                    failed))
+    return out
+
+
+def _assert_same(a, b, exact: bool):
+    assert len(a) == len(b)
+    for (replies_a, failed_a), (replies_b, failed_b) in zip(a, b):
+        assert failed_a == failed_b and sorted(replies_a) == sorted(replies_b)
+        for pid in replies_a:
+            (state_a, metrics_a), (state_b, metrics_b) = replies_a[pid], replies_b[pid]
+            assert metrics_a.keys() == metrics_b.keys()
+            for key in metrics_a:
+                if exact or key in ("num-examples", "partition-id", "local-steps", "sim-time"):
+                    assert metrics_a[key] == metrics_b[key], (pid, key)
+                else:
+                    assert metrics_a[key] == pytest.approx(metrics_b[key], rel=1e-5, abs=1e-6), (pid, key)
+            for name in state_a:
+                if exact:
+                    assert torch.equal(state_a[name], state_b[name]), (pid, name)
+                else:
+                    torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["strategy=fedavg"],
+    ["strategy=fedavg", "model=mlp", "simulation.local_epochs=3"],
+    ["strategy=tilted", "strategy.server.t=2"],  # the policy's loss_before, measured once (task.before)
+    ["personalization=fedavg", "fairness=qffl", "system=heterogeneous"],  # budgets and dropouts
+    ["strategy=fedavg", "simulation.local_steps=7"],  # BatchStream positions carried over rounds
+    ["strategy=ditto", "strategy.client.lam=0.5", "model=mlp"],  # personal prox steps, then the global ones
+    ["strategy=ditto", "strategy.client.lam=1.0", "simulation.local_steps=5", "system=heterogeneous"],
+], ids=["fedavg", "mlp-3-epochs", "tilted", "qffl-heterogeneous", "local-steps", "ditto", "ditto-steps-hetero"])
+def test_a_vectorized_message_equals_client_by_client(make_spec, tmp_path, overrides):
+    loop = _runtime(make_spec, tmp_path / "loop", False, *overrides)
+    loop_replies = _replies(loop)
+    loop_state = {k: dict(v) for k, v in loop.store._states.items()}
+    vec = _runtime(make_spec, tmp_path / "vec", True, *overrides)
+    assert vec.vectorize and not loop.vectorize
+    _assert_same(_replies(vec), loop_replies, exact=False)
+    # Ditto's personal models, stream positions: the same state afterwards
+    vec_state = {k: dict(v) for k, v in vec.store._states.items()}
+    assert vec_state.keys() == loop_state.keys()
+    for key in loop_state:
+        for name, value in loop_state[key].items():
+            torch.testing.assert_close(vec_state[key][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cohort_path_is_taken(make_spec, tmp_path, monkeypatch):
+    """Not a silent fallback: the vectorized run calls cohort_sgd once per message, never sgd_epochs."""
+    import strategies.fedavg as fedavg
+
+    calls = {"cohort": 0, "loop": 0}
+    real_cohort, real_loop = fedavg.cohort_sgd, fedavg.sgd_epochs
+    monkeypatch.setattr(fedavg, "cohort_sgd", lambda *a, **k: (calls.__setitem__("cohort", calls["cohort"] + 1),
+                                                                  real_cohort(*a, **k))[1])
+    monkeypatch.setattr(fedavg, "sgd_epochs", lambda *a, **k: (calls.__setitem__("loop", calls["loop"] + 1),
+                                                                 real_loop(*a, **k))[1])
+    _replies(_runtime(make_spec, tmp_path, True, "strategy=fedavg"))
+    assert calls == {"cohort": 2, "loop": 0}
+
+
+@pytest.mark.parametrize("overrides", [
+    ["strategy=ditto"],  # lambda selection: every candidate at every step, client by client
+    ["strategy=maxfl"],  # its own train (the appeal's local model)
+    ["strategy=scafflix"],  # no train_cohort
+])
+def test_algorithms_without_a_cohort_path_are_bit_for_bit_client_by_client(make_spec, tmp_path, overrides):
+    loop = _replies(_runtime(make_spec, tmp_path / "loop", False, *overrides))
+    _assert_same(_replies(_runtime(make_spec, tmp_path / "vec", True, *overrides)), loop, exact=True)
+
+
+def test_a_failing_cohort_reruns_its_clients_one_by_one(make_spec, tmp_path, monkeypatch, capsys):
+    import strategies.fedavg as fedavg
+
+    loop = _replies(_runtime(make_spec, tmp_path / "loop", False, "strategy=fedavg", "simulation.local_steps=3"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("vmap failed")
+
+    monkeypatch.setattr(fedavg, "cohort_sgd", broken)
+    again = _replies(_runtime(make_spec, tmp_path / "vec", True, "strategy=fedavg", "simulation.local_steps=3"))
+    _assert_same(again, loop, exact=True)  # nothing was consumed by the failed cohort (stream positions too)
+    assert "vmap failed" in capsys.readouterr().err
+
+
+def test_cohorts_are_cut_to_the_memory_budget(make_spec, tmp_path, monkeypatch):
+    import octomil_sim.client_app as client_app
+    import strategies.fedavg as fedavg
+
+    sizes = []
+    real = fedavg.cohort_sgd
+    monkeypatch.setattr(fedavg, "cohort_sgd", lambda model, starts, *a, **k: (sizes.append(len(starts)),
+                                                                              real(model, starts, *a, **k))[1])
+    runtime = _runtime(make_spec, tmp_path, True, "strategy=fedavg")
+    model_bytes = sum(p.numel() * p.element_size() for p in runtime.template.parameters())
+    monkeypatch.setattr(client_app, "COHORT_BYTES", 3 * model_bytes * 5)  # five clients a cohort
+    _replies(runtime, rounds=1)
+    assert sizes == [5, 5, 2]
+
+
+@pytest.mark.slow
+def test_a_vectorized_run_matches_the_client_by_client_run(make_spec, tmp_path):
+    """Through Flower and Ray: the same accuracies and, up to float rounding, the same losses."""
+    from octomil_sim.runner import run
+
+    common = ["strategy=fedavg", *SMALL, "simulation.fraction_evaluate=1"]
+    loop = run(make_spec(*common, "simulation.vectorize=false"), tmp_path / "loop")
+    vec = run(make_spec(*common, "simulation.vectorize=true"), tmp_path / "vec")
+    for a, b in zip(loop["rounds"], vec["rounds"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["global_acc"] == pytest.approx(b["global_acc"], abs=1e-9)
+    assert loop["final"]["global_acc"] == pytest.approx(vec["final"]["global_acc"], abs=1e-9)
