@@ -11,8 +11,11 @@ client sampling and the same float32 weighted average in client order, then eval
 once at the end as the Flower run does. It checks that its final model equals the Flower run's
 (read from the run's last checkpoint), so both did the same updates.
 
-    python experiments/bench_scale.py                      # 1,000 and 10,000 clients
-    python experiments/bench_scale.py --clients 1000 --rounds 5
+Each workload runs three ways: the plain loop, Flower + Ray client by client
+(``simulation.vectorize=false``) and Flower + Ray with cohort-vectorized local training (the default).
+
+    python experiments/bench_scale.py                                  # 1,000 and 10,000 clients
+    python experiments/bench_scale.py --workloads mlr-synthetic11 cnn-mnist5k --block bench_overhead
 """
 
 from __future__ import annotations
@@ -30,12 +33,20 @@ from pathlib import Path
 from common import HERE, write_block
 
 RESULTS = HERE / "results" / "bench_scale"
-SETTING = ["strategy=fedavg", "model=mlp", "dataset.source.max_samples=100", "simulation.fraction_evaluate=0"]
-
-
-def overrides(clients: int, per_round: int, rounds: int) -> list[str]:
-    return [*SETTING, f"simulation.num_clients={clients}", f"simulation.clients_per_round={per_round}",
-            f"simulation.rounds={rounds}"]
+# the workloads of issue 12 (no per-round evaluation: the plain loop evaluates every client once at the end)
+WORKLOADS = {
+    "mlp-1000": ["strategy=fedavg", "model=mlp", "dataset.source.max_samples=100", "simulation.num_clients=1000",
+                 "simulation.clients_per_round=100", "simulation.rounds=50"],
+    "mlp-10000": ["strategy=fedavg", "model=mlp", "dataset.source.max_samples=100", "simulation.num_clients=10000",
+                  "simulation.clients_per_round=100", "simulation.rounds=50"],
+    "mlr-synthetic11": ["strategy=fedavg", "model=mlr", "dataset.source.alpha=1", "dataset.source.beta=1",
+                        "simulation.num_clients=100", "simulation.clients_per_round=10", "simulation.rounds=1000"],
+    "mlr-synthetic11-100": ["strategy=fedavg", "model=mlr", "dataset.source.alpha=1", "dataset.source.beta=1",
+                            "simulation.num_clients=100", "simulation.clients_per_round=100", "simulation.rounds=200"],
+    "cnn-mnist5k": ["strategy=fedavg", "dataset=mnist5k", "model=femnist_cnn", "partition=shard",
+                    "simulation.num_clients=50", "simulation.clients_per_round=10", "simulation.rounds=5"],
+}
+COMMON = ["simulation.fraction_evaluate=0"]
 
 
 # --- memory of a process tree, from /proc ----------------------------------------------------------
@@ -158,9 +169,8 @@ def flower_final_weights(run_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--per-round", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--workloads", nargs="+", default=["mlp-1000", "mlp-10000"], choices=sorted(WORKLOADS))
+    parser.add_argument("--block", default="bench_scale", help="the experiments/README.md block to write")
     parser.add_argument("--plain", nargs=argparse.REMAINDER)
     parser.add_argument("--warm", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -171,30 +181,41 @@ def main() -> None:
 
     import numpy as np
 
-    rows = ["| clients | clients per round | rounds | whole run: Flower + Ray (s) | plain loop (s) | ratio "
-            "| rounds 2 to last: Flower (s) | plain (s) | ratio | peak PSS Flower tree (MB) | peak PSS plain (MB) "
-            "| same final model |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for n in args.clients:
-        ov = overrides(n, args.per_round, args.rounds)
-        flower_dir, plain_dir = RESULTS / f"clients{n}" / "flower", RESULTS / f"clients{n}" / "plain"
-        # the run's last round is checkpointed for the comparison of final models (nothing else is)
-        flower_cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.checkpoint_every={args.rounds}",
-                      f"hydra.run.dir={flower_dir}", "progress=false"]
+    rows = ["| workload | clients | a round | rounds | plain loop (s) | Flower, client by client (s) | ratio | Flower, "
+            "vectorized (s) | ratio | rounds 2 to last: plain / by client / vectorized (s) | peak PSS plain / by client "
+            "/ vectorized (MB) | final model vs plain: by client / vectorized |", "|" + "---|" * 10]
+    for name in args.workloads:
+        ov = [*WORKLOADS[name], *COMMON]
+        rounds = int(next(o for o in ov if o.startswith("simulation.rounds=")).split("=")[1])
+        setting = {k: next(o for o in ov if o.startswith(f"simulation.{k}=")).split("=")[1]
+                   for k in ("num_clients", "clients_per_round")}
+        plain_dir = RESULTS / name / "plain"
         plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(plain_dir), *ov]
-        # generate the dataset into the cache first: both sides then read the same memory-mapped files
+        # generate the dataset into the cache first: every side then reads the same memory-mapped files
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", *ov], check=True)
-        t_flower, m_flower = measure(flower_cmd, flower_dir)
         t_plain, m_plain = measure(plain_cmd, plain_dir)
-        a, b = flower_final_weights(flower_dir), pickle.loads((plain_dir / "weights.pkl").read_bytes())
-        same = all(np.array_equal(a[k], b[k]) for k in a)
-        # round 1 of the Flower run also holds Ray's and the actors' start-up: compare the rounds after it
-        f_rounds = sum(r["time_s"] for r in json.loads((flower_dir / "results.json").read_text())["rounds"][1:])
+        plain_weights = pickle.loads((plain_dir / "weights.pkl").read_bytes())
         p_rounds = sum(json.loads((plain_dir / "result.json").read_text())["round_s"][1:])
-        print(f"{n} clients: flower {t_flower:.1f}s {m_flower:.0f}MB, plain {t_plain:.1f}s {m_plain:.0f}MB, "
-              f"ratio {t_flower / t_plain:.2f}, same model {same}", flush=True)
-        rows.append(f"| {n} | {args.per_round} | {args.rounds} | {t_flower:.1f} | {t_plain:.1f} | "
-                    f"{t_flower / t_plain:.2f}x | {f_rounds:.1f} | {p_rounds:.1f} | {f_rounds / p_rounds:.2f}x | {m_flower:.0f} | {m_plain:.0f} | {'yes' if same else 'NO'} |")
-    write_block("bench_scale", rows)
+        sides = {}
+        for side, vectorize in (("loop", "false"), ("vectorized", "true")):
+            run_dir = RESULTS / name / side
+            # the run's last round is checkpointed for the comparison of final models (nothing else is)
+            cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.vectorize={vectorize}",
+                   f"simulation.checkpoint_every={rounds}", f"hydra.run.dir={run_dir}", "progress=false"]
+            wall, peak = measure(cmd, run_dir)
+            final = flower_final_weights(run_dir)
+            diff = max(float(np.abs(final[k] - plain_weights[k]).max()) for k in final)
+            # round 1 also holds Ray's and the actors' start-up: the rounds after it apart
+            later = sum(r["time_s"] for r in json.loads((run_dir / "results.json").read_text())["rounds"][1:])
+            sides[side] = (wall, peak, diff, later)
+            print(f"{name} {side}: {wall:.1f}s {peak:.0f}MB (plain {t_plain:.1f}s {m_plain:.0f}MB), "
+                  f"max |w - w_plain| {diff:.2g}", flush=True)
+        (tl, ml, dl, rl), (tv, mv, dv, rv) = sides["loop"], sides["vectorized"]
+        rows.append(f"| {name} | {setting['num_clients']} | {setting['clients_per_round']} | {rounds} | {t_plain:.1f} "
+                    f"| {tl:.1f} | {tl / t_plain:.2f}x | {tv:.1f} | {tv / t_plain:.2f}x | {p_rounds:.1f} / {rl:.1f} / "
+                    f"{rv:.1f} | {m_plain:.0f} / {ml:.0f} / {mv:.0f} | {'equal' if dl == 0 else f'{dl:.1g}'} / "
+                    f"{'equal' if dv == 0 else f'max diff {dv:.1g}'} |")
+    write_block(args.block, rows)
 
 
 if __name__ == "__main__":

@@ -464,6 +464,7 @@ def run(spec: RunSpec, output_dir: str | Path) -> dict:
     ``RunSpec.from_config``."""
     if not isinstance(spec, RunSpec):
         raise TypeError(f"run() takes a RunSpec (RunSpec.from_config(cfg)), not {type(spec).__name__}")
+    spec.check()  # its record (results.json, the checkpoint's identity) says what it runs
     _runtime_environment()  # first: validate builds the strategy, whose warnings it quiets
     validate(spec)
     output_dir = Path(output_dir)

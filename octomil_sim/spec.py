@@ -17,6 +17,7 @@ dataset source) is a ``Component``: its import path and its resolved keyword arg
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
@@ -160,9 +161,11 @@ class LoggerSpec:
     mode: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunSpec:
-    """One run: every group of the config as a typed part, plus the run's record ``config``."""
+    """One run: every group of the config as a typed part, plus the run's record ``config`` (resolved)
+    and the composed tree it came from, ``source`` (interpolations kept), which ``replace`` changes.
+    Equal specs have equal ``key`` (and hash)."""
 
     dataset: DatasetSpec
     partition: PartitionSpec
@@ -174,17 +177,24 @@ class RunSpec:
     logger: LoggerSpec = LoggerSpec()
     groups_file: str | None = None
     progress: bool = True
-    config: dict = field(default_factory=dict, compare=False)  # the resolved config, as a record only
+    config: dict = field(default_factory=dict)  # the resolved config, as a record only
+    source: dict = field(default_factory=dict, repr=False)  # the composed config, interpolations kept
 
     @classmethod
     def from_config(cls, cfg) -> "RunSpec":
-        """The spec of a composed config (a ``DictConfig`` or a plain dict); interpolations are resolved."""
+        """The spec of a composed config (a ``DictConfig`` or a plain dict, whose ``${...}``
+        interpolations are resolved here)."""
         from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
 
-        tree = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else json.loads(json.dumps(cfg))
-        tree.pop("hydra", None)
-        tree.pop("experiment", None)  # an experiment only overrides other groups
-        tree.pop("personalization", None)  # the same as strategy=
+        source = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else copy.deepcopy(dict(cfg))
+        for name in ("hydra", "experiment", "personalization"):  # Hydra's own; an experiment / personalization
+            source.pop(name, None)                                # only chose other groups (strategy=)
+        try:
+            tree = OmegaConf.to_container(OmegaConf.create(source), resolve=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{getattr(err, 'full_key', '') or 'config'}: {str(err).splitlines()[0]}") from None
+        config, tree = tree, copy.deepcopy(tree)  # the typed parts share nothing with the record
         top = _take(tree, "", {"dataset", "partition", "model", "strategy", "fairness", "simulation", "system",
                                "logger", "groups_file", "progress"}, required={"dataset", "partition", "model",
                                                                                  "strategy", "simulation"})
@@ -212,18 +222,29 @@ class RunSpec:
             logger=LoggerSpec(**_group(top.get("logger") or {}, "logger", LoggerSpec)),
             groups_file=top.get("groups_file"),
             progress=top.get("progress", True),
-            config=tree,
+            config=config,
+            source=source,
         )
 
     def replace(self, **changes) -> "RunSpec":
-        """A copy with ``group=dict(field=value)`` changed, in the typed parts and in the record alike
-        (``spec.replace(simulation={"state_dir": ...})``)."""
-        config = json.loads(json.dumps(self.config))
-        parts = {}
-        for group, values in changes.items():
-            parts[group] = dataclasses.replace(getattr(self, group), **values)
-            config.setdefault(group, {}).update(values)
-        return dataclasses.replace(self, **parts, config=config)
+        """The spec with ``group={key: value, ...}`` merged into its composed config and everything
+        resolved again, as a command-line override does: ``spec.replace(simulation={"seed": 3})`` also
+        moves what interpolates the seed (the data's generator, the partitioner). A top-level key
+        (``groups_file``) takes its value as is."""
+        from omegaconf import OmegaConf
+
+        if not self.source:
+            raise ConfigError("RunSpec.replace: this spec has no composed config (build it with RunSpec.from_config)")
+        merged = OmegaConf.merge(OmegaConf.create(self.source), {k: _plain(v) for k, v in changes.items()})
+        return RunSpec.from_config(merged)
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` unless the typed parts are what the record ``config`` says (a spec made
+        with ``RunSpec(...)`` or ``dataclasses.replace`` by hand can disagree with its record, which
+        is what results.json and the checkpoint's identity are made from)."""
+        if not self.config or RunSpec.from_config(self.config).key != self.key:
+            raise ConfigError("run spec: its typed parts and its record (config) disagree; allowed: a spec from "
+                              "RunSpec.from_config(...), changed with spec.replace(group={...})")
 
     @property
     def policy(self) -> Component | None:
@@ -238,11 +259,29 @@ class RunSpec:
 
     @cached_property
     def key(self) -> str:
-        """The spec as one string (equal specs, equal keys): what per-process caches are keyed by."""
-        return json.dumps(dataclasses.asdict(self) | {"config": None}, sort_keys=True, default=str)
+        """The typed parts as one string: equal keys, equal specs (what per-process caches are keyed by)."""
+        parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("config", "source")}
+        return json.dumps(_plain(parts), sort_keys=True)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunSpec) and other.key == self.key
 
     def __hash__(self) -> int:
         return hash(self.key)
+
+
+def _plain(value):
+    """``value`` as JSON-able plain data: dataclasses (``Component``, the groups) as dicts with a
+    component's ``_target_``, tuples as lists, mapping keys as strings."""
+    if isinstance(value, Component):
+        return _plain(value.as_node())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict) or (hasattr(value, "items") and hasattr(value, "keys")):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _mapping(node, key: str) -> dict:

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from octomil_sim.client_app import ClientTask, Tensors
-from octomil_sim.cohort import supports
+from octomil_sim.cohort import vectorizes
 from octomil_sim.data import ClientData
 from octomil_sim.errors import ConfigError, number_list
 from octomil_sim.training import evaluate, minibatch_passes, prox_grad_step
@@ -173,7 +173,7 @@ class DittoClient(FedAvgClient):
         every candidate at every step): the personal steps of all clients together, anchored at the
         received global model, then FedAvg's local steps together, drawing from each client's
         generator and budget in ``train``'s order."""
-        if self.selects or type(self).train is not DittoClient.train or not supports(models[0]):
+        if self.selects or type(self).train is not DittoClient.train or not vectorizes(models[0]):
             return None
         personals = []
         for model, task in zip(models, tasks):

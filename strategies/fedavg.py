@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
-from octomil_sim.cohort import cohort_sgd, supports
+from octomil_sim.cohort import cohort_sgd, vectorizes
 from octomil_sim.errors import ConfigError
 from octomil_sim.server_app import SeededSampling
 from octomil_sim.training import evaluate, sgd_epochs
@@ -225,7 +225,7 @@ def cohort_local_sgd(models: list[nn.Module], tasks: list[ClientTask], *, epochs
     ends with its client's trained weights; returns the clients' losses. ``anchors``/``lam``: the
     proximal term (one anchor list per client); ``batches``: listed minibatches per client. With
     ``simulation.local_steps`` and no ``epochs`` given, each client's ``BatchStream`` gives its steps,
-    as in ``local_sgd``. The caller checks ``cohort.supports`` (``ClientAlgorithm.train_cohort``)."""
+    as in ``local_sgd``. The caller checks ``cohort.vectorizes`` (``ClientAlgorithm.train_cohort``)."""
     hp = tasks[0].hp
     streams = []
     if hp.local_steps is not None and epochs is None and batches is None:
@@ -293,7 +293,7 @@ class FedAvgClient(ClientAlgorithm):
         return model.state_dict(), {"train_loss": loss, LOSS_BEFORE: before}
 
     def train_cohort(self, models: list[nn.Module], tasks: list[ClientTask]):
-        if type(self).train is not FedAvgClient.train or not supports(models[0]):
+        if type(self).train is not FedAvgClient.train or not vectorizes(models[0]):
             return None  # a subclass with its own train (MaxFL) goes client by client
         return self.fedavg_cohort(models, tasks)
 

@@ -51,12 +51,36 @@ def test_equal_configs_give_equal_hashable_picklable_specs(make_cfg):
     assert c.strategy.client.get("lam") == 2.0
 
 
-def test_replace_changes_the_typed_part_and_the_record_alike(make_cfg):
+def test_replace_resolves_again_as_a_command_line_override_does(make_cfg):
+    spec = RunSpec.from_config(make_cfg("strategy=ditto"))
+    moved = spec.replace(simulation={"state_dir": "/x/client_state", "seed": 3, "lr": 0.1})
+    assert (moved.simulation.state_dir, moved.simulation.seed) == ("/x/client_state", 3)
+    assert moved.dataset.source.get("seed") == 3  # ${simulation.seed}: the data follows
+    assert moved.strategy.client.get("personal_lr") == 0.1  # ${simulation.lr}
+    assert moved.config["simulation"]["state_dir"] == "/x/client_state" and moved.config["dataset"]["source"]["seed"] == 3
+    assert moved == RunSpec.from_config(make_cfg("strategy=ditto", "simulation.state_dir=/x/client_state",
+                                                 "simulation.seed=3", "simulation.lr=0.1"))
+    assert spec.simulation.seed == 0 and spec.config["simulation"]["seed"] == 0  # the original stays
+    moved.check()
+
+
+def test_a_spec_whose_fields_and_record_disagree_does_not_run(make_cfg, tmp_path):
+    import dataclasses
+
+    from octomil_sim.runner import run
+
     spec = RunSpec.from_config(make_cfg())
-    moved = spec.replace(simulation={"state_dir": "/x/client_state", "rounds": 7})
-    assert (moved.simulation.state_dir, moved.simulation.rounds) == ("/x/client_state", 7)
-    assert moved.config["simulation"]["state_dir"] == "/x/client_state" and moved.config["simulation"]["rounds"] == 7
-    assert spec.simulation.rounds == 100 and spec.config["simulation"]["rounds"] == 100  # the original stays
+    by_hand = dataclasses.replace(spec, simulation=dataclasses.replace(spec.simulation, lr=0.5))
+    with pytest.raises(ConfigError, match="its typed parts and its record \\(config\\) disagree"):
+        run(by_hand, tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_keys_hash_mixed_mapping_keys(make_cfg):
+    spec = RunSpec.from_config(make_cfg())
+    odd = spec.replace(system={"classes": {0: {"share": 0.5}, "fast": {"share": 0.5}}})
+    assert hash(odd) == hash(spec.replace(system={"classes": {0: {"share": 0.5}, "fast": {"share": 0.5}}}))
+    assert odd != spec
 
 
 def test_a_component_builds_with_extra_arguments():

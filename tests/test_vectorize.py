@@ -150,3 +150,12 @@ def test_a_vectorized_run_matches_the_client_by_client_run(make_spec, tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["global_acc"] == pytest.approx(b["global_acc"], abs=1e-9)
     assert loop["final"]["global_acc"] == pytest.approx(vec["final"]["global_acc"], abs=1e-9)
+
+
+def test_models_it_would_slow_down_train_client_by_client():
+    """A convolution under vmap is slower than the loop on CPU (cohort.pays_off): the CNN falls back."""
+    from octomil_sim.cohort import vectorizes
+    from octomil_sim.models import MLP, MLR, FemnistCNN
+
+    assert vectorizes(MLR((60,), 10)) and vectorizes(MLP((60,), 10))
+    assert not vectorizes(FemnistCNN((1, 28, 28), 10))
