@@ -265,7 +265,8 @@ def grid_counters(grid: SimulationGrid) -> dict:
     """The grid's byte and failure counters as checkpoint state (client ids as strings: JSON keys)."""
     return {"bytes": dict(grid.bytes), "failed": {str(c): n for c, n in grid.failed.items()},
             "straggled": {str(c): n for c, n in grid.straggled.items()},
-            "last_failure": {str(c): r for c, r in grid.last_failure.items()}}
+            "last_failure": {str(c): r for c, r in grid.last_failure.items()},
+            "work": {str(c): w for c, w in grid.work.items()}}
 
 
 def restore_grid_counters(grid: SimulationGrid, saved: dict) -> None:
@@ -274,6 +275,7 @@ def restore_grid_counters(grid: SimulationGrid, saved: dict) -> None:
     grid.failed.update({int(c): n for c, n in saved["failed"].items()})
     grid.straggled.update({int(c): n for c, n in saved["straggled"].items()})
     grid.last_failure.update({int(c): r for c, r in saved["last_failure"].items()})
+    grid.work.update({int(c): w for c, w in saved.get("work", {}).items()})  # absent in older checkpoints
 
 
 def client_state_dir(spec: RunSpec) -> Path | None:

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import numpy as np
 
-from octomil_sim.batching import pack, split_even, unpack
+from octomil_sim.batching import pack, split_by_work, split_even, unpack
 from octomil_sim.errors import ConfigError, RunError
 from octomil_sim.metrics import client_rows
 
@@ -57,6 +57,7 @@ class SimulationGrid(Grid):
         self.failed: Counter[int] = Counter()  # client -> rounds it failed in (dropout or error)
         self.straggled: Counter[int] = Counter()  # client -> rounds its reply missed the deadline
         self.last_failure: dict[int, str] = {}
+        self.work: dict[int, float] = {}  # client -> local steps of its last training (balances the nodes)
 
     # --- delegation -------------------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -141,11 +142,13 @@ class SimulationGrid(Grid):
         direction = kind.split(".")[0]
         for m in messages:
             self.bytes[f"{direction}_down"] += content_bytes(m.content)
-        chunks = [c for c in split_even(messages, min(len(self.nodes), len(messages))) if c]
+        parts = min(len(self.nodes), len(messages))
+        chunks = ([c for c in split_by_work(messages, parts, self._expected_work) if c] if direction == "train"
+                  else [c for c in split_even(messages, parts) if c])
         packed = [Message(content=pack([(m.metadata.dst_node_id, m.content) for m in chunk]),
                           message_type=kind, dst_node_id=node) for node, chunk in zip(self.nodes, chunks)]
         replies = {r.metadata.reply_to_message_id: r for r in self._exchange(packed, timeout)}
-        out = []
+        out: list[tuple[int, Message]] = []
         for sent, chunk in zip(packed, chunks):
             reply = replies.get(sent.metadata.message_id)
             if reply is None or reply.has_error():
@@ -158,16 +161,26 @@ class SimulationGrid(Grid):
                 if client in failures:
                     self.failed[client] += direction == "train"
                     self.last_failure[client] = failures[client]
-                    out.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failures[client]), reply_to=m))
+                    out.append((client, Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failures[client]), reply_to=m)))
                     continue
                 content = contents[client]
                 metrics = content.metric_records.get("metrics", {})
+                if direction == "train" and "local-steps" in metrics:
+                    self.work[client] = float(metrics["local-steps"])
                 if self.deadline is not None and float(metrics.get("sim-time", 0.0)) > self.deadline:
                     self.straggled[client] += 1  # its reply would arrive after the round closed
                     continue
                 self.bytes[f"{direction}_up"] += content_bytes(content)
-                out.append(Message(content, reply_to=m))
-        return out
+                out.append((client, Message(content, reply_to=m)))
+        return [message for _, message in sorted(out, key=lambda pair: pair[0])]  # client order, every run
+
+    def _expected_work(self, message: Message) -> float:
+        """A client's expected training work: its local steps the last time it trained, or the mean
+        over the clients seen so far (1 before any)."""
+        known = self.work.get(message.metadata.dst_node_id)
+        if known is not None:
+            return known
+        return sum(self.work.values()) / len(self.work) if self.work else 1.0
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from octomil_sim.batching import pack, split_even, unpack
+from octomil_sim.batching import pack, split_by_work, split_even, unpack
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.errors import ConfigError
 from octomil_sim.system import SystemModel
@@ -29,6 +29,15 @@ def test_pack_unpack_round_trip_sends_a_shared_record_once():
 def test_split_even_keeps_order_and_balances():
     assert split_even(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split_even([1], 3) == [[1], [], []]
+
+
+def test_split_by_work_balances_unequal_clients_longest_first():
+    work = {"a": 10, "b": 1, "c": 1, "d": 8}
+    # a -> group 0 (10); d -> group 1 (8); b, c -> group 1 (9, then 10, the lighter each time)
+    assert split_by_work(["a", "b", "c", "d"], 2, work.get) == [["a"], ["b", "c", "d"]]
+    assert split_by_work(["a", "b"], 3, work.get) == [["a"], ["b"], []]
+    even = {k: 1 for k in "abcdef"}
+    assert split_by_work(list("abcdef"), 2, even.get) == [["a", "c", "e"], ["b", "d", "f"]]
 
 
 def _system(**classes):
