@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common import write_block
 from octomil_sim.cohort import cohort_sgd
 from octomil_sim.models import MLP, MLR
 from octomil_sim.training import BatchStream, sgd_epochs
@@ -130,9 +131,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| workload | clients | steps per client (max / total) | per-client loop s | vectorized s | speed-up "
-          "| max \\|param diff\\| | max \\|loss diff\\| |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = ["| workload | clients | steps per client (max / total) | per-client loop s | vectorized s | speed-up "
+            "| max \\|param diff\\| | max \\|loss diff\\| |", "|---|---|---|---|---|---|---|---|"]
     for work in WORKLOADS:
         for clients in args.clients:
             model, xs, ys, start, batches = inputs(work, clients)
@@ -141,8 +141,10 @@ def main() -> None:
             t_vec, (got, got_loss) = timed(lambda: vectorized(model, xs, ys, start, batches, work), args.repeats)
             diff = max((got[k][n] - ref[k][n]).abs().max().item() for k in range(clients) for n in ref[k])
             loss_diff = max(abs(a - b) for a, b in zip(got_loss, ref_loss))
-            print(f"| {work.name} | {clients} | {max(steps)} / {sum(steps)} | {t_loop:.3f} | {t_vec:.3f} "
-                  f"| {t_loop / t_vec:.1f}x | {diff:.1e} | {loss_diff:.1e} |", flush=True)
+            rows.append(f"| {work.name} | {clients} | {max(steps)} / {sum(steps)} | {t_loop:.3f} | {t_vec:.3f} "
+                        f"| {t_loop / t_vec:.1f}x | {diff:.1e} | {loss_diff:.1e} |")
+            print(rows[-1], flush=True)
+    write_block("bench_vectorize", rows)
 
 
 if __name__ == "__main__":

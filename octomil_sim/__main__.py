@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> float:
     try:
         check_added_keys(cfg, list(HydraConfig.get().overrides.task))
         check_output_paths(HydraConfig.get().runtime.output_dir)
-        results = run(RunSpec.from_config(cfg), HydraConfig.get().runtime.output_dir)
+        results = run(share_cpus(RunSpec.from_config(cfg), parallel_jobs()), HydraConfig.get().runtime.output_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -71,6 +71,43 @@ def main(cfg: DictConfig) -> float:
     return final["personalized_acc"]
 
 
+def parallel_jobs() -> int:
+    """How many jobs of this sweep run side by side: ``hydra.launcher.n_jobs`` under Hydra's joblib
+    launcher (``hydra/launcher=joblib``, ``octomil-sim train --jobs``), else 1."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or "joblib" not in str(hc.launcher.get("_target_", "")).lower():
+        return 1
+    return int(hc.launcher.get("n_jobs") or 1)
+
+
+def share_cpus(spec, jobs: int):
+    """With ``jobs`` runs side by side on this machine, each run's private Ray instance gets its share
+    of the CPUs (``simulation.ray_num_cpus``), so that the jobs' client actors never outnumber the
+    cores; a run that joins a cluster (``ray_address``), whose scheduler shares the cluster's CPUs
+    among the jobs' actors, or that sets ``ray_num_cpus`` itself, is left as it is."""
+    s = spec.simulation
+    if jobs <= 1 or s.ray_address is not None or s.ray_num_cpus is not None:
+        return spec
+    return spec.replace(simulation={"ray_num_cpus": max(1, (os.cpu_count() or 1) // jobs)})
+
+
+def check_parallel_jobs(args: list[str]) -> list[str]:
+    """Before anything starts: ``hydra/launcher=joblib`` runs at most one job per CPU (each job is a
+    Ray instance with at least one client actor); without ``hydra.launcher.n_jobs`` it runs that many
+    (joblib's own default is 10)."""
+    if not any(a.split("=")[0].lstrip("+") == "hydra/launcher" and a.endswith("=joblib") for a in args):
+        return args
+    cpus = os.cpu_count() or 1
+    given = [a for a in args if a.startswith("hydra.launcher.n_jobs=")]
+    if not given:
+        return [*args, f"hydra.launcher.n_jobs={cpus}"]
+    value = given[-1].split("=", 1)[1]
+    if not value.isdigit() or not 1 <= int(value) <= cpus:
+        raise ConfigError(f"hydra.launcher.n_jobs={value}: allowed: 1..{cpus} (the CPUs of this machine; each job "
+                          "runs at least one client actor)")
+    return args
+
+
 def cli() -> None:
     """``octomil-sim`` / ``python -m octomil_sim``: ``init``, ``train`` and ``report`` subcommands
     (``octomil_sim.cli``), or Hydra overrides as they are (``python -m octomil_sim strategy=ditto``)."""
@@ -89,6 +126,8 @@ def cli() -> None:
                 sys.path.insert(0, str(Path.cwd()))  # the project's model.py, here and (via Flower) in Ray's actors
             sys.argv = [sys.argv[0], *args]
         check_group_choices([a for a in args if not a.startswith("-")])
+        args = check_parallel_jobs(args)
+        sys.argv = [sys.argv[0], *args]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -51,6 +51,8 @@ def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
     parser.add_argument("--clients", type=int, help="simulation.num_clients")
     parser.add_argument("--seed", type=int, help="simulation.seed")
     parser.add_argument("--out", help="the run folder (hydra.run.dir)")
+    parser.add_argument("--jobs", type=int, help="a -m sweep's jobs run this many at a time (Hydra's joblib "
+                        "launcher), the CPUs shared among them")
     known, rest = parser.parse_known_args(argv)
     overrides = []
     cwd = cwd or Path.cwd()
@@ -72,6 +74,10 @@ def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
                       ("seed", "simulation.seed"), ("out", "hydra.run.dir")):
         if getattr(known, flag) is not None:
             overrides.append(f"{key}={getattr(known, flag)}")
+    if known.jobs is not None:
+        overrides += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={known.jobs}"]
+        if not any(a in ("-m", "--multirun") for a in rest):
+            rest = ["-m", *rest]  # jobs side by side only exist in a sweep
     multirun = [a for a in rest if a in ("-m", "--multirun")]  # Hydra wants its flags before the overrides
     return multirun + overrides + [a for a in rest if a not in multirun]
 

@@ -1,0 +1,64 @@
+"""``-m`` sweeps whose jobs run side by side (issue 12, goal 5): Hydra's joblib launcher, each job's
+private Ray instance sized to its share of the CPUs so that the jobs' actors never outnumber the cores."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from octomil_sim.__main__ import check_parallel_jobs, share_cpus
+from octomil_sim.cli import train_overrides
+from octomil_sim.errors import ConfigError
+
+SMALL = ["simulation.num_clients=8", "simulation.clients_per_round=4", "simulation.rounds=3",
+         "simulation.checkpoint_every=0", "progress=false", "strategy=fedavg"]
+
+
+def test_the_number_of_parallel_jobs_is_checked_before_anything_starts():
+    cpus = os.cpu_count()
+    assert check_parallel_jobs(["-m", "hydra/launcher=joblib"])[-1] == f"hydra.launcher.n_jobs={cpus}"
+    assert check_parallel_jobs(["simulation.seed=0,1"]) == ["simulation.seed=0,1"]  # the basic launcher
+    with pytest.raises(ConfigError, match=rf"^hydra.launcher.n_jobs={cpus + 1}: allowed: 1..{cpus} "):
+        check_parallel_jobs(["-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={cpus + 1}"])
+
+
+def test_train_jobs_flag_is_a_joblib_sweep():
+    assert train_overrides(["--jobs", "2", "simulation.seed=0,1"], cwd=None) == [
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "simulation.seed=0,1"]
+
+
+def test_each_job_gets_its_share_of_the_cpus(make_spec):
+    spec = make_spec()
+    assert share_cpus(spec, 1) is spec
+    assert share_cpus(spec, 2).simulation.ray_num_cpus == max(1, os.cpu_count() // 2)
+    assert share_cpus(make_spec("simulation.ray_num_cpus=1"), 2).simulation.ray_num_cpus == 1  # set by the user
+    assert share_cpus(make_spec("simulation.ray_address=auto"), 2).simulation.ray_num_cpus is None  # a cluster
+
+
+def _sweep(tmp_path, *extra):
+    cmd = [sys.executable, "-m", "octomil_sim", "-m", "simulation.seed=0,1", *SMALL, f"hydra.sweep.dir={tmp_path}",
+           *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {}
+    for path in tmp_path.glob("*/results.json"):
+        results = json.loads(path.read_text())
+        end = path.stat().st_mtime
+        runs[results["config"]["simulation"]["seed"]] = (results, end - results["wall_time_s"], end)
+    return runs
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_jobs_side_by_side_with_the_same_numbers(tmp_path):
+    side = _sweep(tmp_path / "side", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    one_cpu = max(1, os.cpu_count() // 2)
+    assert sorted(side) == [0, 1]
+    assert all(r["config"]["simulation"]["ray_num_cpus"] == one_cpu for r, _, _ in side.values())
+    (_, start0, end0), (_, start1, end1) = side[0], side[1]
+    assert start0 < end1 and start1 < end0  # the two jobs overlapped in time
+    alone = _sweep(tmp_path / "alone", f"simulation.ray_num_cpus={one_cpu}")  # one after the other, same CPUs
+    for seed in (0, 1):
+        assert side[seed][0]["final"]["global_acc"] == alone[seed][0]["final"]["global_acc"]
+        assert side[seed][0]["rounds"][-1]["train_loss"] == alone[seed][0]["rounds"][-1]["train_loss"]
