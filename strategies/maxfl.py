@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from octomil_sim.client_app import ClientTask, Tensors
+from octomil_sim.cohort import vectorizes
 from octomil_sim.errors import ConfigError
 from octomil_sim.training import evaluate
 from strategies.fedavg import (LOSS_BEFORE, FairnessPolicy, FairnessReport, FedAvgClient, ReweightedFedAvg,
@@ -138,6 +139,17 @@ class MaxFLClient(FedAvgClient):
         _, rho = self.appeal.local_model(model, task)
         upload, metrics = super().train(model, task)
         return upload, {**metrics, "rho": rho}
+
+    def train_cohort(self, models: list[nn.Module], tasks: list[ClientTask]):
+        """``train`` for a cohort: each client's ``rho`` first (its local model, trained the first time
+        from its generator, then kept), then FedAvg's local steps of all clients together, so each
+        generator is drawn in ``train``'s order. A local model computed before a cohort that then fails
+        stays stored, as ``train`` would have stored it."""
+        if type(self).train is not MaxFLClient.train or not vectorizes(models[0]):
+            return None
+        rhos = [self.appeal.local_model(model, task)[1] for model, task in zip(models, tasks)]
+        return [(upload, {**metrics, "rho": rho})
+                for (upload, metrics), rho in zip(self.fedavg_cohort(models, tasks), rhos)]
 
     def personalize(self, model: nn.Module, task: ClientTask) -> nn.Module:
         served, local = self.appeal.served(model, task)

@@ -69,7 +69,10 @@ def _assert_same(a, b, exact: bool):
     ["strategy=fedavg", "simulation.local_steps=7"],  # BatchStream positions carried over rounds
     ["strategy=ditto", "strategy.client.lam=0.5", "model=mlp"],  # personal prox steps, then the global ones
     ["strategy=ditto", "strategy.client.lam=1.0", "simulation.local_steps=5", "system=heterogeneous"],
-], ids=["fedavg", "mlp-3-epochs", "tilted", "qffl-heterogeneous", "local-steps", "ditto", "ditto-steps-hetero"])
+    ["strategy=maxfl", "strategy.client.local_epochs_rho=3"],  # rho from the local model, then the cohort
+    ["personalization=fedavg", "fairness=maxfl", "fairness.client.local_epochs_rho=3"],
+], ids=["fedavg", "mlp-3-epochs", "tilted", "qffl-heterogeneous", "local-steps", "ditto", "ditto-steps-hetero",
+        "maxfl", "fedavg-with-maxfl-policy"])
 def test_a_vectorized_message_equals_client_by_client(make_spec, tmp_path, overrides):
     loop = _runtime(make_spec, tmp_path / "loop", False, *overrides)
     loop_replies = _replies(loop)
@@ -101,7 +104,6 @@ def test_the_cohort_path_is_taken(make_spec, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [
     ["strategy=ditto"],  # lambda selection: every candidate at every step, client by client
-    ["strategy=maxfl"],  # its own train (the appeal's local model)
     ["strategy=scafflix"],  # no train_cohort
 ])
 def test_algorithms_without_a_cohort_path_are_bit_for_bit_client_by_client(make_spec, tmp_path, overrides):
