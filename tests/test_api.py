@@ -51,17 +51,21 @@ def test_client_ids_are_numbered_as_the_natural_id_partitioner_numbers_them(tmp_
     assert len(node["source"]["sha256"]) == 64  # the data is part of the run's config
 
 
+def _run_readme_snippet(heading: str, folder, monkeypatch) -> dict:
+    """Run the first ``python`` block after ``heading`` in the README as written, in ``folder``; its globals."""
+    text = README.read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S).group(1)
+    monkeypatch.chdir(folder)
+    scope: dict = {"__name__": "__main__"}
+    exec(compile(code, "README.md", "exec"), scope)
+    return scope
+
+
 @pytest.mark.slow
 def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     """The "Use from Python" snippet, as written (in a scratch folder): a module defined in the script
     itself reaches Ray's actors, the groups are keyed by the data's client ids."""
-    text = README.read_text()
-    section = text[text.index("### Use from Python"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {"__name__": "__main__"}
-    exec(compile(code, "README.md", "exec"), scope)
-    result = scope["result"]
+    result = _run_readme_snippet("### Use from Python", tmp_path, monkeypatch)["result"]
     assert len(result.rounds) == 15 and len(result.clients) == 8
     assert set(result.clients["client"]) == {f"device-{k}" for k in range(8)}
     assert result.raw["name"] == "personal_layers + tilted on user_data"
@@ -74,13 +78,7 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_the_readme_run_spec_example_runs(tmp_path, monkeypatch, capsys):
     """The "One run spec" snippet, as written: a spec built in Python, one field replaced, run."""
-    text = README.read_text()
-    section = text[text.index("### One run spec"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {"__name__": "__main__"}
-    exec(compile(code, "README.md", "exec"), scope)
-    results = scope["results"]
+    results = _run_readme_snippet("### One run spec", tmp_path, monkeypatch)["results"]
     assert len(results["rounds"]) == 5 and len(results["clients"]) == 20
     assert results["name"] == "ditto + tilted on synthetic" and results["config"]["simulation"]["rounds"] == 5
     assert capsys.readouterr().out.startswith("ditto + tilted on synthetic 0.05 [0.1, 1.0, 2.0]")
