@@ -98,7 +98,7 @@ def check_parallel_jobs(args: list[str]) -> list[str]:
     if not any(a.split("=")[0].lstrip("+") == "hydra/launcher" and a.endswith("=joblib") for a in args):
         return args
     cpus = os.cpu_count() or 1
-    given = [a for a in args if a.startswith("hydra.launcher.n_jobs=")]
+    given = [a for a in args if a.lstrip("+").startswith("hydra.launcher.n_jobs=")]
     if not given:
         return [*args, f"hydra.launcher.n_jobs={cpus}"]
     value = given[-1].split("=", 1)[1]

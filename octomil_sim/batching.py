@@ -59,9 +59,10 @@ def split_by_work(items: Sequence, parts: int, work) -> list[list]:
     very unequal sizes (Synthetic(1, 1): 50 to 5,000 rows) an even split by count leaves one Ray actor
     waiting for the other; this keeps both busy. Deterministic: the same items and work, the same groups."""
     loads, groups = [0.0] * parts, [[] for _ in range(parts)]
-    for position in sorted(range(len(items)), key=lambda i: (-work(items[i]), i)):
+    works = [work(item) for item in items]
+    for position in sorted(range(len(items)), key=lambda i: (-works[i], i)):
         lightest = min(range(parts), key=lambda g: (loads[g], g))
-        loads[lightest] += work(items[position])
+        loads[lightest] += works[position]
         groups[lightest].append(position)
     return [[items[i] for i in sorted(group)] for group in groups]
 

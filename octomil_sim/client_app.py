@@ -150,6 +150,7 @@ class ClientRuntime:
     template: nn.Module  # built once: Hydra's instantiate costs as much as a small client's update
     fairness: object | None = None  # the fairness policy's client half (``FairnessReport``), if any
     vectorize: bool = False  # train a message's clients together where the algorithm can (``train_message``)
+    _cohort_works: bool | None = None  # set by the first vectorized message (``_probe_cohort``)
     _initial: nn.Module | None = None
 
     def initial_model(self) -> nn.Module:
@@ -196,14 +197,20 @@ class ClientRuntime:
         """All clients of a train message: with ``vectorize``, in cohorts that train together
         (``ClientAlgorithm.train_cohort``), each cohort as many clients as ``COHORT_BYTES`` of stacked
         parameters allow; client by client otherwise, or when the algorithm or model cannot. A client
-        the system model drops is reported failed either way. Should a cohort fail, its clients run
-        again one by one from a fresh start (their tasks are functions of the seed)."""
-        if not self.vectorize:
+        the system model drops is reported failed either way. Before the first cohort, one step of
+        the kernel on two dummy clients checks that the model trains under ``vmap`` (a forward with
+        ``.item()`` or data-dependent branches does not); if not, the run goes client by client, with
+        nothing trained or stored yet. Should a cohort still fail, its clients run again one by one
+        from fresh tasks (their generators are functions of the seed; state an algorithm wrote before
+        the failure, e.g. MaxFL's local model, stays) and the run goes client by client from then on."""
+        if self.vectorize and self._cohort_works is None:
+            self._cohort_works = self._probe_cohort()
+        if not self.vectorize or not self._cohort_works:
             return run_clients(self.train, packed)
         contents, _ = unpack(packed)
         items = sorted(contents.items())
         model_bytes = sum(p.numel() * p.element_size() for p in self.template.parameters())
-        size = max(2, COHORT_BYTES // max(1, 3 * model_bytes))  # weights, gradients, starting points
+        size = min(COHORT_CLIENTS, max(2, COHORT_BYTES // max(1, 3 * model_bytes)))  # weights, gradients, starts
         done, failed = [], []
         for start in range(0, len(items), size):
             prepared = []
@@ -214,6 +221,7 @@ class ClientRuntime:
                 results = self.algorithm.train_cohort(list(models), list(tasks)) if len(prepared) > 1 else None
             except Exception:  # noqa: BLE001 - the cohort path must never lose a client
                 traceback.print_exc()
+                self._cohort_works = False  # one traceback, not one a message
                 for pid in pids:
                     guarded(pid, lambda: self.train(pid, contents[pid]), done, failed)
                 continue
@@ -221,8 +229,30 @@ class ClientRuntime:
                 for pid, task, model in prepared:
                     guarded(pid, lambda: self.train_reply(pid, task, *self.algorithm.train(model, task)), done, failed)
             else:
-                done += [(pid, self.train_reply(pid, task, *result)) for pid, task, result in zip(pids, tasks, results)]
+                for pid, task, result in zip(pids, tasks, results, strict=True):
+                    guarded(pid, lambda: self.train_reply(pid, task, *result), done, failed)
         return pack(done, failed)
+
+    def _probe_cohort(self) -> bool:
+        """Whether ``cohort_sgd`` runs on this run's model: one step of two dummy clients (nothing of
+        the run's is touched). Models ``cohort.vectorizes`` rejects train client by client anyway."""
+        from octomil_sim.cohort import cohort_sgd, vectorizes
+
+        if not vectorizes(self.template):
+            return True  # the algorithms' train_cohort declines; nothing to probe
+        d = self.spec.dataset
+        x = torch.zeros(2, *d.input_shape, dtype=torch.long if d.tokens else torch.float32)
+        y = torch.zeros(2, dtype=torch.long)
+        state = {k: v.detach().clone() for k, v in self.template.state_dict().items()}
+        try:
+            cohort_sgd(self.template, [state, state], [x, x], [y, y], epochs=1, batch_size=2, lr=0.0,
+                       generators=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+            return True
+        except Exception as err:  # noqa: BLE001
+            logging.getLogger(__name__).warning("simulation.vectorize: %s does not train under torch.func.vmap "
+                                                "(%s: %s); its clients train one by one",
+                                                type(self.template).__name__, type(err).__name__, err)
+            return False
 
     def sync(self, pid: int, content: RecordDict) -> RecordDict:
         task = self.task(content, pid, salt=2)
@@ -266,8 +296,10 @@ def client_runtime(spec: RunSpec) -> ClientRuntime:
     )
 
 
-#: stacked parameters (weights, gradients, starting points) one training cohort may hold
+#: stacked parameters (weights, gradients, starting points) one training cohort may hold, and at most
+#: this many clients (the kernel also copies the cohort's training rows into one tensor)
 COHORT_BYTES = 256 * 2**20
+COHORT_CLIENTS = 256
 
 
 def guarded(pid: int, work: Callable, done: list, failed: list) -> None:

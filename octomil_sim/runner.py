@@ -285,7 +285,8 @@ def client_state_dir(spec: RunSpec) -> Path | None:
 
 #: keys that may differ between a checkpointed run and its resumption
 RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simulation.ray_address", "progress", "logger",
-                     "simulation.startup_timeout_s", "simulation.vectorize"}
+                     "simulation.startup_timeout_s", "simulation.vectorize",
+                     "simulation.ray_num_cpus"}  # resources: a --jobs sweep resumed with another N or alone
 #: keys added since checkpoints were first written, with the value that means what their absence meant
 ADDED_KEYS = {"simulation.unseen_clients": 0.0, "fairness.name": "none", "fairness.policy": None,
               "fairness.client": None}

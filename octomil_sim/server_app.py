@@ -143,7 +143,7 @@ class SimulationGrid(Grid):
         for m in messages:
             self.bytes[f"{direction}_down"] += content_bytes(m.content)
         parts = min(len(self.nodes), len(messages))
-        chunks = ([c for c in split_by_work(messages, parts, self._expected_work) if c] if direction == "train"
+        chunks = ([c for c in split_by_work(messages, parts, self._work_estimate()) if c] if direction == "train"
                   else [c for c in split_even(messages, parts) if c])
         packed = [Message(content=pack([(m.metadata.dst_node_id, m.content) for m in chunk]),
                           message_type=kind, dst_node_id=node) for node, chunk in zip(self.nodes, chunks)]
@@ -174,13 +174,11 @@ class SimulationGrid(Grid):
                 out.append((client, Message(content, reply_to=m)))
         return [message for _, message in sorted(out, key=lambda pair: pair[0])]  # client order, every run
 
-    def _expected_work(self, message: Message) -> float:
+    def _work_estimate(self) -> Callable[[Message], float]:
         """A client's expected training work: its local steps the last time it trained, or the mean
         over the clients seen so far (1 before any)."""
-        known = self.work.get(message.metadata.dst_node_id)
-        if known is not None:
-            return known
-        return sum(self.work.values()) / len(self.work) if self.work else 1.0
+        default = sum(self.work.values()) / len(self.work) if self.work else 1.0
+        return lambda message: self.work.get(message.metadata.dst_node_id, default)
 
 
 @contextmanager

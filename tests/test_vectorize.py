@@ -161,3 +161,16 @@ def test_models_it_would_slow_down_train_client_by_client():
 
     assert vectorizes(MLR((60,), 10)) and vectorizes(MLP((60,), 10))
     assert not vectorizes(FemnistCNN((1, 28, 28), 10))
+
+
+@pytest.mark.parametrize("overrides", [["strategy=maxfl", "strategy.client.local_epochs_rho=3"],
+                                       ["personalization=fedavg", "fairness=maxfl", "fairness.client.local_epochs_rho=3"]])
+def test_a_model_that_fails_under_vmap_is_found_before_anything_is_trained(make_spec, tmp_path, caplog, overrides):
+    """A forward with ``.item()`` passes ``vectorizes`` but not ``vmap``: the probe sends the run client by
+    client before any state (MaxFL's local models) is written, so it equals vectorize=false bit for bit."""
+    model = ["model.net._target_=fault_clients.ItemMLR"]
+    loop = _replies(_runtime(make_spec, tmp_path / "loop", False, *model, *overrides))
+    vec_runtime = _runtime(make_spec, tmp_path / "vec", True, *model, *overrides)
+    _assert_same(_replies(vec_runtime), loop, exact=True)
+    assert vec_runtime._cohort_works is False
+    assert "does not train under torch.func.vmap" in caplog.text
