@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from octomil_sim.batching import pack, unpack
+from octomil_sim.cohort import cohort_sgd, vectorizes
 from octomil_sim.data import ClientData, FederatedData, federated_data
 from octomil_sim.spec import RunSpec
 from octomil_sim.state import ClientState, ClientStateStore, make_store
@@ -236,8 +237,6 @@ class ClientRuntime:
     def _probe_cohort(self) -> bool:
         """Whether ``cohort_sgd`` runs on this run's model: one step of two dummy clients (nothing of
         the run's is touched). Models ``cohort.vectorizes`` rejects train client by client anyway."""
-        from octomil_sim.cohort import cohort_sgd, vectorizes
-
         if not vectorizes(self.template):
             return True  # the algorithms' train_cohort declines; nothing to probe
         d = self.spec.dataset

@@ -1,7 +1,7 @@
 """Runs one configured experiment through Flower's simulation engine and writes its results.
 
-``run(spec, output_dir)`` checks the run spec (``octomil_sim.spec``), loads the data once (so a missing dataset fails before
-Ray starts), builds the ServerApp and ClientApp, runs them on the Ray backend (one Flower node per
+``run(spec, output_dir)`` checks the run spec (``octomil_sim.spec``), loads the data once (so a
+missing dataset fails before Ray starts), builds the ServerApp and ClientApp, runs them on the Ray backend (one Flower node per
 Ray actor, each carrying a share of the round's clients) and writes ``results.json`` and
 ``results.png`` into ``output_dir``. If ``output_dir`` holds a checkpoint of the same experiment, the
 run resumes from it (``octomil_sim.checkpoint``), saying so in one log line.

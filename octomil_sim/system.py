@@ -16,8 +16,8 @@ Which class a client is in, and whether it drops out in a round, are functions o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -6,6 +6,9 @@ of ``v_k <- v_k - personal_lr (grad F_k(v_k) + lam (v_k - w^t))`` (Alg. 1 line 7
 ``octomil_sim.training.prox_grad_step``), anchored at the received global ``w^t``, then its FedAvg
 update of ``w`` (Alg. 1 lines 4-5). ``v_k`` lives in the client-state store and is never uploaded.
 ``lam`` is Ditto's lambda: 0 is local training, large values pull ``v_k`` to ``w``.
+``DittoClient.train_cohort`` takes the same steps (Alg. 1 lines 4-7) for all clients of a message
+together (``octomil_sim.cohort``; equal to ``train`` up to float rounding) when each client has one
+lambda; per-client lambda selection runs client by client.
 
 Per-client lambda (``lam`` a list of candidates; the paper's experiments, Sec. 5 / App. C, and the
 official ``flearn/trainers_MTL/ditto.py`` with ``--dynamic_lam 1``): each client holds out the last

@@ -2,7 +2,9 @@
 
 Server: ``w <- sum_k n_k w_k / sum_k n_k`` over the sampled clients' updated weights, which is
 Flower's own ``FedAvg.aggregate_train``; this module only makes its sampling reproducible.
-Client: ``local_epochs`` of minibatch SGD from the received weights.
+Client: ``local_epochs`` of minibatch SGD from the received weights (Algorithm 1, ClientUpdate);
+``FedAvgClient.train_cohort`` / ``cohort_local_sgd`` take the same steps for all clients of a message
+together (``octomil_sim.cohort``; equal to the per-client loop up to float rounding).
 """
 
 from __future__ import annotations

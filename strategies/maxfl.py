@@ -19,7 +19,9 @@ Map to the paper (Sec. 4, Algorithm 1) and to this file:
   its boundary all q_i underflow to 0 and the model stays where it is.
 - ``MaxFLClient``: local SGD from the received model (Algorithm 1's local steps), plus ``rho_i``:
   the training loss of the client's model trained alone (``stored_local_model``: trained once from
-  the run's initial model and kept in the client's state store).
+  the run's initial model and kept in the client's state store). ``MaxFLClient.train_cohort``: the
+  same, with the local SGD of a message's clients taken together (``octomil_sim.cohort``; equal up to
+  float rounding).
 
 Deliberate differences:
 
