@@ -35,6 +35,28 @@ from octomil_sim.training import BatchStream, LocalTraining, StepBudget, client_
 Tensors = dict[str, torch.Tensor]
 
 
+class PrivacyClient:
+    """The client half of a ``privacy`` method (``strategies.dp``). ``trains`` True: its ``sgd_epochs``
+    replaces ``octomil_sim.training.sgd_epochs`` in the local training of what the client uploads
+    (DP-SGD); ``upload`` changes what is uploaded (client-side clipping) and adds metrics; ``report``:
+    per-client numbers for ``results.json`` (the epsilon it spent). ``max_trainings``: the most times
+    a client can train in the run (``simulation.rounds``)."""
+
+    trains = False
+
+    def __init__(self, max_trainings: int = 1):
+        self.max_trainings = max_trainings
+
+    def sgd_epochs(self, model, x, y, **kwargs) -> float:
+        raise NotImplementedError
+
+    def upload(self, upload: dict, received: dict, task: "ClientTask") -> tuple[dict, dict]:
+        return upload, {}
+
+    def report(self, state) -> dict[str, float]:
+        return {}
+
+
 @dataclass
 class ClientTask:
     """What a client half gets with one message besides the model."""
@@ -50,6 +72,7 @@ class ClientTask:
     received: dict = field(default_factory=dict)  # what ``ClientAlgorithm.load`` derived (e.g. masks)
     initial: Callable[[], nn.Module] | None = None  # a fresh copy of the run's round-0 global model
     before: dict = field(default_factory=dict)  # what the fairness policy measured before training (loss_before)
+    private: PrivacyClient | None = None  # the privacy group's client half (DP-SGD for what is uploaded), if any
 
     def batch_stream(self) -> BatchStream:
         """This client's minibatch stream, carried over from its previous round (``BatchStream``)."""
@@ -150,6 +173,7 @@ class ClientRuntime:
     system: SystemModel
     template: nn.Module  # built once: Hydra's instantiate costs as much as a small client's update
     fairness: object | None = None  # the fairness policy's client half (``FairnessReport``), if any
+    private: PrivacyClient | None = None  # the privacy group's client half, if any
     vectorize: bool = False  # train a message's clients together where the algorithm can (``train_message``)
     _cohort_works: bool | None = None  # set by the first vectorized message (``_probe_cohort``)
     _initial: nn.Module | None = None
@@ -175,6 +199,7 @@ class ClientRuntime:
         (``task.before``); raises ``ClientDropout`` when the system model drops it this round."""
         resources = self.system.of(pid)
         task = self.task(content, pid, salt=0, max_steps=resources.max_steps)
+        task.private = self.private
         if self.system.drops_out(pid, task.server_round):
             raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
         model = self.model_from(content["arrays"], task)
@@ -184,15 +209,19 @@ class ClientRuntime:
             model.train(training)
         return task, model
 
-    def train_reply(self, pid: int, task: ClientTask, upload: Tensors, metrics: dict) -> RecordDict:
+    def train_reply(self, pid: int, task: ClientTask, upload: Tensors, metrics: dict,
+                    received: ArrayRecord | None = None) -> RecordDict:
         metrics = {**metrics, **task.before}  # the policy's numbers, of the model the objective is about
+        if self.private is not None:  # e.g. client-side clipping of client-level DP
+            upload, extra = self.private.upload(upload, received_state_dict(received), task)
+            metrics.update(extra)
         metrics.update({"num-examples": task.data.num_train, "partition-id": pid,
                         "local-steps": task.budget.used, "sim-time": self.system.duration(pid, task.budget.used)})
         return RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
 
     def train(self, pid: int, content: RecordDict) -> RecordDict:
         task, model = self.prepare_train(pid, content)
-        return self.train_reply(pid, task, *self.algorithm.train(model, task))
+        return self.train_reply(pid, task, *self.algorithm.train(model, task), content["arrays"])
 
     def train_message(self, packed: RecordDict) -> RecordDict:
         """All clients of a train message: with ``vectorize``, in cohorts that train together
@@ -206,7 +235,7 @@ class ClientRuntime:
         the failure, e.g. MaxFL's local model, stays) and the run goes client by client from then on."""
         if self.vectorize and self._cohort_works is None:
             self._cohort_works = self._probe_cohort()
-        if not self.vectorize or not self._cohort_works:
+        if not self.vectorize or not self._cohort_works or getattr(self.private, "trains", False):
             return run_clients(self.train, packed)
         contents, _ = unpack(packed)
         items = sorted(contents.items())
@@ -228,10 +257,11 @@ class ClientRuntime:
                 continue
             if results is None:
                 for pid, task, model in prepared:
-                    guarded(pid, lambda: self.train_reply(pid, task, *self.algorithm.train(model, task)), done, failed)
+                    guarded(pid, lambda: self.train_reply(pid, task, *self.algorithm.train(model, task),
+                                                          contents[pid]["arrays"]), done, failed)
             else:
                 for pid, task, result in zip(pids, tasks, results, strict=True):
-                    guarded(pid, lambda: self.train_reply(pid, task, *result), done, failed)
+                    guarded(pid, lambda: self.train_reply(pid, task, *result, contents[pid]["arrays"]), done, failed)
         return pack(done, failed)
 
     def _probe_cohort(self) -> bool:
@@ -270,6 +300,7 @@ class ClientRuntime:
             "num-examples": data.num_test, "partition-id": pid,
             **self.algorithm.report(model, task),
             **(self.fairness.report(self.algorithm.objective_model(model, task), task) if self.fairness else {}),
+            **(self.private.report(task.state) if self.private is not None else {}),
         }
         return RecordDict({"metrics": MetricRecord(metrics)})
 
@@ -291,6 +322,8 @@ def client_runtime(spec: RunSpec) -> ClientRuntime:
         system=SystemModel.of_run(spec),
         template=build_model(spec),
         fairness=spec.fairness.client.build() if spec.fairness.client else None,
+        private=(spec.privacy.client.build(max_trainings=s.rounds)
+                 if spec.privacy.client else None),
         vectorize=s.vectorize,
     )
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from octomil_sim.errors import ConfigError, number_list
 from octomil_sim.spec import RunSpec
 
-GROUPS = ("dataset", "partition", "model", "strategy", "personalization", "fairness", "simulation", "system", "logger",
+GROUPS = ("dataset", "partition", "model", "strategy", "personalization", "fairness", "privacy", "simulation", "system", "logger",
           "experiment")
 
 
@@ -259,10 +259,16 @@ def validate(spec: RunSpec) -> None:
     SystemModel.of_run(spec)
 
     spec.strategy.client.build().check(build_model(spec))
-    from octomil_sim.runner import strategy_kwargs
+    from octomil_sim.runner import build_strategy
 
     check_fairness(spec)
-    spec.strategy.server.build(**strategy_kwargs(spec), **fairness_kwargs(spec))  # its own checks (p, sparsity, ...)
+    build_strategy(spec, sizes=False)  # its own checks (p, sparsity, ...), the privacy wrapper's
+    if spec.privacy.client is not None:
+        private = spec.privacy.client.build()
+        if getattr(private, "trains", False):
+            from strategies.dp import check_dp_sgd
+
+            check_dp_sgd(spec.strategy.client.obj)
 
 
 def composes_with_fairness(strategy: str) -> bool:

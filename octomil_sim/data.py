@@ -168,6 +168,64 @@ def synthetic_tokens(
     )
 
 
+#: label functions of ``grouped_clients(transform="tasks")``: each maps a 10-class label to a task's label
+TASKS = {
+    "digit": lambda y: y,            # which digit (10 classes)
+    "parity": lambda y: y % 2,       # odd or even
+    "high": lambda y: (y >= 5) * 1,  # 5-9 or 0-4
+    "mod3": lambda y: y % 3,         # the digit modulo 3
+}
+
+
+def grouped_clients(base: datasets.Dataset, num_clients: int, num_groups: int = 4, transform: str = "rotate",
+                    tasks: list[str] | None = None, seed: int = 0) -> datasets.Dataset:
+    """``base``'s rows (columns ``x``, ``y``) dealt out evenly at random to ``num_clients`` natural
+    clients, client k in group ``k % num_groups``, whose data the group changes (``client_id`` column;
+    ``strategies.hierarchical.write_groups`` writes the matching groups file):
+
+    - ``transform="rotate"``: group g's images are rotated by g x 90 degrees (square images), the
+      rotated-MNIST clusters of IFCA (arXiv 2006.04088, Sec. 5.2): one model per group is the right one;
+    - ``transform="permute"``: group g's labels go through a fixed random permutation (group 0: none);
+    - ``transform="tasks"``: group g is the task ``tasks[g]`` (names in ``TASKS``: digit, parity, high,
+      mod3), its labels that task's function of the 10-class label: the same images, different tasks,
+      so clients share a body and need their task's head (multi-task clients)."""
+    if transform not in ("rotate", "permute", "tasks"):
+        raise ConfigError(f"dataset.source.transform={transform!r}: allowed: rotate, permute, tasks")
+    if transform == "tasks":
+        tasks = list(tasks or [])
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or len(tasks) != num_groups:
+            raise ConfigError(f"dataset.source.tasks={tasks}: allowed: {num_groups} (num_groups) names from "
+                              f"{', '.join(TASKS)}")
+    rng = np.random.default_rng(seed)
+    data = base.with_format("numpy")[:]
+    x, y = np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"], dtype=np.int64)
+    order = rng.permutation(len(y))
+    owner = np.empty(len(y), dtype=np.int64)
+    owner[order] = np.arange(len(y)) % num_clients
+    xs, ys, ids = [], [], []
+    perms = [np.arange(int(y.max()) + 1)] + [rng.permutation(int(y.max()) + 1) for _ in range(1, num_groups)]
+    for k in range(num_clients):
+        rows = np.flatnonzero(owner == k)
+        g = k % num_groups
+        xk, yk = x[rows], y[rows]
+        if transform == "rotate":
+            side = int(round(np.sqrt(xk.shape[1])))
+            if side * side != xk.shape[1]:
+                raise ConfigError(f"dataset.source.transform='rotate': {xk.shape[1]} features are not a square "
+                                  "image; allowed: permute or tasks")
+            xk = np.rot90(xk.reshape(-1, side, side), k=g, axes=(1, 2)).reshape(len(rows), -1)
+        elif transform == "permute":
+            yk = perms[g][yk]
+        else:
+            yk = TASKS[tasks[g]](yk)
+        xs.append(np.ascontiguousarray(xk))
+        ys.append(yk.astype(np.int64))
+        ids.append(np.full(len(rows), k, dtype=np.int64))
+    return datasets.Dataset.from_dict({"x": np.concatenate(xs), "y": np.concatenate(ys),
+                                       "client_id": np.concatenate(ids)})
+
+
 def sklearn_digits() -> datasets.Dataset:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits

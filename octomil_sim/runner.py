@@ -25,7 +25,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
-from octomil_sim.client_app import build_client_app, build_initial_model
+from octomil_sim.client_app import build_client_app, build_initial_model, build_model
 from octomil_sim.config import fairness_kwargs, validate
 from octomil_sim.data import FederatedData
 from octomil_sim.errors import ConfigError
@@ -106,6 +106,26 @@ def client_sizes(spec: RunSpec) -> dict:
     return {"client_sizes": [0 if k in unseen else data.num_train(k) for k in range(data.num_clients)]}
 
 
+def build_strategy(spec: RunSpec, sizes: bool = True):
+    """The run's Flower strategy: the personalization's server half with its fairness policy, wrapped
+    in the privacy group's DP (``privacy.server``) when there is one. ``sizes=False``: without the
+    client sizes (which load the data; for checking a config)."""
+    strategy = spec.strategy.server.build(**strategy_kwargs(spec), **(client_sizes(spec) if sizes else {}),
+                                          **fairness_kwargs(spec))
+    if spec.privacy.server is None:
+        return strategy
+    s = spec.simulation
+    return spec.privacy.server.build(strategy=strategy, num_clients=s.num_clients - len(unseen_clients(spec)),
+                                     clients_per_round=s.clients_per_round, rounds=s.rounds, seed=s.seed)
+
+
+def seeded_arrays(spec: RunSpec, seed: int) -> ArrayRecord:
+    """The run's model built under ``torch.manual_seed(seed)`` (the global RNG restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ArrayRecord(build_model(spec).state_dict())
+
+
 def initial_arrays(spec: RunSpec) -> ArrayRecord:
     torch.manual_seed(spec.simulation.seed)  # the driver's RNG after this point stays what it always was
     return ArrayRecord(build_initial_model(spec).state_dict())
@@ -135,8 +155,12 @@ class RunSession(Session):
 
     def start(self, strategy, grid: SimulationGrid) -> tuple[ArrayRecord, int]:
         saved = self.saved
+        self.strategy = strategy
         if saved is None:
-            return initial_arrays(self.spec), 1
+            arrays = initial_arrays(self.spec)
+            if hasattr(strategy, "initial_arrays"):  # e.g. one model per group, each from its own seed
+                arrays = strategy.initial_arrays(arrays, lambda j: seeded_arrays(self.spec, self.spec.simulation.seed + j))
+            return arrays, 1
         restore_strategy_state(strategy, saved["strategy"])
         restore_grid_counters(grid, saved["grid"])
         self.rows, self._bytes = saved["rows"], dict(grid.bytes)
@@ -216,6 +240,13 @@ class RunSession(Session):
             "system": system_report(self.spec, grid),
             **fairness_report(self.spec, trained),
         }
+        if hasattr(getattr(self, "strategy", None), "privacy_report"):
+            self.results["privacy"] = self.strategy.privacy_report()
+        elif self.spec.privacy.client is not None:
+            spent = [c["epsilon"] for c in trained if "epsilon" in c]
+            self.results["privacy"] = {"level": "sample", "epsilon_max": max(spent, default=0.0),
+                                       "epsilon_mean": sum(spent) / len(spent) if spent else 0.0,
+                                       **self.spec.privacy.client.kwargs}
         self.results["worst_group_improvement"] = worst_group_improvement(self.results.get("groups"), final)
         if unseen:  # the held-out clients apart: ``final`` is over the clients that trained
             self.results["unseen_clients"] = {
@@ -530,8 +561,7 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     s = spec.simulation
     nodes = num_nodes(spec)
     server_app = build_server_app(
-        make_strategy=lambda: spec.strategy.server.build(**strategy_kwargs(spec), **client_sizes(spec),
-                                                         **fairness_kwargs(spec)),
+        make_strategy=lambda: build_strategy(spec),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
         deadline=SystemModel.of_run(spec).deadline, should_stop=stop.is_set,
         actors_started=client_actors_started, startup_timeout=s.startup_timeout_s, unseen=unseen_clients(spec),

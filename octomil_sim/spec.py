@@ -115,6 +115,16 @@ class FairnessSpec:
 
 
 @dataclass(frozen=True)
+class PrivacySpec:
+    """``conf/privacy``: differential privacy of what clients upload (``none``: no DP). ``server``
+    wraps the strategy (client-level DP); ``client`` is the local training's DP-SGD."""
+
+    name: str = "none"
+    server: Component | None = None
+    client: Component | None = None
+
+
+@dataclass(frozen=True)
 class SimulationSpec:
     """``conf/simulation``: the federation, local training and the runtime (see its YAML's comments)."""
 
@@ -173,6 +183,7 @@ class RunSpec:
     strategy: StrategySpec
     simulation: SimulationSpec
     fairness: FairnessSpec = FairnessSpec()
+    privacy: PrivacySpec = PrivacySpec()
     system: SystemSpec = SystemSpec()
     logger: LoggerSpec = LoggerSpec()
     groups_file: str | None = None
@@ -195,8 +206,8 @@ class RunSpec:
         except OmegaConfBaseException as err:
             raise ConfigError(f"{getattr(err, 'full_key', '') or 'config'}: {str(err).splitlines()[0]}") from None
         config, tree = tree, copy.deepcopy(tree)  # the typed parts share nothing with the record
-        top = _take(tree, "", {"dataset", "partition", "model", "strategy", "fairness", "simulation", "system",
-                               "logger", "groups_file", "progress"}, required={"dataset", "partition", "model",
+        top = _take(tree, "", {"dataset", "partition", "model", "strategy", "fairness", "privacy", "simulation",
+                               "system", "logger", "groups_file", "progress"}, required={"dataset", "partition", "model",
                                                                                  "strategy", "simulation"})
         d = dict(_group(top["dataset"], "dataset", DatasetSpec))
         d["source"] = Component.of(d["source"], "dataset.source")
@@ -211,6 +222,9 @@ class RunSpec:
         f = dict(_group(top.get("fairness") or {}, "fairness", FairnessSpec))
         for part in ("policy", "client"):
             f[part] = Component.of(f[part], f"fairness.{part}") if f.get(part) else None
+        pr = dict(_group(top.get("privacy") or {}, "privacy", PrivacySpec))
+        for part in ("server", "client"):
+            pr[part] = Component.of(pr[part], f"privacy.{part}") if pr.get(part) else None
         return cls(
             dataset=DatasetSpec(**d),
             partition=PartitionSpec(p["name"], Component.of({k: v for k, v in p.items() if k != "name"}, "partition")),
@@ -218,6 +232,7 @@ class RunSpec:
             strategy=StrategySpec(**s),
             simulation=SimulationSpec(**_group(top["simulation"], "simulation", SimulationSpec)),
             fairness=FairnessSpec(**f),
+            privacy=PrivacySpec(**pr),
             system=SystemSpec(**_group(top.get("system") or {}, "system", SystemSpec)),
             logger=LoggerSpec(**_group(top.get("logger") or {}, "logger", LoggerSpec)),
             groups_file=top.get("groups_file"),
@@ -255,7 +270,8 @@ class RunSpec:
     def name(self) -> str:
         """``ditto + tilted on synthetic``: the personalization, the fairness policy if any, the data."""
         with_policy = f" + {self.fairness.name}" if self.policy else ""
-        return f"{self.strategy.name}{with_policy} on {self.dataset.name}"
+        with_privacy = f" + {self.privacy.name}" if self.privacy.name != "none" else ""
+        return f"{self.strategy.name}{with_policy}{with_privacy} on {self.dataset.name}"
 
     @cached_property
     def key(self) -> str:

@@ -127,8 +127,8 @@ class DittoClient(FedAvgClient):
             # the batches the global update takes next (the stream's position is not saved here)
             batches = replace(task, data=data).batch_stream().take(task.hp.local_steps)
         if len(lams) == 1:
-            local_sgd(personal, replace(task, data=data), epochs=epochs, lr=lr, anchor=anchor, lam=lams[0],
-                      batches=batches)
+            local_sgd(personal, replace(task, data=data, private=None), epochs=epochs, lr=lr, anchor=anchor,
+                      lam=lams[0], batches=batches)  # the personal model never leaves: no DP-SGD
             return personal, lams[0]
         return personal, self._selecting_sgd(personal, anchor, task, data, x_val, y_val, lams, lr, epochs, batches)
 

@@ -215,6 +215,9 @@ def local_sgd(model: nn.Module, task: ClientTask, **kwargs) -> float:
         kwargs["batches"] = stream.take(hp.local_steps)
         stream.save()
     options = {"epochs": hp.epochs, "lr": hp.lr, "budget": task.budget, **kwargs}
+    if task.private is not None and task.private.trains:  # DP-SGD (privacy=dp_sgd) for the training of what is uploaded
+        return task.private.sgd_epochs(model, d.x_train, d.y_train, batch_size=hp.batch_size,
+                                       generator=task.generator, state=task.state, **options)
     return sgd_epochs(model, d.x_train, d.y_train, batch_size=hp.batch_size,
                       generator=task.generator, **options)
 

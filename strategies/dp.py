@@ -1,0 +1,398 @@
+"""Differential privacy for the shared part of any personalization.
+
+Client level (``ClientLevelDP``, ``privacy=client_level``): DP-FedAvg (McMahan et al., arXiv 1710.06963,
+Algorithm 1 with the fixed-denominator estimator and flat clipping): each sampled client's update
+``Delta_k = w_k - w`` of the arrays it uploads is clipped to L2 norm ``C``, the clipped updates are
+averaged with equal weights over the ``m`` sampled clients, and Gaussian noise of standard deviation
+``z C / m`` is added to the average. Adaptive clipping (Andrew et al., arXiv 1905.03871, Algorithm 1):
+``C`` follows the target quantile of the update norms, estimated from a noised count. The mechanics are
+Flower's own wrappers (``flwr.serverapp.strategy.DifferentialPrivacy{Server,Client}SideFixedClipping``,
+``DifferentialPrivacyServerSideAdaptiveClipping``); this module adds what the framework needs around them:
+- the personal parts stay out of it: only the arrays the clients upload are clipped and noised
+  (personal layers' heads, a frozen base, fine-tuned or Ditto personal models never leave the client);
+- equal weights: the wrapper sets every reply's ``num-examples`` to 1 before the inner strategy averages
+  (the sensitivity ``C / m`` holds for the uniform average only; the paper's weighted estimator with
+  capped weights is not implemented);
+- reproducible noise: Flower draws from NumPy's global generator; each round's draws here come from it
+  seeded with (seed, round) and the generator's state is restored afterwards;
+- accounting with Opacus's RDP accountant (``opacus.accountants.RDPAccountant``) for the subsampled
+  Gaussian mechanism at sample rate ``q = clients_per_round / num_clients`` over the rounds run;
+  ``epsilon`` (with ``delta``) sets the noise multiplier through ``opacus.accountants.utils.
+  get_noise_multiplier`` for ``simulation.rounds`` releases. Difference: the accountant assumes Poisson
+  sampling of clients, the simulation samples exactly ``m`` (the usual approximation, as in the paper's
+  own experiments). Adaptive clipping is accounted at the ``noise_multiplier`` asked for: Flower splits
+  it between the update (``z_Delta``) and the count (``clipped_count_stddev``) as in Andrew et al.,
+  Theorem 1, so that the two releases together cost what one release at ``z`` costs.
+- Client-side clipping runs in the client runtime (``clip_upload``), because the framework packs many
+  clients into one Flower message and Flower's ``fixedclipping_mod`` would clip the packed message.
+
+Sample level (``DPSGD``, ``privacy=dp_sgd``): DP-SGD (Abadi et al., arXiv 1607.00133, Algorithm 1) for
+the local training of what is uploaded, with Opacus's ``GradSampleModule`` (per-example gradients) and
+``DPOptimizer`` (per-example clipping to ``max_grad_norm``, Gaussian noise ``z max_grad_norm``). Each
+client accounts its own steps at sample rate ``batch_size / n_k`` (RDP); its epsilon is reported per
+client. Differences: minibatches are a shuffled partition of the client's data, not Poisson samples (the
+accountant's assumption, as in most DP-SGD code); a personalization's own personal training
+(fine-tuning, Ditto's personal model, FedRep's head) runs without noise, since it never leaves the device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideAdaptiveClipping,
+                                     DifferentialPrivacyServerSideFixedClipping)
+from torch import nn
+
+from octomil_sim.client_app import PrivacyClient
+from octomil_sim.errors import ConfigError
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+EPSILON = "epsilon"
+CLIPPED = "clipped"  # a client-side clipped update: 1 when its norm was above the clipping norm
+
+
+def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier ``z`` with which ``steps`` subsampled Gaussian releases at ``sample_rate``
+    cost ``(epsilon, delta)`` under Opacus's RDP accountant."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant="rdp"))
+
+
+def spent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` after the releases in ``history``: (noise multiplier, sample rate, steps)
+    triples (Opacus's RDP accountant); 0 with no release, inf with a noiseless one."""
+    from opacus.accountants import RDPAccountant
+
+    history = [h for h in history if h[2] > 0]
+    if not history:
+        return 0.0
+    if any(z <= 0 for z, _, _ in history):
+        return math.inf
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is valid, only looser
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta))
+
+
+def clip_scale(update_norm: float, clipping_norm: float) -> float:
+    """The flat-clipping factor ``min(1, C / ||Delta||)`` (arXiv 1710.06963, Algorithm 1, ClipFn)."""
+    return 1.0 if update_norm <= clipping_norm else clipping_norm / update_norm
+
+
+def clip_upload(upload: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
+                clipping_norm: float) -> tuple[dict[str, torch.Tensor], bool]:
+    """(``received + clip(upload - received)`` over the uploaded arrays, whether it clipped): the
+    client-side clipping of DP-FedAvg; arrays the client did not receive (none in practice) are
+    rejected, since their update is undefined."""
+    missing = [k for k in upload if k not in received]
+    if missing:
+        raise ValueError(f"client-side clipping: uploaded arrays {missing} were not received")
+    deltas = {k: v.double() - received[k].double() for k, v in upload.items()}
+    norm = math.sqrt(sum(float((d ** 2).sum()) for d in deltas.values()))
+    scale = clip_scale(norm, clipping_norm)
+    clipped = {k: (received[k].double() + scale * d).to(upload[k].dtype) for k, d in deltas.items()}
+    return clipped, scale < 1.0
+
+
+@contextmanager
+def numpy_seeded(seed: int):
+    """NumPy's global generator seeded with ``seed`` inside the block, its state restored after."""
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+class _ClientLevel:
+    """What every client-level DP wrapper adds to Flower's (see the module docstring). Mixed in before
+    the Flower wrapper class; attributes the wrapper lacks (``sent``, ``fairness``, ``average_arrays``)
+    are the inner strategy's."""
+
+    def _setup(self, epsilon, delta, num_clients, clients_per_round, rounds, seed):
+        inner = self.strategy
+        if getattr(inner, "fairness", None) is not None or getattr(inner, "reweights", False):
+            raise ConfigError("privacy: the personalization or fairness policy weights its clients unequally "
+                              "(DP-FedAvg's sensitivity C/m holds for the plain average); allowed: fairness=none "
+                              "with fedavg, finetune, ditto, personal_layers, pfedme, perfedavg, prompt_tuning, fedp3")
+        if getattr(inner, "sampling", "uniform") != "uniform" or getattr(inner, "train_all_clients", False):
+            raise ConfigError("privacy: the accountant's subsampling needs uniform client sampling; allowed: "
+                              "strategy.server.sampling=uniform and simulation.train_all_clients=false")
+        self.delta, self.seed = delta, seed
+        self.sample_rate = clients_per_round / num_clients
+        self.rounds_done = 0
+        self.target_epsilon = epsilon
+        self._uploaded: list[str] = []
+        self._round = 0
+
+    def __getattr__(self, name):
+        if name == "strategy":  # not set yet
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    @property
+    def round_state(self) -> tuple[str, ...]:
+        own = ("rounds_done",) + (("clipping_norm",) if self.adaptive else ())
+        return own + tuple(f"strategy.{n}" for n in getattr(self.strategy, "round_state", ()))
+
+    adaptive = False
+
+    @property
+    def accounted_noise(self) -> float:
+        """The noise multiplier the accountant charges per round."""
+        return self.noise_multiplier
+
+    def epsilon(self) -> float:
+        return spent_epsilon([(self.accounted_noise, self.sample_rate, self.rounds_done)], self.delta)
+
+    def privacy_report(self) -> dict:
+        return {"level": "client", "epsilon": self.epsilon(), "delta": self.delta,
+                "target_epsilon": self.target_epsilon, "noise_multiplier": self.accounted_noise,
+                "clipping_norm": float(self.clipping_norm), "sample_rate": self.sample_rate,
+                "releases": self.rounds_done, "accountant": "opacus.accountants.RDPAccountant"}
+
+    def _prepare(self, server_round, replies) -> list:
+        """The round's replies with equal weights; remembers the uploaded array names."""
+        replies = list(replies)
+        valid = [r for r in replies if not r.has_error()]
+        keys = {tuple(r.content[self.strategy.arrayrecord_key].keys()) for r in valid}
+        if len(keys) > 1:
+            raise ConfigError("privacy: the clients of a round upload different arrays (a per-group model); "
+                              "allowed: personalizations whose clients all upload the same layers")
+        self._uploaded = list(keys.pop()) if keys else []
+        for r in valid:
+            r.content["metrics"][self.strategy.weighted_by_key] = 1
+        self._round = server_round
+        return replies
+
+    def _restrict(self, arrays: ArrayRecord) -> ArrayRecord:
+        return ArrayRecord({k: arrays[k] for k in self._uploaded})
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        """Flower's noise on the uploaded arrays only, drawn from (seed, round); the rest (a frozen base,
+        layers kept personal) as the inner strategy returned them."""
+        with numpy_seeded(self.seed * 1_000_003 + 7 * self._round + 3):
+            noised = super()._add_noise_to_aggregated_arrays(self._restrict(aggregated_arrays))
+        return ArrayRecord({k: noised[k] if k in noised else aggregated_arrays[k] for k in aggregated_arrays.keys()})
+
+    def _account(self, arrays, metrics):
+        if arrays is not None:
+            self.rounds_done += 1
+        metrics = metrics if metrics is not None else MetricRecord()
+        metrics[EPSILON] = self.epsilon()
+        return arrays, metrics
+
+
+class ServerSideFixed(_ClientLevel, DifferentialPrivacyServerSideFixedClipping):
+    """Server-side fixed clipping (Flower's wrapper), on the uploaded arrays."""
+
+    def aggregate_train(self, server_round, replies):
+        replies = self._prepare(server_round, replies)
+        self.current_arrays = self._restrict(self.strategy.sent)  # Flower zips the reply's arrays with these
+        with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 3):
+            return self._account(*super().aggregate_train(server_round, replies))
+
+
+class ClientSideFixed(_ClientLevel, DifferentialPrivacyClientSideFixedClipping):
+    """Client-side fixed clipping: Flower's wrapper sends ``clipping_norm`` in the config record, the
+    client runtime clips (``clip_upload``), the wrapper adds the noise."""
+
+    def aggregate_train(self, server_round, replies):
+        replies = self._prepare(server_round, replies)
+        return self._account(*super().aggregate_train(server_round, replies))
+
+
+class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Server-side adaptive clipping (Flower's wrapper, Andrew et al. Algorithm 1)."""
+
+    adaptive = True
+
+    @property
+    def accounted_noise(self) -> float:
+        return self.total_noise_multiplier
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        """Noise scaled by the clipping norm the round's updates were clipped to (Flower's wrapper moves
+        the norm to next round's value before it adds the noise; Andrew et al., Alg. 1, use this round's)."""
+        following, self.clipping_norm = self.clipping_norm, self._clip_used
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated_arrays)
+        finally:
+            self.clipping_norm = following
+
+    def aggregate_train(self, server_round, replies):
+        replies = self._prepare(server_round, replies)
+        self.current_arrays = self._restrict(self.strategy.sent)
+        self._clip_used = self.clipping_norm
+        with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 3):
+            return self._account(*super().aggregate_train(server_round, replies))
+
+
+CLIPPING = {"server_fixed": ServerSideFixed, "client_fixed": ClientSideFixed, "server_adaptive": ServerSideAdaptive}
+
+
+def ClientLevelDP(strategy, *, clipping: str = "server_fixed", epsilon: float | None = 4.0, delta: float = 1e-3,
+                  noise_multiplier: float | None = None, clipping_norm: float = 1.0,
+                  target_clipped_quantile: float = 0.5, clip_norm_lr: float = 0.2,
+                  clipped_count_stddev: float | None = None, num_clients: int, clients_per_round: int,
+                  rounds: int, seed: int = 0):
+    """``strategy`` wrapped in client-level DP (``privacy.server`` in the config; the runner passes the
+    federation's size, the rounds and the seed). Give ``epsilon`` (the noise multiplier is then the
+    accountant's for ``rounds`` releases at ``delta``) or ``noise_multiplier`` (epsilon is reported)."""
+    if clipping not in CLIPPING:
+        raise ConfigError(f"privacy.server.clipping={clipping!r}: allowed: {', '.join(CLIPPING)}")
+    if (epsilon is None) == (noise_multiplier is None):
+        raise ConfigError(f"privacy.server.epsilon={epsilon}, privacy.server.noise_multiplier={noise_multiplier}: "
+                          "allowed: exactly one of the two (the other null)")
+    if epsilon is not None and not epsilon > 0:
+        raise ConfigError(f"privacy.server.epsilon={epsilon}: allowed: a number > 0 (privacy=none for no DP)")
+    if not 0 < delta < 1:
+        raise ConfigError(f"privacy.server.delta={delta}: allowed: a number in (0, 1)")
+    if not clipping_norm > 0:
+        raise ConfigError(f"privacy.server.clipping_norm={clipping_norm}: allowed: a number > 0")
+    if noise_multiplier is not None and noise_multiplier < 0:
+        raise ConfigError(f"privacy.server.noise_multiplier={noise_multiplier}: allowed: a number >= 0")
+    q = clients_per_round / num_clients
+    z = noise_for_epsilon(epsilon, delta, q, rounds) if epsilon is not None else float(noise_multiplier)
+    cls = CLIPPING[clipping]
+    if cls is ServerSideAdaptive:
+        if z <= 0:
+            raise ConfigError("privacy.server.noise_multiplier=0 with clipping=server_adaptive: allowed: > 0")
+        count_std = clients_per_round / 20 if clipped_count_stddev is None else clipped_count_stddev  # paper: m/20
+        wrapper = cls(strategy, z, clients_per_round, initial_clipping_norm=clipping_norm,
+                      target_clipped_quantile=target_clipped_quantile, clip_norm_lr=clip_norm_lr,
+                      clipped_count_stddev=count_std)
+        wrapper.total_noise_multiplier = z
+    else:
+        wrapper = cls(strategy, z, clipping_norm, clients_per_round)
+    wrapper._setup(epsilon, delta, num_clients, clients_per_round, rounds, seed)
+    return wrapper
+
+
+#: the personalizations whose uploaded part DP-SGD trains (their local update is ``local_sgd``)
+DP_SGD_WITH = "fedavg, finetune, ditto, personal_layers, prompt_tuning, and fairness strategies over fedavg"
+
+
+def check_dp_sgd(client_algorithm: type) -> None:
+    """``privacy=dp_sgd`` needs a client half whose upload is trained by ``local_sgd``."""
+    from strategies.fedavg import FedAvgClient
+    from strategies.personal_layers import PersonalLayersClient
+
+    if not issubclass(client_algorithm, (FedAvgClient, PersonalLayersClient)):
+        raise ConfigError(f"privacy=dp_sgd: strategy.client={client_algorithm.__name__} trains with its own "
+                          f"update rule; allowed: {DP_SGD_WITH}")
+
+
+class UploadClipping(PrivacyClient):
+    """The client half of client-level DP: with ``clipping=client_fixed`` the wrapper sends the clipping
+    norm in the config record and each client clips its upload here (``clip_upload``), reporting
+    ``clipped``; otherwise it uploads as is."""
+
+    def upload(self, upload, received, task):
+        if KEY_CLIPPING_NORM not in task.config:
+            return upload, {}
+        clipped, was = clip_upload(upload, received, float(task.config[KEY_CLIPPING_NORM]))
+        return clipped, {CLIPPED: int(was)}
+
+
+class DPSGD(PrivacyClient):
+    """Sample-level DP-SGD for a client's local training (``privacy.client``; see the module docstring).
+    Give ``noise_multiplier``, or ``epsilon`` per client: each client then picks the noise that spends
+    ``epsilon`` at ``delta`` if it trained in every round (``max_trainings`` = ``simulation.rounds``
+    trainings of ``local_epochs`` epochs at sample rate ``batch_size / n_k``), so no client spends more,
+    however often it is sampled (the client sampling's amplification is not counted)."""
+
+    KEY = "dp_sgd"
+    trains = True
+
+    def __init__(self, epsilon: float | None = None, delta: float = 1e-3, noise_multiplier: float | None = None,
+                 max_grad_norm: float = 1.0, max_trainings: int = 1):
+        super().__init__(max_trainings)
+        if (epsilon is None) == (noise_multiplier is None):
+            raise ConfigError(f"privacy.client.epsilon={epsilon}, privacy.client.noise_multiplier={noise_multiplier}: "
+                              "allowed: exactly one of the two (the other null)")
+        if epsilon is not None and not epsilon > 0:
+            raise ConfigError(f"privacy.client.epsilon={epsilon}: allowed: a number > 0 (privacy=none for no DP)")
+        if not max_grad_norm > 0:
+            raise ConfigError(f"privacy.client.max_grad_norm={max_grad_norm}: allowed: a number > 0")
+        self.epsilon, self.delta, self.noise_multiplier = epsilon, delta, noise_multiplier
+        self.max_grad_norm = max_grad_norm
+
+    def noise(self, num_rows: int, batch_size: int, epochs: int) -> float:
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        q = min(1.0, batch_size / max(1, num_rows))
+        steps = max(1, self.max_trainings * epochs * math.ceil(num_rows / batch_size))
+        return noise_for_epsilon(self.epsilon, self.delta, q, steps)
+
+    def sgd_epochs(self, model: nn.Module, x, y, epochs, batch_size, lr, generator, params=None, budget=None,
+                   batches=None, state=None, anchor=None, lam=0.0) -> float:
+        """``octomil_sim.training.sgd_epochs`` with per-example clipping and noise (Opacus), for the
+        parameters in ``params`` (default: all trainable); counts the steps in the client's ``state``."""
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+        from torch.nn import functional as F
+
+        from octomil_sim.training import minibatch_passes
+
+        if anchor is not None:
+            raise ConfigError("privacy=dp_sgd: a proximal local update is not supported; allowed: " + DP_SGD_WITH)
+        moving = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        frozen = [p for p in model.parameters() if p.requires_grad and all(p is not m for m in moving)]
+        for p in frozen:
+            p.requires_grad_(False)
+        z = self.noise(len(y), batch_size, epochs)
+        wrapped = GradSampleModule(model)
+        noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        optimizer = DPOptimizer(torch.optim.SGD(moving, lr=lr), noise_multiplier=z, max_grad_norm=self.max_grad_norm,
+                                expected_batch_size=batch_size, generator=noise_gen)
+        wrapped.train()
+        last, steps = 0.0, 0
+        quiet = warnings.catch_warnings()
+        quiet.__enter__()
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no gradient
+        try:
+            for pass_batches in minibatch_passes(len(y), batch_size, epochs, generator, batches):
+                total, seen = 0.0, 0
+                for idx in pass_batches:
+                    if budget is not None and not budget.take():
+                        break
+                    optimizer.zero_grad()
+                    loss = F.cross_entropy(wrapped(x[idx]), y[idx])
+                    loss.backward()
+                    optimizer.step()
+                    total, seen, steps = total + loss.item() * len(idx), seen + len(idx), steps + 1
+                if seen:
+                    last = total / seen
+        finally:
+            wrapped._close()  # the hooks off: the model is a plain module again
+            for p in model.parameters():
+                p.grad_sample = None
+            for p in frozen:
+                p.requires_grad_(True)
+            quiet.__exit__(None, None, None)
+        if state is not None:
+            history = self.history(state)
+            history.append((z, min(1.0, batch_size / max(1, len(y))), steps))
+            state.save(self.KEY, {"history": torch.tensor(history, dtype=torch.float64)})
+        return last
+
+    def history(self, state) -> list[tuple[float, float, int]]:
+        saved = state.load(self.KEY)
+        return [] if saved is None else [(float(z), float(q), int(s)) for z, q, s in saved["history"].tolist()]
+
+    def report(self, state) -> dict[str, float]:
+        """The client's spent epsilon (at ``delta``) over every DP-SGD step it took."""
+        return {EPSILON: spent_epsilon(self.history(state), self.delta)}
