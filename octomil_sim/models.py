@@ -112,3 +112,164 @@ def _hf_encoder(name: str) -> nn.Module:
         reason = str(err).strip().splitlines()[0]
         raise ConfigError(f"model.net.hf_name={name!r} could not be loaded ({reason}); allowed: a model id "
                           "reachable from here or a local directory") from None
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face decoder (GPT-2 or Llama architecture) personalized by prompt tuning through PEFT
+    (Lester et al., arXiv 2104.08691; ``peft.PromptTuningConfig`` with ``num_virtual_tokens`` =
+    ``prompt_length``), as a classifier: the label of a token sequence is the next token, read from
+    the decoder's logits at the last position restricted to one token per class (``label_tokens``, a
+    verbalizer; perplexity of the label is ``exp(loss)``).
+
+    Only the prompt trains. The base is frozen, kept in evaluation mode (no dropout), and is not part
+    of ``state_dict``: what a client receives, uploads, stores or a checkpoint keeps is the prompt
+    alone (``prompt_length x hidden`` numbers), as a deployment that never ships an 8B base would.
+    Every process builds the same base: from ``hf_name`` (a hub id or a local directory, e.g.
+    ``meta-llama/Meta-Llama-3-8B``, needs the hub), or, offline, a tiny decoder from this config
+    (``architecture``, ``d_model``, ``num_layers``, ``num_heads``) under ``torch.manual_seed(base_seed)``
+    whose vocabulary is the data's tokens plus one token per class. ``label_tokens``: the class tokens
+    (default: the vocabulary's last ``num_classes`` ids).
+
+    ``pretrain_steps > 0`` (tiny model only) stands in for a pretrained LLM: the whole decoder is first
+    trained as a language model (next-token loss over each sequence followed by its label token, Adam,
+    batches of 64) on ``pretrain_source`` (an import path of a function returning rows ``x``, ``y``,
+    called with ``pretrain_kwargs``; e.g. the token generator with another seed and clients: public
+    data of the same kind as the clients'), then frozen. The result is cached on disk by its settings
+    (``octomil_sim.data.cache_root``, safetensors), so every process loads the same base."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hf_name: str | None = None,
+                 architecture: str = "gpt2", vocab_size: int = 64, d_model: int = 32, num_layers: int = 2,
+                 num_heads: int = 4, prompt_length: int = 20, label_tokens: list[int] | None = None,
+                 base_seed: int = 0, pretrain_steps: int = 0, pretrain_source: str | None = None,
+                 pretrain_kwargs: dict | None = None, pretrain_lr: float = 3e-3):
+        super().__init__()
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+
+        (seq_len,) = input_shape
+        base = _hf_decoder(hf_name) if hf_name else _tiny_decoder(architecture, vocab_size + num_classes,
+                                                                  seq_len + prompt_length + 1, d_model,
+                                                                  num_layers, num_heads, base_seed)
+        if pretrain_steps and not hf_name:
+            settings = dict(architecture=architecture, vocab=vocab_size + num_classes, seq_len=seq_len,
+                            prompt=prompt_length, d_model=d_model, layers=num_layers, heads=num_heads, seed=base_seed,
+                            steps=pretrain_steps, source=pretrain_source, kwargs=dict(pretrain_kwargs or {}),
+                            lr=pretrain_lr, classes=num_classes)
+            _pretrained(base, settings)
+        total = base.get_input_embeddings().num_embeddings
+        tokens = list(range(total - num_classes, total)) if label_tokens is None else list(label_tokens)
+        if len(tokens) != num_classes or not all(isinstance(t, int) and 0 <= t < total for t in tokens):
+            from octomil_sim.errors import ConfigError
+
+            raise ConfigError(f"model.net.label_tokens={label_tokens}: allowed: null or {num_classes} token ids "
+                              f"in [0, {total})")
+        self.register_buffer("label_tokens", torch.tensor(tokens), persistent=False)
+        self.lm = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                          num_virtual_tokens=prompt_length))
+        self._trainable = {f"lm.{n}" for n, p in self.lm.named_parameters() if p.requires_grad}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.base_model.eval()  # the frozen base never drops out
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm(input_ids=x.long()).logits[:, -1]
+        return logits[:, self.label_tokens]
+
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return type(full)((k, v) for k, v in full.items() if k[len(prefix):] in self._trainable)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        missing = sorted(self._trainable - set(state_dict))
+        unexpected = sorted(set(state_dict) - self._trainable)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"HFCausalLM.load_state_dict: missing {missing}, unexpected {unexpected}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
+def _pretrained(base: nn.Module, settings: dict) -> None:
+    """Train ``base`` as a language model on the pretraining rows (``HFCausalLM``), or load the
+    weights a previous build with the same ``settings`` cached."""
+    import hashlib
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from octomil_sim.data import cache_root
+    from octomil_sim.errors import ConfigError
+
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_root() / f"hf_base-{key}.safetensors"
+    if path.exists():
+        base.load_state_dict(load_file(str(path)), strict=False)  # tied weights are saved once
+        return
+    if not settings["source"]:
+        raise ConfigError("model.net.pretrain_steps > 0 needs model.net.pretrain_source; allowed: an import path "
+                          "of a function returning rows x, y (e.g. octomil_sim.data.synthetic_tokens)")
+    from hydra.utils import get_object
+
+    rows = get_object(settings["source"])(**settings["kwargs"]).with_format("numpy")[:]
+    x = torch.as_tensor(rows["x"], dtype=torch.long)
+    y = torch.as_tensor(rows["y"], dtype=torch.long) + settings["vocab"] - settings["classes"]
+    seqs = torch.cat([x, y[:, None]], dim=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings["seed"])
+        optimizer = torch.optim.Adam(base.parameters(), lr=settings["lr"])
+        base.train()
+        for _ in range(settings["steps"]):
+            batch = seqs[torch.randint(0, len(seqs), (64,))]
+            loss = base(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    base.eval()
+    state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
+    seen, unique = set(), {}
+    for k, v in state.items():  # tied tensors (GPT-2's lm_head and wte) once
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            unique[k] = v
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(unique, str(tmp))
+    os.replace(tmp, path)
+
+
+def _tiny_decoder(architecture: str, vocab: int, positions: int, d_model: int, layers: int, heads: int,
+                  seed: int) -> nn.Module:
+    """A small randomly initialised GPT-2 or Llama decoder built from a config (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from octomil_sim.errors import ConfigError
+
+    if architecture not in ("gpt2", "llama"):
+        raise ConfigError(f"model.net.architecture={architecture!r}: allowed: gpt2, llama")
+    hf_logging.set_verbosity_error()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if architecture == "gpt2":
+            config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d_model, n_layer=layers, n_head=heads,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                eos_token_id=None)
+            return GPT2LMHeadModel(config)
+        config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                             max_position_embeddings=positions, bos_token_id=None, eos_token_id=None)
+        return LlamaForCausalLM(config)
+
+
+def _hf_decoder(name: str) -> nn.Module:
+    from octomil_sim.errors import ConfigError
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name)
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(f"model.net.hf_name={name!r} could not be loaded ({reason}); allowed: a model id "
+                          "reachable from here or a local directory, or null (a tiny model built offline)") from None

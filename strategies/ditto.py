@@ -137,13 +137,17 @@ class DittoClient(FedAvgClient):
                        x_val: torch.Tensor, y_val: torch.Tensor, lams: list[float], lr: float, epochs: int,
                        batches: list[torch.Tensor] | None = None) -> float:
         """Minibatch personal steps (``epochs`` passes, or one step per index tensor in ``batches``),
-        each the ``select_step`` among ``lams``; the mean lambda chosen."""
-        params = list(personal.parameters())
+        each the ``select_step`` among ``lams``; the mean lambda chosen. Parameters the model freezes
+        (a pretrained base) stay as they are."""
+        moving = [i for i, p in enumerate(personal.parameters()) if p.requires_grad]
+        params = [p for i, p in enumerate(personal.parameters()) if i in moving]
+        anchor = [a for i, a in enumerate(anchor) if i in moving]
         probe = copy.deepcopy(personal)
+        probe_params = [q for i, q in enumerate(probe.parameters()) if i in moving]
 
         def val_loss(step: list[torch.Tensor]) -> float:
             with torch.no_grad():
-                for q, t in zip(probe.parameters(), step):
+                for q, t in zip(probe_params, step):
                     q.copy_(t)
             return evaluate(probe, x_val, y_val)[0]
 
