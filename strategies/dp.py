@@ -44,6 +44,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideAdaptiveClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
@@ -177,6 +178,18 @@ class _ClientLevel:
         self._round = server_round
         return replies
 
+    def _clip_replies(self, replies, clipping_norm: float) -> int:
+        """Clip every reply's upload to ``clipping_norm`` around the arrays sent (``clip_upload``; a
+        zero update stays as it is, where Flower's clipping helper divides by its norm); returns how
+        many were clipped."""
+        sent = self.strategy.sent.to_torch_state_dict()
+        key, count = self.strategy.arrayrecord_key, 0
+        for reply in replies:
+            upload, was = clip_upload(reply.content[key].to_torch_state_dict(), sent, clipping_norm)
+            reply.content[key] = ArrayRecord(upload)
+            count += was
+        return count
+
     def _restrict(self, arrays: ArrayRecord) -> ArrayRecord:
         return ArrayRecord({k: arrays[k] for k in self._uploaded})
 
@@ -200,9 +213,13 @@ class ServerSideFixed(_ClientLevel, DifferentialPrivacyServerSideFixedClipping):
 
     def aggregate_train(self, server_round, replies):
         replies = self._prepare(server_round, replies)
-        self.current_arrays = self._restrict(self.strategy.sent)  # Flower zips the reply's arrays with these
-        with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 3):
-            return self._account(*super().aggregate_train(server_round, replies))
+        if not validate_replies(replies, self.num_sampled_clients):
+            return None, None
+        self._clip_replies(replies, self.clipping_norm)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+        return self._account(arrays, metrics)
 
 
 class ClientSideFixed(_ClientLevel, DifferentialPrivacyClientSideFixedClipping):
@@ -215,7 +232,10 @@ class ClientSideFixed(_ClientLevel, DifferentialPrivacyClientSideFixedClipping):
 
 
 class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClipping):
-    """Server-side adaptive clipping (Flower's wrapper, Andrew et al. Algorithm 1)."""
+    """Server-side adaptive clipping (Flower's wrapper; Andrew et al., Algorithm 1): the updates are
+    clipped to this round's norm, the noise is scaled by it, then the norm moves toward the target
+    quantile by the noised fraction of clipped updates (Flower's wrapper moves the norm before adding
+    the noise, so its noise is scaled by the next round's norm; here the paper's order)."""
 
     adaptive = True
 
@@ -223,21 +243,18 @@ class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClip
     def accounted_noise(self) -> float:
         return self.total_noise_multiplier
 
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        """Noise scaled by the clipping norm the round's updates were clipped to (Flower's wrapper moves
-        the norm to next round's value before it adds the noise; Andrew et al., Alg. 1, use this round's)."""
-        following, self.clipping_norm = self.clipping_norm, self._clip_used
-        try:
-            return super()._add_noise_to_aggregated_arrays(aggregated_arrays)
-        finally:
-            self.clipping_norm = following
-
     def aggregate_train(self, server_round, replies):
         replies = self._prepare(server_round, replies)
-        self.current_arrays = self._restrict(self.strategy.sent)
-        self._clip_used = self.clipping_norm
-        with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 3):
-            return self._account(*super().aggregate_train(server_round, replies))
+        if not validate_replies(replies, self.num_sampled_clients):
+            return None, None
+        clipped = self._clip_replies(replies, self.clipping_norm)
+        with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 5):
+            fraction = self._noisy_fraction(clipped, len(replies))
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+        self._geometric_update(fraction)
+        return self._account(arrays, metrics)
 
 
 CLIPPING = {"server_fixed": ServerSideFixed, "client_fixed": ClientSideFixed, "server_adaptive": ServerSideAdaptive}
@@ -271,6 +288,9 @@ def ClientLevelDP(strategy, *, clipping: str = "server_fixed", epsilon: float | 
         if z <= 0:
             raise ConfigError("privacy.server.noise_multiplier=0 with clipping=server_adaptive: allowed: > 0")
         count_std = clients_per_round / 20 if clipped_count_stddev is None else clipped_count_stddev  # paper: m/20
+        if not count_std > z / 2:  # Flower's check (z_Delta^-2 = z^-2 - (2 sigma_b)^-2 > 0), in one line with the key
+            raise ConfigError(f"privacy.server.clipped_count_stddev={count_std:g} (null: clients_per_round / 20): too "
+                              f"low for the noise multiplier {z:.3g}; allowed: a value > {z / 2:.3g}")
         wrapper = cls(strategy, z, clients_per_round, initial_clipping_norm=clipping_norm,
                       target_clipped_quantile=target_clipped_quantile, clip_norm_lr=clip_norm_lr,
                       clipped_count_stddev=count_std)
