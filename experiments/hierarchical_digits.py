@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import HERE, mean_std, run_cell, write_block
+from common import HERE, mean_std, run_cell, slug, write_block
 
 RESULTS = HERE / "results" / "hierarchical_digits"
 CLIENTS, GROUPS = 40, 4
@@ -44,7 +44,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for transform in ("rotate", "permute"):
         for name, overrides in ROWS:
-            runs = [run_cell(RESULTS / transform / name.split(" /")[0].replace(" ", "_").replace(",", "") / f"seed{s}",
+            runs = [run_cell(RESULTS / transform / slug(name.split(" /")[0]) / f"seed{s}",
                              [*COMMON, *overrides, f"dataset.source.transform={transform}", f"groups_file={groups}",
                               f"simulation.seed={s}"]) for s in args.seeds]
             worst = [min(g["personalized_acc"] for g in r["groups"].values()) for r in runs]

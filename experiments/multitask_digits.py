@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import HERE, mean_std, run_cell, write_block
+from common import HERE, mean_std, run_cell, slug, write_block
 
 RESULTS = HERE / "results" / "multitask_digits"
 TASKS = ["digit", "parity", "high"]
@@ -42,7 +42,7 @@ def main() -> None:
     lines = [f"Seeds {', '.join(map(str, args.seeds))}; accuracy (%) per task of the deployed model.", "",
              "| method | " + " | ".join(TASKS) + " | MB up |", "|---" * (len(TASKS) + 2) + "|"]
     for name, overrides, key in ROWS:
-        runs = [run_cell(RESULTS / "_".join(overrides).replace("=", "-") / f"seed{s}",
+        runs = [run_cell(RESULTS / slug("_".join(overrides)) / f"seed{s}",
                          [*COMMON, *overrides, f"groups_file={groups}", f"simulation.seed={s}"]) for s in args.seeds]
         cols = [mean_std([r["groups"][t][key] for r in runs]) for t in TASKS]
         lines.append(f"| {name} | " + " | ".join(cols) + f" | {mean_std([r['final']['bytes_up'] for r in runs], 1e-6, 2)} |")

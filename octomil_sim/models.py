@@ -143,8 +143,13 @@ class HFCausalLM(nn.Module):
                  base_seed: int = 0, pretrain_steps: int = 0, pretrain_source: str | None = None,
                  pretrain_kwargs: dict | None = None, pretrain_lr: float = 3e-3):
         super().__init__()
-        from peft import PromptTuningConfig, TaskType, get_peft_model
+        try:
+            from peft import PromptTuningConfig, TaskType, get_peft_model
+        except ImportError:
+            from octomil_sim.errors import ConfigError
 
+            raise ConfigError("model=hf_causal_lm: needs the peft and transformers packages; allowed: "
+                              "pip install 'octomil-sim[hf]', or another model") from None
         (seq_len,) = input_shape
         base = _hf_decoder(hf_name) if hf_name else _tiny_decoder(architecture, vocab_size + num_classes,
                                                                   seq_len + prompt_length + 1, d_model,

@@ -5,9 +5,13 @@ Algorithm 1 with the fixed-denominator estimator and flat clipping): each sample
 ``Delta_k = w_k - w`` of the arrays it uploads is clipped to L2 norm ``C``, the clipped updates are
 averaged with equal weights over the ``m`` sampled clients, and Gaussian noise of standard deviation
 ``z C / m`` is added to the average. Adaptive clipping (Andrew et al., arXiv 1905.03871, Algorithm 1):
-``C`` follows the target quantile of the update norms, estimated from a noised count. The mechanics are
-Flower's own wrappers (``flwr.serverapp.strategy.DifferentialPrivacy{Server,Client}SideFixedClipping``,
-``DifferentialPrivacyServerSideAdaptiveClipping``); this module adds what the framework needs around them:
+``C`` follows the target quantile of the update norms, estimated from a noised count. The wrappers are
+Flower's own (``flwr.serverapp.strategy.DifferentialPrivacy{Server,Client}SideFixedClipping``,
+``DifferentialPrivacyServerSideAdaptiveClipping``: their configuration, reply checks, noise and count
+noise); this module adds what the framework needs around them and differs where noted:
+- clipping is ``clip_upload`` (flat clipping of the update, Algorithm 1's ClipFn): Flower's helper
+  divides by the update's norm and fails on a client that did not move;
+- adaptive clipping follows the paper where Flower's wrapper does not (``ServerSideAdaptive``);
 - the personal parts stay out of it: only the arrays the clients upload are clipped and noised
   (personal layers' heads, a frozen base, fine-tuned or Ditto personal models never leave the client);
 - equal weights: the wrapper sets every reply's ``num-examples`` to 1 before the inner strategy averages
@@ -124,10 +128,13 @@ class _ClientLevel:
 
     def _setup(self, epsilon, delta, num_clients, clients_per_round, rounds, seed):
         inner = self.strategy
+        allowed = "fairness=none with fedavg, finetune, ditto, personal_layers, pfedme, perfedavg, prompt_tuning"
         if getattr(inner, "fairness", None) is not None or getattr(inner, "reweights", False):
             raise ConfigError("privacy: the personalization or fairness policy weights its clients unequally "
-                              "(DP-FedAvg's sensitivity C/m holds for the plain average); allowed: fairness=none "
-                              "with fedavg, finetune, ditto, personal_layers, pfedme, perfedavg, prompt_tuning, fedp3")
+                              f"(DP-FedAvg's sensitivity C/m holds for the plain average); allowed: {allowed}")
+        if getattr(inner, "uploads_differ", False):
+            raise ConfigError("privacy: the clients of this personalization upload different arrays (per-client "
+                              f"layers or per-group models; one clipping norm bounds one shape of update); allowed: {allowed}")
         if getattr(inner, "sampling", "uniform") != "uniform" or getattr(inner, "train_all_clients", False):
             raise ConfigError("privacy: the accountant's subsampling needs uniform client sampling; allowed: "
                               "strategy.server.sampling=uniform and simulation.train_all_clients=false")
@@ -233,9 +240,11 @@ class ClientSideFixed(_ClientLevel, DifferentialPrivacyClientSideFixedClipping):
 
 class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClipping):
     """Server-side adaptive clipping (Flower's wrapper; Andrew et al., Algorithm 1): the updates are
-    clipped to this round's norm, the noise is scaled by it, then the norm moves toward the target
-    quantile by the noised fraction of clipped updates (Flower's wrapper moves the norm before adding
-    the noise, so its noise is scaled by the next round's norm; here the paper's order)."""
+    clipped to this round's norm C, the noise is scaled by it, then ``C <- C exp(-eta (b - gamma))``
+    with b the noised share of updates left unclipped (norm <= C) and gamma ``target_quantile``.
+    Two differences from Flower's wrapper, which follow the paper: Flower feeds the share of *clipped*
+    updates into that formula, which moves C the wrong way (all clipped: C shrinks further), and it
+    moves C before adding the noise, so its noise is scaled by the next round's norm."""
 
     adaptive = True
 
@@ -247,9 +256,9 @@ class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClip
         replies = self._prepare(server_round, replies)
         if not validate_replies(replies, self.num_sampled_clients):
             return None, None
-        clipped = self._clip_replies(replies, self.clipping_norm)
+        unclipped = len(replies) - self._clip_replies(replies, self.clipping_norm)
         with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 5):
-            fraction = self._noisy_fraction(clipped, len(replies))
+            fraction = self._noisy_fraction(unclipped, len(replies))  # b-bar: the share left unclipped
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
@@ -262,7 +271,7 @@ CLIPPING = {"server_fixed": ServerSideFixed, "client_fixed": ClientSideFixed, "s
 
 def ClientLevelDP(strategy, *, clipping: str = "server_fixed", epsilon: float | None = 4.0, delta: float = 1e-3,
                   noise_multiplier: float | None = None, clipping_norm: float = 1.0,
-                  target_clipped_quantile: float = 0.5, clip_norm_lr: float = 0.2,
+                  target_quantile: float = 0.5, clip_norm_lr: float = 0.2,
                   clipped_count_stddev: float | None = None, num_clients: int, clients_per_round: int,
                   rounds: int, seed: int = 0):
     """``strategy`` wrapped in client-level DP (``privacy.server`` in the config; the runner passes the
@@ -292,7 +301,7 @@ def ClientLevelDP(strategy, *, clipping: str = "server_fixed", epsilon: float | 
             raise ConfigError(f"privacy.server.clipped_count_stddev={count_std:g} (null: clients_per_round / 20): too "
                               f"low for the noise multiplier {z:.3g}; allowed: a value > {z / 2:.3g}")
         wrapper = cls(strategy, z, clients_per_round, initial_clipping_norm=clipping_norm,
-                      target_clipped_quantile=target_clipped_quantile, clip_norm_lr=clip_norm_lr,
+                      target_clipped_quantile=target_quantile, clip_norm_lr=clip_norm_lr,
                       clipped_count_stddev=count_std)
         wrapper.total_noise_multiplier = z
     else:
@@ -375,7 +384,7 @@ class DPSGD(PrivacyClient):
             p.requires_grad_(False)
         z = self.noise(len(y), batch_size, epochs)
         wrapped = GradSampleModule(model)
-        noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        noise_gen = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5EED)  # the batches' draws untouched
         optimizer = DPOptimizer(torch.optim.SGD(moving, lr=lr), noise_multiplier=z, max_grad_norm=self.max_grad_norm,
                                 expected_batch_size=batch_size, generator=noise_gen)
         wrapped.train()

@@ -125,6 +125,8 @@ class GroupModels(FedAvg):
     averaged over the clients that uploaded it, with the personalization's (and fairness policy's)
     weights; arrays nobody uploaded this round stay as sent."""
 
+    uploads_differ = True  # each group's clients upload that group's arrays
+
     def __init__(self, assignment: str = "groups_file", num_groups: int | None = None,
                  group_layers: list[str] | None = None, groups_file: str | None = None, **kwargs):
         super().__init__(**kwargs)
