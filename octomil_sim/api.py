@@ -174,7 +174,7 @@ def _sha256(path: Path) -> str:
 
 
 def simulate(model: Any = None, data: Any = None, *, personalization: str | None = None, fairness: str = "none",
-             groups: Mapping[Any, str] | str | Path | None = None, out: str | Path | None = None,
+             privacy: str = "none", groups: Mapping[Any, str] | str | Path | None = None, out: str | Path | None = None,
              label: str = "label", client: str | None = "client", features: Sequence[str] | None = None,
              overrides: Sequence[str] = (), progress: bool = False, **settings: Any) -> Results:
     """Run one simulation and return its ``Results``.
@@ -182,8 +182,8 @@ def simulate(model: Any = None, data: Any = None, *, personalization: str | None
     ``model``: an ``nn.Module`` (its weights start the run), a factory ``f(input_shape, num_classes)``, a
     ``PersonalizedModel``, or None (``model=`` of the config). ``data``: a DataFrame or ``datasets.Dataset``
     with ``label``, ``client`` (one client per value; None: split it with ``partition=``) and ``features``
-    columns (None: all others), or None (``dataset=`` of the config). ``personalization`` / ``fairness``:
-    as on the command line (``-`` may stand for ``_``). ``groups``: {client: group} or a JSON file.
+    columns (None: all others), or None (``dataset=`` of the config). ``personalization`` / ``fairness`` /
+    ``privacy``: as on the command line (``-`` may stand for ``_``). ``groups``: {client: group} or a JSON file.
     ``settings``: ``rounds``, ``clients``, ``clients_per_round``, ``seed``, ``lr``, ``local_epochs``,
     ``batch_size``, ``fraction_evaluate``, ``checkpoint_every``, ``experiment``, ``dataset``, ``partition``,
     ``local_layers``, ``sync_layers``. ``overrides``: Hydra overrides (``"strategy.client.lam=0.5"``).
@@ -200,7 +200,7 @@ def simulate(model: Any = None, data: Any = None, *, personalization: str | None
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         allowed = ", ".join(sorted([*SETTINGS, "local_layers", "sync_layers", "model", "data", "personalization",
-                                    "fairness", "groups", "out", "label", "client", "features", "overrides"]))
+                                    "fairness", "privacy", "groups", "out", "label", "client", "features", "overrides"]))
         raise ConfigError(f"{unknown[0]}={settings[unknown[0]]!r}: not a simulate() argument; allowed: {allowed}; "
                           "other config keys: overrides=['key=value']")
     if isinstance(model, PersonalizedModel):
@@ -211,7 +211,8 @@ def simulate(model: Any = None, data: Any = None, *, personalization: str | None
         personalization = "personal_layers"
     out = Path(out) if out is not None else Path("outputs") / "api" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
-    args = [f"progress={str(progress).lower()}", f"fairness={fairness.replace('-', '_')}"]
+    args = [f"progress={str(progress).lower()}", f"fairness={fairness.replace('-', '_')}",
+            f"privacy={privacy.replace('-', '_')}"]
     if personalization is not None:
         args.append(f"personalization={personalization.replace('-', '_')}")
     if data is not None and client is not None:

@@ -44,8 +44,10 @@ def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="octomil-sim train", description="Run one training (a Hydra run; "
                                      "pass -m and comma lists for a sweep). Other arguments are Hydra overrides.")
     parser.add_argument("--personalization", help="fedavg, finetune, ditto, pfedme, perfedavg, scafflix, "
-                        "personal-layers, fedp3, prompt-tuning")
+                        "personal-layers, fedp3, prompt-tuning, hierarchical, multitask")
     parser.add_argument("--fairness", help="none, tilted, qffl, bounded-group-loss, maxfl")
+    parser.add_argument("--privacy", help="none, client-level (DP-FedAvg), dp-sgd (privacy.server.epsilon=..., "
+                        "privacy.client.epsilon=...)")
     parser.add_argument("--groups-file", help="JSON {client id: group}: per-group metrics; bounded group loss")
     parser.add_argument("--rounds", type=int, help="simulation.rounds")
     parser.add_argument("--clients", type=int, help="simulation.num_clients")
@@ -64,6 +66,8 @@ def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
         overrides.append(f"personalization={_choice('personalization', known.personalization)}")
     if known.fairness:
         overrides.append(f"fairness={_choice('fairness', known.fairness)}")
+    if known.privacy:
+        overrides.append(f"privacy={_choice('privacy', known.privacy)}")
     if known.groups_file:
         path = Path(known.groups_file).expanduser()
         if not path.is_file():

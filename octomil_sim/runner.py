@@ -320,7 +320,7 @@ RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simula
                      "simulation.ray_num_cpus"}  # resources: a --jobs sweep resumed with another N or alone
 #: keys added since checkpoints were first written, with the value that means what their absence meant
 ADDED_KEYS = {"simulation.unseen_clients": 0.0, "fairness.name": "none", "fairness.policy": None,
-              "fairness.client": None}
+              "fairness.client": None, "privacy.name": "none"}
 
 
 def _flatten(tree, prefix: str = "") -> dict:

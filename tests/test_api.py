@@ -27,7 +27,7 @@ def test_unknown_keyword_is_one_line(tmp_path):
     ({"data": pd.DataFrame({"a": [1.0], "label": [0]})}, "data: no column 'client'; its columns: a, label "
                                                            "(name them with label=, client=, features=)"),
     ({"personalization": "dito"}, "personalization='dito' is not a known personalization; allowed: ditto, fedavg, "
-                                  "fedp3, finetune, perfedavg, personal_layers, pfedme, prompt_tuning, scafflix"),
+                                  "fedp3, finetune, hierarchical, multitask, perfedavg, personal_layers, pfedme, prompt_tuning, scafflix"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, kwargs, message):
     with pytest.raises(ConfigError) as err:

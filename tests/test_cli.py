@@ -16,14 +16,18 @@ def test_train_flags_are_the_overrides_they_name(tmp_path):
     groups = tmp_path / "g.json"
     groups.write_text("{}")
     got = train_overrides(["--personalization", "scafflix", "--fairness", "bounded-group-loss", "--groups-file",
-                           str(groups), "--rounds", "50", "--seed", "3", "simulation.lr=0.1"], cwd=tmp_path)
-    assert got == ["personalization=scafflix", "fairness=bounded_group_loss", f"groups_file={groups.resolve()}",
+                           str(groups), "--rounds", "50", "--seed", "3", "simulation.lr=0.1", "--privacy", "dp-sgd"],
+                          cwd=tmp_path)
+    assert got == ["personalization=scafflix", "fairness=bounded_group_loss", "privacy=dp_sgd",
+                   f"groups_file={groups.resolve()}",
                    "simulation.rounds=50", "simulation.seed=3", "simulation.lr=0.1"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--personalization", "scaflix"], "--personalization='scaflix': allowed: ditto, fedavg, fedp3, finetune, "
-                                       "perfedavg, personal-layers, pfedme, prompt-tuning, scafflix"),
+                                       "hierarchical, multitask, perfedavg, personal-layers, pfedme, prompt-tuning, "
+                                       "scafflix"),
+    (["--privacy", "dp"], "--privacy='dp': allowed: client-level, dp-sgd, none"),
     (["--fairness", "tilt"], "--fairness='tilt': allowed: bounded-group-loss, maxfl, none, qffl, tilted"),
     (["--groups-file", "nowhere.json"], "--groups-file='nowhere.json': no such file; allowed: a JSON file "
                                         "{client id: group}"),

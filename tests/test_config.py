@@ -11,12 +11,15 @@ from octomil_sim.config import GROUPS, check_group_choices, group_options, valid
 from octomil_sim.errors import ConfigError
 from octomil_sim.runner import strategy_kwargs
 
-STRATEGIES = ("bounded_group_loss, ditto, fedavg, fedp3, finetune, maxfl, perfedavg, personal_layers, pfedme, "
-              "prompt_tuning, qffl, scafflix, tilted")
+STRATEGIES = ("bounded_group_loss, ditto, fedavg, fedp3, finetune, hierarchical, maxfl, multitask, perfedavg, "
+              "personal_layers, pfedme, prompt_tuning, qffl, scafflix, tilted")
 TOKENS = ["dataset=synthetic_tokens", "model=prompt_transformer"]
 NEEDS = {"femnist_cnn": ["dataset=mnist5k", "partition=iid"], "personal_layers": ["model=mlp"],
-         "synthetic_tokens": TOKENS, "prompt_transformer": TOKENS, "prompt_tuning": TOKENS}
-DATASET_SHAPES = {"synthetic": (60,), "synthetic_pfedme": (60,), "digits": (64,), "mnist5k": (1, 28, 28), "femnist": (1, 28, 28),
+         "synthetic_tokens": TOKENS, "prompt_transformer": TOKENS, "prompt_tuning": TOKENS,
+         "hf_causal_lm": ["dataset=synthetic_tokens", "model.net.d_model=16", "model.net.num_heads=2"],
+         "digits_groups": ["partition=natural_id"], "multitask": ["model=mlp"]}
+GROUPED = ("bounded_group_loss", "hierarchical", "multitask")  # need a groups file
+DATASET_SHAPES = {"digits_groups": (64,), "synthetic": (60,), "synthetic_pfedme": (60,), "digits": (64,), "mnist5k": (1, 28, 28), "femnist": (1, 28, 28),
                   "synthetic_tokens": (16,)}
 
 
@@ -25,7 +28,7 @@ def test_every_option_composes_and_instantiates(make_spec, group, tmp_path):
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({str(k): "ab"[k % 2] for k in range(100)}))
     for option in group_options(group):
-        extra = [f"groups_file={groups}"] if option == "bounded_group_loss" else []
+        extra = [f"groups_file={groups}"] if option in GROUPED else []
         cfg = make_spec(f"{group}={option}", *NEEDS.get(option, []), *extra)
         validate(cfg)
         import torch
