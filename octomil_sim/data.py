@@ -178,10 +178,14 @@ TASKS = {
 
 
 def grouped_clients(base: datasets.Dataset, num_clients: int, num_groups: int = 4, transform: str = "rotate",
-                    tasks: list[str] | None = None, seed: int = 0) -> datasets.Dataset:
-    """``base``'s rows (columns ``x``, ``y``) dealt out evenly at random to ``num_clients`` natural
-    clients, client k in group ``k % num_groups``, whose data the group changes (``client_id`` column;
-    ``strategies.hierarchical.write_groups`` writes the matching groups file):
+                    tasks: list[str] | None = None, label_skew: float | None = None, min_rows: int = 10,
+                    seed: int = 0) -> datasets.Dataset:
+    """``base``'s rows (columns ``x``, ``y``) dealt out to ``num_clients`` natural clients, client k in
+    group ``k % num_groups``, whose data the group changes (``client_id`` column;
+    ``strategies.hierarchical.write_groups`` writes the matching groups file). Rows are dealt evenly at
+    random, or, with ``label_skew`` = alpha, each class split over the clients by Dirichlet(alpha)
+    proportions (Hsu et al., arXiv 1909.06335; drawn again until every client has ``min_rows``), so that
+    devices also differ within a group:
 
     - ``transform="rotate"``: group g's images are rotated by g x 90 degrees (square images), the
       rotated-MNIST clusters of IFCA (arXiv 2006.04088, Sec. 5.2): one model per group is the right one;
@@ -197,12 +201,26 @@ def grouped_clients(base: datasets.Dataset, num_clients: int, num_groups: int = 
         if unknown or len(tasks) != num_groups:
             raise ConfigError(f"dataset.source.tasks={tasks}: allowed: {num_groups} (num_groups) names from "
                               f"{', '.join(TASKS)}")
+    if label_skew is not None and not label_skew > 0:
+        raise ConfigError(f"dataset.source.label_skew={label_skew}: allowed: null (even) or a Dirichlet alpha > 0")
     rng = np.random.default_rng(seed)
     data = base.with_format("numpy")[:]
     x, y = np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"], dtype=np.int64)
-    order = rng.permutation(len(y))
     owner = np.empty(len(y), dtype=np.int64)
-    owner[order] = np.arange(len(y)) % num_clients
+    if label_skew is None:
+        owner[rng.permutation(len(y))] = np.arange(len(y)) % num_clients
+    else:
+        for _ in range(1000):
+            for c in np.unique(y):
+                rows = rng.permutation(np.flatnonzero(y == c))
+                cuts = (np.cumsum(rng.dirichlet([label_skew] * num_clients))[:-1] * len(rows)).astype(int)
+                for k, part in enumerate(np.split(rows, cuts)):
+                    owner[part] = k
+            if np.bincount(owner, minlength=num_clients).min() >= min_rows:
+                break
+        else:
+            raise ConfigError(f"dataset.source.label_skew={label_skew}: no split gives every client {min_rows} rows; "
+                              "allowed: a larger alpha, fewer clients or a smaller min_rows")
     xs, ys, ids = [], [], []
     perms = [np.arange(int(y.max()) + 1)] + [rng.permutation(int(y.max()) + 1) for _ in range(1, num_groups)]
     for k in range(num_clients):

@@ -102,6 +102,19 @@ def test_bad_group_settings_are_one_line_errors(tmp_path):
         grouped_clients(sklearn_digits(), 4, num_groups=2, transform="tasks", tasks=["digit"])
 
 
+def test_label_skew_deals_each_class_unevenly_and_keeps_every_client_fed():
+    even = grouped_clients(sklearn_digits(), 20, seed=0).with_format("numpy")[:]
+    skew = grouped_clients(sklearn_digits(), 20, label_skew=0.3, min_rows=15, seed=0).with_format("numpy")[:]
+    assert np.bincount(skew["client_id"]).min() >= 15 and sorted(skew["y"].tolist()) == sorted(even["y"].tolist())
+
+    def top_share(d):  # the share of a client's rows in its most frequent class, mean over clients
+        return np.mean([np.bincount(d["y"][d["client_id"] == k]).max() / (d["client_id"] == k).sum() for k in range(20)])
+
+    assert top_share(skew) > top_share(even) + 0.2
+    with pytest.raises(ConfigError, match="label_skew=0"):
+        grouped_clients(sklearn_digits(), 4, label_skew=0)
+
+
 def test_grouped_digits_rotate_the_images_and_relabel_the_tasks():
     base = sklearn_digits()
     rotated = grouped_clients(base, 8, num_groups=4, transform="rotate", seed=0).with_format("numpy")[:]
