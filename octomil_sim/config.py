@@ -269,6 +269,9 @@ def validate(spec: RunSpec) -> None:
             from strategies.dp import check_dp_sgd
 
             check_dp_sgd(spec.strategy.client.obj)
+            s = spec.simulation  # a budget no noise can meet fails here, for a client of five batches
+            private.max_trainings = s.rounds
+            private.noise(5 * s.batch_size, s.batch_size, s.local_steps or 5 * s.local_epochs)
 
 
 def composes_with_fairness(strategy: str) -> bool:

@@ -201,6 +201,9 @@ def grouped_clients(base: datasets.Dataset, num_clients: int, num_groups: int = 
         if unknown or len(tasks) != num_groups:
             raise ConfigError(f"dataset.source.tasks={tasks}: allowed: {num_groups} (num_groups) names from "
                               f"{', '.join(TASKS)}")
+    if transform == "rotate" and not 1 <= num_groups <= 4:
+        raise ConfigError(f"dataset.source.num_groups={num_groups} with transform='rotate': allowed: 1 to 4 "
+                          "(a rotation by g x 90 degrees repeats after four groups)")
     if label_skew is not None and not label_skew > 0:
         raise ConfigError(f"dataset.source.label_skew={label_skew}: allowed: null (even) or a Dirichlet alpha > 0")
     rng = np.random.default_rng(seed)

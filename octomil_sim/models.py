@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -171,6 +172,7 @@ class HFCausalLM(nn.Module):
         self.lm = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                           num_virtual_tokens=prompt_length))
         self._trainable = {f"lm.{n}" for n, p in self.lm.named_parameters() if p.requires_grad}
+        self._register_state_dict_hook(_only_trainable)  # also when this model sits inside another module
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -181,10 +183,14 @@ class HFCausalLM(nn.Module):
         logits = self.lm(input_ids=x.long()).logits[:, -1]
         return logits[:, self.label_tokens]
 
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix):] in self._trainable)
+    def __deepcopy__(self, memo):
+        """A copy whose trainable parameters (the prompt) are its own and whose frozen base is shared:
+        a client's model costs a prompt, not a second base (they never change)."""
+        memo.update({id(p): p for p in self.parameters() if not p.requires_grad})
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         missing = sorted(self._trainable - set(state_dict))
@@ -192,6 +198,12 @@ class HFCausalLM(nn.Module):
         if strict and (missing or unexpected):
             raise RuntimeError(f"HFCausalLM.load_state_dict: missing {missing}, unexpected {unexpected}")
         return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
+def _only_trainable(module: "HFCausalLM", state: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: keep the trainable entries (the prompt), drop the frozen base's."""
+    for key in [k for k in state if k.startswith(prefix) and k[len(prefix):] not in module._trainable]:
+        del state[key]
 
 
 def _pretrained(base: nn.Module, settings: dict) -> None:
@@ -208,8 +220,16 @@ def _pretrained(base: nn.Module, settings: dict) -> None:
 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root() / f"hf_base-{key}.safetensors"
+
+    def load() -> None:
+        missing, unexpected = base.load_state_dict(load_file(str(path)), strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight")}  # saved once, with the embeddings
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"{path}: not this model's pretrained base (missing {sorted(set(missing) - tied)}, "
+                               f"unexpected {unexpected}); delete it to pretrain again")
+
     if path.exists():
-        base.load_state_dict(load_file(str(path)), strict=False)  # tied weights are saved once
+        load()
         return
     if not settings["source"]:
         raise ConfigError("model.net.pretrain_steps > 0 needs model.net.pretrain_source; allowed: an import path "
@@ -240,7 +260,13 @@ def _pretrained(base: nn.Module, settings: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(unique, str(tmp))
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)  # the first process to finish wins; everyone then uses its file
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    load()
 
 
 def _tiny_decoder(architecture: str, vocab: int, positions: int, d_model: int, layers: int, heads: int,

@@ -30,6 +30,10 @@ noise); this module adds what the framework needs around them and differs where 
 - Client-side clipping runs in the client runtime (``clip_upload``), because the framework packs many
   clients into one Flower message and Flower's ``fixedclipping_mod`` would clip the packed message.
 
+What is not covered: the scalar metrics clients report with their updates (``train_loss``,
+``loss_before``, ``num-examples``) are sent as they are, and under client-level DP the round's training
+metrics are plain means over the clients (their weights are set to 1).
+
 Sample level (``DPSGD``, ``privacy=dp_sgd``): DP-SGD (Abadi et al., arXiv 1607.00133, Algorithm 1) for
 the local training of what is uploaded, with Opacus's ``GradSampleModule`` (per-example gradients) and
 ``DPOptimizer`` (per-example clipping to ``max_grad_norm``, Gaussian noise ``z max_grad_norm``). Each
@@ -62,15 +66,20 @@ EPSILON = "epsilon"
 CLIPPED = "clipped"  # a client-side clipped update: 1 when its norm was above the clipping norm
 
 
-def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: int, key: str = "epsilon") -> float:
     """The noise multiplier ``z`` with which ``steps`` subsampled Gaussian releases at ``sample_rate``
-    cost ``(epsilon, delta)`` under Opacus's RDP accountant."""
+    cost ``(epsilon, delta)`` under Opacus's RDP accountant (a ``ConfigError`` naming ``key`` when no
+    noise can: the budget is too small)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant="rdp"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                              steps=steps, accountant="rdp"))
+    except ValueError as err:
+        raise ConfigError(f"{key}={epsilon}: {str(err).splitlines()[0]} (delta {delta}, sample rate "
+                          f"{sample_rate:.3g}, {steps} releases); allowed: a larger epsilon or delta") from None
 
 
 def spent_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -128,7 +137,12 @@ class _ClientLevel:
 
     def _setup(self, epsilon, delta, num_clients, clients_per_round, rounds, seed):
         inner = self.strategy
+        from strategies.fedavg import FedAvg
+
         allowed = "fairness=none with fedavg, finetune, ditto, personal_layers, pfedme, perfedavg, prompt_tuning"
+        if not isinstance(inner, FedAvg) or inner.coefficient_step:
+            raise ConfigError(f"privacy: strategy {type(inner).__name__} does not average its clients' updates "
+                              f"(DP-FedAvg's noise is calibrated to an average); allowed: {allowed}")
         if getattr(inner, "fairness", None) is not None or getattr(inner, "reweights", False):
             raise ConfigError("privacy: the personalization or fairness policy weights its clients unequally "
                               f"(DP-FedAvg's sensitivity C/m holds for the plain average); allowed: {allowed}")
@@ -140,7 +154,8 @@ class _ClientLevel:
                               "strategy.server.sampling=uniform and simulation.train_all_clients=false")
         self.delta, self.seed = delta, seed
         self.sample_rate = clients_per_round / num_clients
-        self.rounds_done = 0
+        self.history: list[list[float]] = []  # [noise multiplier, sample rate, releases]: what was released
+        self.step_scale = max(1.0, float(getattr(inner, "beta", 1.0)))  # pFedMe's beta > 1 lengthens the step
         self.target_epsilon = epsilon
         self._uploaded: list[str] = []
         self._round = 0
@@ -152,7 +167,7 @@ class _ClientLevel:
 
     @property
     def round_state(self) -> tuple[str, ...]:
-        own = ("rounds_done",) + (("clipping_norm",) if self.adaptive else ())
+        own = ("history",) + (("clipping_norm",) if self.adaptive else ())
         return own + tuple(f"strategy.{n}" for n in getattr(self.strategy, "round_state", ()))
 
     adaptive = False
@@ -162,8 +177,14 @@ class _ClientLevel:
         """The noise multiplier the accountant charges per round."""
         return self.noise_multiplier
 
+    @property
+    def rounds_done(self) -> int:
+        return int(sum(h[2] for h in self.history))
+
     def epsilon(self) -> float:
-        return spent_epsilon([(self.accounted_noise, self.sample_rate, self.rounds_done)], self.delta)
+        """Spent so far: every release at the noise it had (a run resumed with more rounds has a new z
+        from then on, and the history composes both)."""
+        return spent_epsilon([tuple(h) for h in self.history], self.delta)
 
     def privacy_report(self) -> dict:
         return {"level": "client", "epsilon": self.epsilon(), "delta": self.delta,
@@ -172,9 +193,11 @@ class _ClientLevel:
                 "releases": self.rounds_done, "accountant": "opacus.accountants.RDPAccountant"}
 
     def _prepare(self, server_round, replies) -> list:
-        """The round's replies with equal weights; remembers the uploaded array names."""
-        replies = list(replies)
+        """The round's successful replies with equal weights (a failed client sends nothing: it counts
+        as a zero update in the fixed-denominator average, ``_fixed_denominator``); remembers the
+        uploaded array names."""
         valid = [r for r in replies if not r.has_error()]
+        replies = valid
         keys = {tuple(r.content[self.strategy.arrayrecord_key].keys()) for r in valid}
         if len(keys) > 1:
             raise ConfigError("privacy: the clients of a round upload different arrays (a per-group model); "
@@ -197,19 +220,40 @@ class _ClientLevel:
             count += was
         return count
 
+    def _fixed_denominator(self, arrays: ArrayRecord | None, replies: list) -> ArrayRecord | None:
+        """The inner strategy's average over the m' replies that arrived, rescaled on the uploaded
+        arrays to ``sent + (1/m) sum_k Delta_k`` with m the clients sampled (DP-FedAvg's fixed-
+        denominator estimator, arXiv 1710.06963 Alg. 1): a client's influence stays C/m, what the
+        noise is calibrated to, when a straggler or a dropout sends nothing."""
+        m_seen, m = len(replies), self.num_sampled_clients
+        if arrays is None or m_seen >= m:
+            return arrays
+        sent = self.strategy.sent.to_torch_state_dict()
+        new = arrays.to_torch_state_dict()
+        scale = m_seen / m
+        return ArrayRecord({k: sent[k] + scale * (v - sent[k]) if k in self._uploaded else v for k, v in new.items()})
+
     def _restrict(self, arrays: ArrayRecord) -> ArrayRecord:
         return ArrayRecord({k: arrays[k] for k in self._uploaded})
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         """Flower's noise on the uploaded arrays only, drawn from (seed, round); the rest (a frozen base,
         layers kept personal) as the inner strategy returned them."""
-        with numpy_seeded(self.seed * 1_000_003 + 7 * self._round + 3):
-            noised = super()._add_noise_to_aggregated_arrays(self._restrict(aggregated_arrays))
+        norm, self.clipping_norm = self.clipping_norm, self.clipping_norm * self.step_scale  # sensitivity beta C / m
+        try:
+            with numpy_seeded(self.seed * 1_000_003 + 7 * self._round + 3):
+                noised = super()._add_noise_to_aggregated_arrays(self._restrict(aggregated_arrays))
+        finally:
+            self.clipping_norm = norm
         return ArrayRecord({k: noised[k] if k in noised else aggregated_arrays[k] for k in aggregated_arrays.keys()})
 
     def _account(self, arrays, metrics):
         if arrays is not None:
-            self.rounds_done += 1
+            entry = [float(self.accounted_noise), float(self.sample_rate)]
+            if self.history and self.history[-1][:2] == entry:
+                self.history[-1][2] += 1
+            else:
+                self.history.append([*entry, 1])
         metrics = metrics if metrics is not None else MetricRecord()
         metrics[EPSILON] = self.epsilon()
         return arrays, metrics
@@ -224,6 +268,7 @@ class ServerSideFixed(_ClientLevel, DifferentialPrivacyServerSideFixedClipping):
             return None, None
         self._clip_replies(replies, self.clipping_norm)
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        arrays = self._fixed_denominator(arrays, replies)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
         return self._account(arrays, metrics)
@@ -235,7 +280,13 @@ class ClientSideFixed(_ClientLevel, DifferentialPrivacyClientSideFixedClipping):
 
     def aggregate_train(self, server_round, replies):
         replies = self._prepare(server_round, replies)
-        return self._account(*super().aggregate_train(server_round, replies))
+        if not validate_replies(replies, self.num_sampled_clients):
+            return None, None
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        arrays = self._fixed_denominator(arrays, replies)
+        if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+        return self._account(arrays, metrics)
 
 
 class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClipping):
@@ -260,6 +311,7 @@ class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClip
         with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 5):
             fraction = self._noisy_fraction(unclipped, len(replies))  # b-bar: the share left unclipped
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        arrays = self._fixed_denominator(arrays, replies)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
         self._geometric_update(fraction)
@@ -290,8 +342,13 @@ def ClientLevelDP(strategy, *, clipping: str = "server_fixed", epsilon: float | 
         raise ConfigError(f"privacy.server.clipping_norm={clipping_norm}: allowed: a number > 0")
     if noise_multiplier is not None and noise_multiplier < 0:
         raise ConfigError(f"privacy.server.noise_multiplier={noise_multiplier}: allowed: a number >= 0")
+    if not 0 <= target_quantile <= 1:
+        raise ConfigError(f"privacy.server.target_quantile={target_quantile}: allowed: a number in [0, 1]")
+    if not clip_norm_lr > 0:
+        raise ConfigError(f"privacy.server.clip_norm_lr={clip_norm_lr}: allowed: a number > 0")
     q = clients_per_round / num_clients
-    z = noise_for_epsilon(epsilon, delta, q, rounds) if epsilon is not None else float(noise_multiplier)
+    z = (noise_for_epsilon(epsilon, delta, q, rounds, key="privacy.server.epsilon") if epsilon is not None
+         else float(noise_multiplier))
     cls = CLIPPING[clipping]
     if cls is ServerSideAdaptive:
         if z <= 0:
@@ -356,15 +413,21 @@ class DPSGD(PrivacyClient):
             raise ConfigError(f"privacy.client.epsilon={epsilon}: allowed: a number > 0 (privacy=none for no DP)")
         if not max_grad_norm > 0:
             raise ConfigError(f"privacy.client.max_grad_norm={max_grad_norm}: allowed: a number > 0")
+        if not 0 < delta < 1:
+            raise ConfigError(f"privacy.client.delta={delta}: allowed: a number in (0, 1)")
+        if noise_multiplier is not None and noise_multiplier < 0:
+            raise ConfigError(f"privacy.client.noise_multiplier={noise_multiplier}: allowed: a number >= 0")
         self.epsilon, self.delta, self.noise_multiplier = epsilon, delta, noise_multiplier
         self.max_grad_norm = max_grad_norm
 
-    def noise(self, num_rows: int, batch_size: int, epochs: int) -> float:
+    def noise(self, num_rows: int, batch_size: int, steps_per_training: int) -> float:
+        """The noise multiplier of a client with ``num_rows`` training rows whose every training takes
+        ``steps_per_training`` steps: given, or the one that spends ``epsilon`` over ``max_trainings``."""
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
         q = min(1.0, batch_size / max(1, num_rows))
-        steps = max(1, self.max_trainings * epochs * math.ceil(num_rows / batch_size))
-        return noise_for_epsilon(self.epsilon, self.delta, q, steps)
+        steps = max(1, self.max_trainings * steps_per_training)
+        return noise_for_epsilon(self.epsilon, self.delta, q, steps, key="privacy.client.epsilon")
 
     def sgd_epochs(self, model: nn.Module, x, y, epochs, batch_size, lr, generator, params=None, budget=None,
                    batches=None, state=None, anchor=None, lam=0.0) -> float:
@@ -382,7 +445,7 @@ class DPSGD(PrivacyClient):
         frozen = [p for p in model.parameters() if p.requires_grad and all(p is not m for m in moving)]
         for p in frozen:
             p.requires_grad_(False)
-        z = self.noise(len(y), batch_size, epochs)
+        z = self.noise(len(y), batch_size, len(batches) if batches is not None else epochs * math.ceil(len(y) / batch_size))
         wrapped = GradSampleModule(model)
         noise_gen = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5EED)  # the batches' draws untouched
         optimizer = DPOptimizer(torch.optim.SGD(moving, lr=lr), noise_multiplier=z, max_grad_norm=self.max_grad_norm,

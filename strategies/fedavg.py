@@ -10,6 +10,7 @@ together (``octomil_sim.cohort``; equal to the per-client loop up to float round
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -257,7 +258,8 @@ def stored_local_model(model: nn.Module, task: ClientTask, key: str, epochs: int
     local = task.initial_model() if task.initial is not None else copy.deepcopy(model)
     stored = task.state.load(key)
     if stored is None:
-        local_sgd(local, task, epochs=epochs, budget=None)  # a one-off precomputation, outside the round budget
+        # a one-off precomputation, outside the round budget; the model stays on the client (no DP-SGD)
+        local_sgd(local, dataclasses.replace(task, private=None), epochs=epochs, budget=None)
         task.state.save(key, local.state_dict())
     else:
         local.load_state_dict(stored)

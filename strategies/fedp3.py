@@ -191,10 +191,11 @@ def sparse_decode(record: ArrayRecord, like: Tensors) -> tuple[Tensors, dict[str
 
 # --- server half ---------------------------------------------------------------------------------
 class FedP3(FedAvg):
-    uploads_differ = True  # each client uploads its own layers (client-level DP needs one shape of upload)
     """``global_keep``: share of each pruned weight tensor the server keeps, one number in (0, 1] or
     ``{resource class: share}`` over the classes of ``system``; ``upload_layers``: non-final layers
     each client uploads (1 LowerB, 2 OPU2, 3 OPU3; null: all); ``aggregation``: mean | weighted_mean."""
+
+    uploads_differ = True  # each client uploads its own layers (client-level DP needs one shape of upload)
 
     def __init__(self, global_keep: float | dict = 0.9, upload_layers: int | None = 2, aggregation: str = "mean",
                  system: dict | None = None, num_clients: int = 1, **kwargs):

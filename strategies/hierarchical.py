@@ -75,10 +75,10 @@ def rename_upload(upload: dict, group: int, group_layers: tuple[str, ...] | None
     return {group_key(group, k) if is_group_layer(k, group_layers) else k: v for k, v in upload.items()}
 
 
-def keywise_average(uploads: list[dict], weights: list[float]) -> dict:
+def keywise_average(uploads: list[dict], weights: list[float], masses: dict | None = None) -> dict:
     """For every array name, the ``weights``-weighted average over the uploads that carry it
     (a group's layers over that group's clients, the shared ones over all); names no upload carries are
-    absent. Sums in float64, in upload order."""
+    absent. Sums in float64, in upload order. ``masses``: filled with each name's sum of weights."""
     totals: dict[str, torch.Tensor] = {}
     mass: dict[str, float] = {}
     for upload, w in zip(uploads, weights, strict=True):
@@ -86,6 +86,8 @@ def keywise_average(uploads: list[dict], weights: list[float]) -> dict:
             totals[k] = totals.get(k, 0) + w * v.double()
             mass[k] = mass.get(k, 0.0) + w
     dtypes = {k: v.dtype for u in uploads for k, v in u.items()}
+    if masses is not None:
+        masses.update(mass)
     return {k: (totals[k] / mass[k]).to(dtypes[k]) for k in totals if mass[k] > 0}
 
 
@@ -148,17 +150,17 @@ class GroupModels(FedAvg):
         weights, lr = self.fair_weights(server_round, contents)
         if lr == 0:
             return self.sent, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        averaged = keywise_average([c[self.arrayrecord_key].to_torch_state_dict() for c in contents], weights)
+        masses: dict = {}
+        averaged = keywise_average([c[self.arrayrecord_key].to_torch_state_dict() for c in contents], weights, masses)
         sent = self.sent.to_torch_state_dict()
-        moved = ArrayRecord(averaged)
-        stepped = self.step_toward_keys(moved, sent, lr)
-        merged = ArrayRecord({k: stepped[k] if k in stepped else v for k, v in sent.items()})
-        return merged, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-
-    @staticmethod
-    def step_toward_keys(averaged: ArrayRecord, sent: dict, lr: float) -> dict:
-        out = averaged.to_torch_state_dict()
-        return out if lr == 1 else {k: (1 - lr) * sent[k] + lr * v for k, v in out.items()}
+        coefficient = (self.coefficient_step or (self.fairness is not None and self.fairness.coefficient_step)) \
+            and not self.average_only
+        total = sum(weights)
+        # a coefficient step's lr is server_lr times the coefficients' sum: per array, over the clients that uploaded it
+        lrs = {k: (lr * masses[k] / total if coefficient and total else lr) for k in averaged}
+        merged = {k: (v if k not in averaged else averaged[k] if lrs[k] == 1 else (1 - lrs[k]) * v + lrs[k] * averaged[k])
+                  for k, v in sent.items()}
+        return ArrayRecord(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
 class GroupClient(ClientAlgorithm):
@@ -170,6 +172,10 @@ class GroupClient(ClientAlgorithm):
         if not isinstance(inner, ClientAlgorithm):
             raise ConfigError(f"strategy.client.inner={inner!r}: allowed: a client half (a _target_ such as "
                               "strategies.finetune.FineTuneClient)")
+        if type(inner).load is not ClientAlgorithm.load:
+            raise ConfigError(f"strategy.client.inner={type(inner).__name__}: receives models in its own format "
+                              "(its own load), which group models do not send; allowed: fedavg, finetune, ditto, "
+                              "personal layers, pfedme, perfedavg, scafflix or maxfl client halves")
         self.inner, self.assignment = inner, assignment
         self.groups, self.num_groups = _check(assignment, groups_file, num_groups, "strategy.client")
         self.group_layers = None if group_layers is None else tuple(group_layers)

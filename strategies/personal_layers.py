@@ -30,6 +30,7 @@ instead of in one extra training round, and leaves the stored head unchanged.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 from flwr.app import ArrayRecord
 from torch import nn
@@ -110,7 +111,7 @@ class PersonalLayersClient(ClientAlgorithm):
         local, shared = self._split(model)
         self._with_own_layers(model, task)
         if self.head_epochs > 0:  # FedRep: head on the frozen body, then body on the frozen head
-            local_sgd(model, task, epochs=self.head_epochs, params=local)
+            local_sgd(model, replace(task, private=None), epochs=self.head_epochs, params=local)  # stays home: no DP-SGD
             loss = local_sgd(model, task, params=shared)
         else:  # FedPer: everything together
             loss = local_sgd(model, task)

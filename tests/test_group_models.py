@@ -56,6 +56,25 @@ def test_server_averages_each_group_over_its_clients_and_keeps_the_rest(task_ide
     assert got["group1.head"].item() == 9.0  # no client of group 1 this round
 
 
+def test_a_coefficient_step_moves_each_array_by_its_own_uploaders_coefficients(task_identity, tmp_path):
+    from strategies.fedavg import FairnessPolicy
+
+    class Coefficients(FairnessPolicy):  # c_k given: a coefficient step w + sum_k c_k (w_k - w)
+        coefficient_step = True
+
+        def weights(self, server_round, metrics, base, update_norms=None):
+            return [0.25, 0.25]
+
+    groups = h.write_groups(tmp_path / "g.json", 4, ["a", "b"])
+    server = h.GroupModels(groups_file=str(groups), group_layers=["head"], fairness=Coefficients())
+    server.sent = ArrayRecord({"body": torch.zeros(1), "group0.head": torch.zeros(1), "group1.head": torch.zeros(1)})
+    replies = [train_reply({"body": torch.tensor([4.0]), "group0.head": torch.tensor([4.0])}, {"num-examples": 1}),
+               train_reply({"body": torch.tensor([8.0]), "group1.head": torch.tensor([8.0])}, {"num-examples": 1})]
+    got = server.aggregate_train(1, replies)[0].to_torch_state_dict()
+    # body: 0.25 * 4 + 0.25 * 8 = 3; each head only its own client's coefficient: 0.25 * 4 = 1, 0.25 * 8 = 2
+    assert [got[k].item() for k in ("body", "group0.head", "group1.head")] == pytest.approx([3.0, 1.0, 2.0])
+
+
 def test_client_uses_its_groups_model_and_uploads_under_the_groups_names(tmp_path):
     groups = h.write_groups(tmp_path / "g.json", 2, ["a", "b"])
     client = h.GroupClient(FedAvgClient(), groups_file=str(groups))
@@ -96,6 +115,12 @@ def test_bad_group_settings_are_one_line_errors(tmp_path):
         h.GroupModels(groups_file=str(groups), num_groups=3)
     with pytest.raises(ConfigError, match="group_layers=\\['tail'\\]: names no layer"):
         h.GroupClient(FedAvgClient(), groups_file=str(groups), group_layers=["tail"]).check(MLP((4,), 2))
+    from strategies.fedp3 import FedP3Client
+
+    with pytest.raises(ConfigError, match="inner=FedP3Client: receives models in its own format"):
+        h.GroupClient(FedP3Client(), groups_file=str(groups))
+    with pytest.raises(ConfigError, match="num_groups=5 with transform='rotate'"):
+        grouped_clients(sklearn_digits(), 10, num_groups=5)
     with pytest.raises(ConfigError, match="transform='blur'"):
         grouped_clients(sklearn_digits(), 4, transform="blur")
     with pytest.raises(ConfigError, match="tasks=\\['digit'\\]"):

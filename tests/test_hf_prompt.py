@@ -26,6 +26,10 @@ def test_only_the_prompt_trains_travels_and_is_stored(architecture):
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not p.requires_grad)  # the base did not
     assert not model.lm.base_model.training  # no dropout in the base, even in train mode
 
+    inside = torch.nn.Sequential(model)  # the base stays out of a parent's state dict too
+    assert list(inside.state_dict()) == ["0.lm.prompt_encoder.default.embedding.weight"]
+    twin = copy.deepcopy(model)  # shares the frozen base, owns its prompt
+    assert all((p is q) != p.requires_grad for p, q in zip(model.parameters(), twin.parameters()))
     other = HFCausalLM((6,), 3, architecture=architecture, vocab_size=10, d_model=16, num_heads=2, prompt_length=5)
     other.load_state_dict(model.state_dict())  # the same base in every process: the prompt is all it needs
     assert torch.allclose(other(x), model(x)) and torch.allclose(copy.deepcopy(model)(x), model(x))

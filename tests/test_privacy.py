@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from helpers import one_example_task, train_reply
 from octomil_sim.errors import ConfigError
-from octomil_sim.models import MLR
+from octomil_sim.models import MLP, MLR
 from octomil_sim.state import MemoryStateStore
 from octomil_sim.training import sgd_epochs
 from strategies import dp
@@ -56,6 +56,41 @@ def test_server_clipping_averages_with_equal_weights_and_leaves_personal_layers_
     assert torch.allclose(torch.from_numpy(arrays["body"].numpy()), torch.tensor([0.35, 0.4]))
     assert float(arrays["head"].numpy()[0]) == 7.0  # not uploaded: neither clipped nor noised
     assert metrics[dp.EPSILON] == math.inf  # noiseless releases spend everything
+
+
+def test_a_missing_client_counts_as_a_zero_update_fixed_denominator(task_identity):
+    inner = FedAvg()
+    inner.sent = ArrayRecord({"w": torch.zeros(2)})
+    strategy = wrap(inner, clients_per_round=2)
+    from flwr.app import Error, Message, MessageType, RecordDict
+
+    ins = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=2)
+    failed = Message(Error(0, "dropped"), reply_to=ins)
+    arrays, _ = strategy.aggregate_train(1, [train_reply({"w": torch.tensor([0.6, 0.8])}, {"num-examples": 1}), failed])
+    assert torch.allclose(torch.from_numpy(arrays["w"].numpy()), torch.tensor([0.3, 0.4]))  # (0.6, 0.8) / m, m = 2
+    assert strategy.privacy_report()["releases"] == 1
+
+
+def test_a_longer_server_step_gets_more_noise_and_other_aggregators_are_refused(task_identity):
+    from strategies.pfedme import PFedMe
+    from strategies.qffl import QFFL
+
+    inner = PFedMe(beta=2.0)
+    inner.sent = ArrayRecord({"w": torch.zeros(20000)})
+    strategy = wrap(inner, noise_multiplier=1.0, clipping_norm=1.0)
+    arrays, _ = strategy.aggregate_train(1, [train_reply({"w": torch.zeros(20000)}, {"num-examples": 1})] * 2)
+    assert abs(float(torch.from_numpy(arrays["w"].numpy()).std()) - 2.0 * 1.0 / 2) < 0.02  # beta z C / m
+    with pytest.raises(ConfigError, match="QFFL does not average"):
+        wrap(QFFL(client_learning_rate=0.1))
+
+
+def test_epsilon_composes_the_releases_of_a_resumed_run_at_their_own_noise(task_identity):
+    strategy = wrap(noise_multiplier=1.0)
+    strategy.history = [[2.0, 0.1, 30]]  # saved by a run whose z was 2 (fewer rounds asked for)
+    strategy._account(ArrayRecord({"w": torch.zeros(1)}), None)
+    assert strategy.history == [[2.0, 0.1, 30], [1.0, 0.1, 1]] and strategy.rounds_done == 31
+    assert strategy.epsilon() == pytest.approx(dp.spent_epsilon([(2.0, 0.1, 30), (1.0, 0.1, 1)], 1e-3))
+    assert "history" in strategy.round_state
 
 
 def test_noise_is_seeded_scaled_and_only_on_uploaded_arrays(task_identity):
@@ -123,6 +158,19 @@ def test_dp_sgd_without_noise_or_clipping_is_plain_sgd_and_counts_its_steps():
     assert private.history(state) == [(0.0, 0.25, 8)] and private.report(state)[dp.EPSILON] == math.inf
 
 
+def test_dp_sgd_calibrates_to_the_steps_a_training_takes_and_skips_what_stays_home():
+    from dataclasses import replace
+
+    from strategies.personal_layers import PersonalLayersClient
+
+    private = dp.DPSGD(epsilon=4.0, max_trainings=10)
+    assert private.noise(40, 20, 20) > private.noise(40, 20, 2)  # local_steps=20: ten times the steps
+    model = MLP((2,), 3, hidden=(4,))
+    task = replace(one_example_task(), private=private)
+    PersonalLayersClient(local_layers=["head"], head_epochs=3).train(model, task)
+    assert [steps for _, _, steps in private.history(task.state)] == [1]  # the body's step only (FedRep's head: no DP)
+
+
 def test_dp_sgd_clips_and_adds_noise_and_its_epsilon_is_at_most_the_target():
     torch.manual_seed(0)
     x, y = torch.randn(40, 5) * 10, torch.randint(0, 3, (40,))
@@ -152,6 +200,11 @@ def test_dp_sgd_clips_and_adds_noise_and_its_epsilon_is_at_most_the_target():
     (["privacy=client_level", "++strategy.server.sampling=size_proportional"], "uniform client sampling"),
     (["privacy=dp_sgd", "strategy=pfedme"], "privacy=dp_sgd: strategy.client=PFedMeClient"),
     (["privacy=dp_sgd", "privacy.client.max_grad_norm=0"], "privacy.client.max_grad_norm=0"),
+    (["privacy=dp_sgd", "privacy.client.delta=0"], "privacy.client.delta=0"),
+    (["privacy=dp_sgd", "privacy.client.epsilon=1e-9"], "privacy.client.epsilon=1e-09"),
+    (["privacy=client_level", "privacy.server.epsilon=1e-9"], "privacy.server.epsilon=1e-09"),
+    (["privacy=client_level", "privacy.server.clipping=server_adaptive", "privacy.server.target_quantile=2"],
+     "privacy.server.target_quantile=2"),
 ])
 def test_bad_privacy_settings_are_one_line_errors_before_anything_runs(make_spec, overrides, message):
     from octomil_sim.config import validate
