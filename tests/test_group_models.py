@@ -174,3 +174,18 @@ def test_group_models_beat_one_global_model_when_groups_differ(make_spec, tmp_pa
                           "dataset.source.tasks=[digit,parity]", f"groups_file={h.write_groups(tmp_path / 't.json', 20, ['digit', 'parity'])}"),
                 tmp_path / "tasks")
     assert set(tasks["groups"]) == {"digit", "parity"} and tasks["groups"]["parity"]["global_acc"] > 0.7
+
+
+def test_group_models_compose_with_ditto(tmp_path):
+    """Group + device with Ditto as the device level: the group's model trains as Ditto's global one and
+    the personal model it keeps is anchored at the group's model."""
+    from strategies.ditto import PERSONAL, DittoClient
+
+    groups = h.write_groups(tmp_path / "g.json", 2, ["a", "b"])
+    client = h.GroupClient(DittoClient(lam=1.0), groups_file=str(groups))
+    zero = MLR((2,), 3)
+    record = ArrayRecord(h.expand(zero.state_dict(), [zero.state_dict(), zero.state_dict()], None))
+    task = one_example_task(client_id=0)
+    upload, metrics = client.train(client.load(MLR((2,), 3), record, task), task)
+    assert set(upload) == {"group0.fc.weight", "group0.fc.bias"} and metrics[h.GROUP] == 0
+    assert task.state.load(PERSONAL) is not None  # the device-level personal model, kept on the client
