@@ -100,19 +100,25 @@ class PromptTransformer(nn.Module):
 
 
 def _hf_encoder(name: str) -> nn.Module:
+    return _from_hub("AutoModel", name, "null (the built-in encoder)")
+
+
+def _from_hub(auto_class: str, name: str, instead: str) -> nn.Module:
+    """``transformers.<auto_class>.from_pretrained(name)``, with a one-line ``ConfigError`` naming
+    ``model.net.hf_name`` when the package is missing or the model cannot be loaded."""
     from octomil_sim.errors import ConfigError
 
     try:
-        from transformers import AutoModel
+        import transformers
     except ImportError:
-        raise ConfigError(f"model.net.hf_name={name!r}: needs the transformers package; allowed: null "
-                          "(the built-in encoder), or pip install transformers") from None
+        raise ConfigError(f"model.net.hf_name={name!r}: needs the transformers package; allowed: {instead}, "
+                          "or pip install 'octomil-sim[hf]'") from None
     try:
-        return AutoModel.from_pretrained(name)
+        return getattr(transformers, auto_class).from_pretrained(name)
     except OSError as err:
         reason = str(err).strip().splitlines()[0]
         raise ConfigError(f"model.net.hf_name={name!r} could not be loaded ({reason}); allowed: a model id "
-                          "reachable from here or a local directory") from None
+                          f"reachable from here or a local directory, or {instead}") from None
 
 
 class HFCausalLM(nn.Module):
@@ -294,13 +300,4 @@ def _tiny_decoder(architecture: str, vocab: int, positions: int, d_model: int, l
 
 
 def _hf_decoder(name: str) -> nn.Module:
-    from octomil_sim.errors import ConfigError
-
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(name)
-    except OSError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ConfigError(f"model.net.hf_name={name!r} could not be loaded ({reason}); allowed: a model id "
-                          "reachable from here or a local directory, or null (a tiny model built offline)") from None
+    return _from_hub("AutoModelForCausalLM", name, "null (a tiny model built offline)")

@@ -247,6 +247,20 @@ class _ClientLevel:
             self.clipping_norm = norm
         return ArrayRecord({k: noised[k] if k in noised else aggregated_arrays[k] for k in aggregated_arrays.keys()})
 
+    def _release(self, server_round, replies, clip: bool):
+        """One round of DP-FedAvg with fixed clipping: equal weights, (clip,) the inner average, the
+        fixed denominator, the noise, the accountant."""
+        replies = self._prepare(server_round, replies)
+        if not validate_replies(replies, self.num_sampled_clients):
+            return None, None
+        if clip:
+            self._clip_replies(replies, self.clipping_norm)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        arrays = self._fixed_denominator(arrays, replies)
+        if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+        return self._account(arrays, metrics)
+
     def _account(self, arrays, metrics):
         if arrays is not None:
             entry = [float(self.accounted_noise), float(self.sample_rate)]
@@ -263,15 +277,7 @@ class ServerSideFixed(_ClientLevel, DifferentialPrivacyServerSideFixedClipping):
     """Server-side fixed clipping (Flower's wrapper), on the uploaded arrays."""
 
     def aggregate_train(self, server_round, replies):
-        replies = self._prepare(server_round, replies)
-        if not validate_replies(replies, self.num_sampled_clients):
-            return None, None
-        self._clip_replies(replies, self.clipping_norm)
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        arrays = self._fixed_denominator(arrays, replies)
-        if arrays is not None:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
-        return self._account(arrays, metrics)
+        return self._release(server_round, replies, clip=True)
 
 
 class ClientSideFixed(_ClientLevel, DifferentialPrivacyClientSideFixedClipping):
@@ -279,14 +285,7 @@ class ClientSideFixed(_ClientLevel, DifferentialPrivacyClientSideFixedClipping):
     client runtime clips (``clip_upload``), the wrapper adds the noise."""
 
     def aggregate_train(self, server_round, replies):
-        replies = self._prepare(server_round, replies)
-        if not validate_replies(replies, self.num_sampled_clients):
-            return None, None
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        arrays = self._fixed_denominator(arrays, replies)
-        if arrays is not None:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
-        return self._account(arrays, metrics)
+        return self._release(server_round, replies, clip=False)  # the clients clipped
 
 
 class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClipping):
