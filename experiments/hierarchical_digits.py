@@ -36,6 +36,15 @@ ROWS = [
 ]
 
 
+def recovered(clients: list[dict]) -> float:
+    """The share of clients whose IFCA group is their true group's (k % GROUPS), each found group
+    matched to the true group most of its clients come from (cluster purity)."""
+    by_found: dict[int, list[int]] = {}
+    for c in clients:
+        by_found.setdefault(int(c["group"]), []).append(int(c["partition_id"]) % GROUPS)
+    return sum(max(members.count(g) for g in set(members)) for members in by_found.values()) / len(clients)
+
+
 def main() -> None:
     from strategies.hierarchical import write_groups
 
@@ -46,16 +55,17 @@ def main() -> None:
     groups = write_groups(RESULTS / "groups.json", CLIENTS, [f"group{g}" for g in range(GROUPS)])
     lines = [f"Seeds {', '.join(map(str, args.seeds))}; accuracy (%) of the model received / after device "
              "fine-tuning; worst group's mean after fine-tuning.", "",
-             "| data | method | received model | + device fine-tuning | worst group + device |",
-             "|---|---|---|---|---|"]
+             "| data | method | received model | + device fine-tuning | worst group + device | IFCA: clients in their true group (%) |",
+             "|---|---|---|---|---|---|"]
     for setting, folder, data in SETTINGS:
         for name, overrides in ROWS:
             runs = [run_cell(RESULTS / folder / slug(name.split(" /")[0]) / f"seed{s}",
                              [*COMMON, *overrides, *data, f"groups_file={groups}", f"simulation.seed={s}"])
                     for s in args.seeds]
             worst = [min(g["personalized_acc"] for g in r["groups"].values()) for r in runs]
+            found = mean_std([recovered(r["clients"]) for r in runs]) if "IFCA" in name else "-"
             lines.append(f"| {setting} | {name.split(' /')[0]} | {mean_std([r['final']['global_acc'] for r in runs])} | "
-                         f"{mean_std([r['final']['personalized_acc'] for r in runs])} | {mean_std(worst)} |")
+                         f"{mean_std([r['final']['personalized_acc'] for r in runs])} | {mean_std(worst)} | {found} |")
     write_block("hierarchical_digits", lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -175,8 +176,10 @@ class HFCausalLM(nn.Module):
             raise ConfigError(f"model.net.label_tokens={label_tokens}: allowed: null or {num_classes} token ids "
                               f"in [0, {total})")
         self.register_buffer("label_tokens", torch.tensor(tokens), persistent=False)
-        self.lm = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                                          num_virtual_tokens=prompt_length))
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated for v6 (a FutureWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            self.lm = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                              num_virtual_tokens=prompt_length))
         self._trainable = {f"lm.{n}" for n, p in self.lm.named_parameters() if p.requires_grad}
         self._register_state_dict_hook(_only_trainable)  # also when this model sits inside another module
 
