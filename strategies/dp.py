@@ -16,13 +16,20 @@ noise); this module adds what the framework needs around them and differs where 
   (personal layers' heads, a frozen base, fine-tuned or Ditto personal models never leave the client);
 - equal weights: the wrapper sets every reply's ``num-examples`` to 1 before the inner strategy averages
   (the sensitivity ``C / m`` holds for the uniform average only; the paper's weighted estimator with
-  capped weights is not implemented);
+  capped weights is not implemented), and only strategies of the FedAvg family that average (no
+  fairness policy, no coefficient step, one shape of upload) are accepted;
+- the fixed denominator: when fewer than ``m`` clients reply (a dropout, a straggler past the
+  deadline), the average is rescaled to ``sum_k Delta_k / m`` (``_fixed_denominator``), so one client
+  still moves it by at most ``C / m``; a server step longer than the average (pFedMe's beta > 1) gets
+  ``beta`` times the noise;
 - reproducible noise: Flower draws from NumPy's global generator; each round's draws here come from it
   seeded with (seed, round) and the generator's state is restored afterwards;
 - accounting with Opacus's RDP accountant (``opacus.accountants.RDPAccountant``) for the subsampled
   Gaussian mechanism at sample rate ``q = clients_per_round / num_clients`` over the rounds run;
   ``epsilon`` (with ``delta``) sets the noise multiplier through ``opacus.accountants.utils.
-  get_noise_multiplier`` for ``simulation.rounds`` releases. Difference: the accountant assumes Poisson
+  get_noise_multiplier`` for ``simulation.rounds`` releases; the releases made are kept as a history
+  of (z, q, count) in the checkpoint, so a run resumed with more rounds (a new z) reports what both
+  parts spent. Difference: the accountant assumes Poisson
   sampling of clients, the simulation samples exactly ``m`` (the usual approximation, as in the paper's
   own experiments). Adaptive clipping is accounted at the ``noise_multiplier`` asked for: Flower splits
   it between the update (``z_Delta``) and the count (``clipped_count_stddev``) as in Andrew et al.,
@@ -40,7 +47,11 @@ the local training of what is uploaded, with Opacus's ``GradSampleModule`` (per-
 client accounts its own steps at sample rate ``batch_size / n_k`` (RDP); its epsilon is reported per
 client. Differences: minibatches are a shuffled partition of the client's data, not Poisson samples (the
 accountant's assumption, as in most DP-SGD code); a personalization's own personal training
-(fine-tuning, Ditto's personal model, FedRep's head) runs without noise, since it never leaves the device.
+(fine-tuning, Ditto's personal model, FedRep's head, MaxFL's local model) runs without noise, since it
+never leaves the device. The noise for ``epsilon`` is chosen as if the client trained in every round
+(``max_trainings``, each training the steps it takes: epochs x batches, or ``simulation.local_steps``),
+so no client spends more than ``epsilon``; clients sampled less spend less (the client sampling's
+amplification is not counted).
 """
 
 from __future__ import annotations
