@@ -131,6 +131,9 @@ class ClientAlgorithm:
         Scafflix's FLIX point alpha_i x_i* + (1 - alpha_i) x. Must leave ``model`` as it is."""
         return model
 
+    #: False when its update writes every parameter, so a model with a frozen base (prompt tuning) cannot train
+    frozen_parameters_ok = True
+
     def check(self, model: nn.Module) -> None:
         """Raise ``ConfigError`` if this algorithm cannot work with ``model`` (run before Ray starts)."""
 

@@ -258,7 +258,12 @@ def validate(spec: RunSpec) -> None:
 
     SystemModel.of_run(spec)
 
-    spec.strategy.client.build().check(build_model(spec))
+    client, model = spec.strategy.client.build(), build_model(spec)
+    if not client.frozen_parameters_ok and any(not p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model={spec.model.name}: its base is frozen, and strategy={spec.strategy.name}'s update "
+                          "writes every parameter; allowed: fedavg, finetune, ditto, personal_layers, prompt_tuning, "
+                          "hierarchical, maxfl, tilted, qffl, bounded_group_loss (or another model)")
+    client.check(model)
     from octomil_sim.runner import build_strategy
 
     check_fairness(spec)

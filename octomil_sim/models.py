@@ -181,7 +181,9 @@ class HFCausalLM(nn.Module):
             self.lm = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                               num_virtual_tokens=prompt_length))
         self._trainable = {f"lm.{n}" for n, p in self.lm.named_parameters() if p.requires_grad}
+        self._kept_out = set(self.state_dict()) - self._trainable  # the base's entries, before the hook drops them
         self._register_state_dict_hook(_only_trainable)  # also when this model sits inside another module
+        self.register_load_state_dict_post_hook(_base_not_missing)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -215,6 +217,14 @@ def _only_trainable(module: "HFCausalLM", state: dict, prefix: str, local_metada
         del state[key]
 
 
+def _base_not_missing(module: "HFCausalLM", keys) -> None:
+    """Load post-hook: the frozen base is never in a state dict, so it is not missing from one (the
+    keys of the whole load are listed; only this model's base entries, under any prefix, are removed)."""
+    for key in [k for k in keys.missing_keys
+                if any(k == f or k.endswith("." + f) for f in module._kept_out)]:
+        keys.missing_keys.remove(key)
+
+
 def _pretrained(base: nn.Module, settings: dict) -> None:
     """Train ``base`` as a language model on the pretraining rows (``HFCausalLM``), or load the
     weights a previous build with the same ``settings`` cached."""
@@ -232,7 +242,8 @@ def _pretrained(base: nn.Module, settings: dict) -> None:
 
     def load() -> None:
         missing, unexpected = base.load_state_dict(load_file(str(path)), strict=False)
-        tied = {k for k in missing if k.endswith("lm_head.weight")}  # saved once, with the embeddings
+        is_tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+        tied = {k for k in missing if k.endswith("lm_head.weight")} if is_tied else set()  # saved once
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"{path}: not this model's pretrained base (missing {sorted(set(missing) - tied)}, "
                                f"unexpected {unexpected}); delete it to pretrain again")
@@ -273,8 +284,10 @@ def _pretrained(base: nn.Module, settings: dict) -> None:
         os.link(tmp, path)  # the first process to finish wins; everyone then uses its file
     except FileExistsError:
         pass
+    except OSError:  # no hard links on this filesystem: the last writer wins (atomic either way)
+        os.replace(tmp, path)
     finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
     load()
 
 

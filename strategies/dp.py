@@ -192,6 +192,12 @@ class _ClientLevel:
     def rounds_done(self) -> int:
         return int(sum(h[2] for h in self.history))
 
+    @rounds_done.setter
+    def rounds_done(self, count: int) -> None:
+        """A checkpoint written before the history was kept saved only the count of releases: they were
+        all at this run's noise multiplier."""
+        self.history = [[float(self.accounted_noise), float(self.sample_rate), int(count)]] if count else []
+
     def epsilon(self) -> float:
         """Spent so far: every release at the noise it had (a run resumed with more rounds has a new z
         from then on, and the history composes both)."""
@@ -315,8 +321,8 @@ class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClip
 
     def aggregate_train(self, server_round, replies):
         replies = self._prepare(server_round, replies)
-        if not validate_replies(replies, self.num_sampled_clients):
-            return None, None
+        if not replies or not validate_replies(replies, self.num_sampled_clients):
+            return self._account(None, None)  # nothing arrived: no release, the norm stays
         unclipped = len(replies) - self._clip_replies(replies, self.clipping_norm)
         with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 5):
             fraction = self._noisy_fraction(unclipped, len(replies))  # b-bar: the share left unclipped

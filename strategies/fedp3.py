@@ -264,6 +264,8 @@ class FedP3Client(ClientAlgorithm):
     """``local_pruning``: fixed | uniform | od; ``local_sparsity``: the share of the received weights
     of its kept-home layers the client prunes away itself (at most, for uniform and od)."""
 
+    frozen_parameters_ok = False  # its update writes every parameter (a frozen base would move or fail)
+
     def __init__(self, local_pruning: str = "fixed", local_sparsity: float = 0.0):
         if local_pruning not in LOCAL_PRUNING:
             raise ConfigError(f"strategy.client.local_pruning={local_pruning}: allowed: {', '.join(LOCAL_PRUNING)}")

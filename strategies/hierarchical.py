@@ -184,6 +184,10 @@ class GroupClient(ClientAlgorithm):
     def objective_is_personalized(self) -> bool:
         return self.inner.objective_is_personalized
 
+    @property
+    def frozen_parameters_ok(self) -> bool:
+        return self.inner.frozen_parameters_ok
+
     def check(self, model: nn.Module) -> None:
         if self.group_layers is not None and not any(is_group_layer(n, self.group_layers) for n, _ in model.named_parameters()):
             names = ", ".join(n for n, _ in model.named_parameters())

@@ -69,6 +69,8 @@ def hessian_vector_product(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 class PerFedAvgClient(ClientAlgorithm):
+    frozen_parameters_ok = False  # its update writes every parameter (a frozen base would move or fail)
+
     def __init__(self, beta: float | None = None, variant: str = "fo", local_rounds: int = 20, adapt_steps: int = 1,
                  adapt_on: str = "train"):
         if adapt_on not in ("train", "test_official"):

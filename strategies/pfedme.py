@@ -78,6 +78,8 @@ class PFedMe(FedAvg):
 
 
 class PFedMeClient(ClientAlgorithm):
+    frozen_parameters_ok = False  # its update writes every parameter (a frozen base would move or fail)
+
     def __init__(self, lam: float = 15.0, inner_steps: int = 5, personal_lr: float = 0.01,
                  local_rounds: int = 20, personal_epochs: int = 1, personalized_model: str = "theta",
                  mu: float = 0.0):

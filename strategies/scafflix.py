@@ -144,6 +144,8 @@ class ScafflixClient(ClientAlgorithm):
     for every client, or a list with one per client. ``local_optimum_*``: the SGD that finds x_i*
     (lr and batch size None = ``simulation.lr`` / ``simulation.batch_size``)."""
 
+    frozen_parameters_ok = False  # its update writes every parameter (a frozen base would move or fail)
+
     def __init__(self, alpha: float | list[float] = 0.3, gamma: float | list[float] | None = None,
                  num_clients: int | None = None, local_optimum_epochs: int = 20,
                  local_optimum_lr: float | None = None, local_optimum_batch_size: int | None = None):

@@ -28,6 +28,9 @@ def test_only_the_prompt_trains_travels_and_is_stored(architecture):
 
     inside = torch.nn.Sequential(model)  # the base stays out of a parent's state dict too
     assert list(inside.state_dict()) == ["0.lm.prompt_encoder.default.embedding.weight"]
+    inside.load_state_dict(inside.state_dict())  # and loads back through the parent, strictly
+    with pytest.raises(RuntimeError, match="Missing key"):
+        torch.nn.Sequential(model, torch.nn.Linear(2, 2)).load_state_dict({"0." + k: v for k, v in state.items()})
     twin = copy.deepcopy(model)  # shares the frozen base, owns its prompt
     assert all((p is q) != p.requires_grad for p, q in zip(model.parameters(), twin.parameters()))
     other = HFCausalLM((6,), 3, architecture=architecture, vocab_size=10, d_model=16, num_heads=2, prompt_length=5)
@@ -35,6 +38,15 @@ def test_only_the_prompt_trains_travels_and_is_stored(architecture):
     assert torch.allclose(other(x), model(x)) and torch.allclose(copy.deepcopy(model)(x), model(x))
     with pytest.raises(RuntimeError, match="missing"):
         other.load_state_dict({})
+
+
+@pytest.mark.parametrize("strategy", ["pfedme", "perfedavg", "scafflix", "fedp3"])
+def test_strategies_that_write_every_parameter_refuse_a_frozen_base(make_spec, strategy):
+    from octomil_sim.config import validate
+
+    with pytest.raises(ConfigError, match=f"model=hf_causal_lm: its base is frozen, and strategy={strategy}'s update"):
+        validate(make_spec("dataset=synthetic_tokens", "model=hf_causal_lm", f"strategy={strategy}",
+                           "model.net.d_model=16", "model.net.num_heads=2"))
 
 
 def test_label_tokens_are_checked():

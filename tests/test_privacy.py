@@ -91,6 +91,14 @@ def test_epsilon_composes_the_releases_of_a_resumed_run_at_their_own_noise(task_
     assert strategy.history == [[2.0, 0.1, 30], [1.0, 0.1, 1]] and strategy.rounds_done == 31
     assert strategy.epsilon() == pytest.approx(dp.spent_epsilon([(2.0, 0.1, 30), (1.0, 0.1, 1)], 1e-3))
     assert "history" in strategy.round_state
+    strategy.rounds_done = 12  # a checkpoint from before the history: its count, at this run's noise
+    assert strategy.history == [[1.0, 0.1, 12]]
+
+
+def test_adaptive_clipping_with_no_reply_releases_nothing(task_identity):
+    strategy = wrap(clipping="server_adaptive", noise_multiplier=0.5, clipped_count_stddev=0.5)
+    strategy.strategy.sent = ArrayRecord({"w": torch.zeros(2)})
+    assert strategy.aggregate_train(1, [])[0] is None and strategy.clipping_norm == 1.0 and strategy.history == []
 
 
 def test_noise_is_seeded_scaled_and_only_on_uploaded_arrays(task_identity):
