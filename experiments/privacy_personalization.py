@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     lines = [f"Seeds {', '.join(map(str, args.seeds))}. Per-client accuracy (%), global model / personalized "
-             "model; the noise multiplier z the accountant chose in brackets.", ""]
+             "model; under each table, the noise multiplier z the accountant chose for each epsilon.", ""]
     for data in DATA:
         header = "| method | " + " | ".join(f"ε = {e}" if e else "no DP (ε = ∞)" for e in EPSILONS) + " |"
         lines += [f"**{data}**", "", header, "|---" * (len(EPSILONS) + 1) + "|"]
