@@ -11,7 +11,8 @@ Flower's own (``flwr.serverapp.strategy.DifferentialPrivacy{Server,Client}SideFi
 noise); this module adds what the framework needs around them and differs where noted:
 - clipping is ``clip_upload`` (flat clipping of the update, Algorithm 1's ClipFn): Flower's helper
   divides by the update's norm and fails on a client that did not move;
-- adaptive clipping follows the paper where Flower's wrapper does not (``ServerSideAdaptive``);
+- adaptive clipping (server or client side) follows the paper where Flower's wrappers do not
+  (``ServerSideAdaptive``);
 - the personal parts stay out of it: only the arrays the clients upload are clipped and noised
   (personal layers' heads, a frozen base, fine-tuned or Ditto personal models never leave the client);
 - equal weights: the wrapper sets every reply's ``num-examples`` to 1 before the inner strategy averages
@@ -64,7 +65,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
-from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
+                                     DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideAdaptiveClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
 from torch import nn
@@ -278,6 +280,26 @@ class _ClientLevel:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
         return self._account(arrays, metrics)
 
+    def _adaptive_release(self, server_round, replies, clip: bool):
+        """One round of adaptive clipping (Andrew et al., Algorithm 1): (clip to this round's norm,) the
+        noised share b of updates left unclipped, the inner average, the fixed denominator, noise at this
+        round's norm, then ``C <- C exp(-eta (b - gamma))``; with no reply nothing is released."""
+        replies = self._prepare(server_round, replies)
+        if not replies or not validate_replies(replies, self.num_sampled_clients):
+            return self._account(None, None)
+        if clip:
+            unclipped = len(replies) - self._clip_replies(replies, self.clipping_norm)
+        else:  # the clients clipped and said so
+            unclipped = sum(1 for r in replies if not r.content["metrics"].get(CLIPPED, 0))
+        with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 5):
+            fraction = self._noisy_fraction(unclipped, len(replies))
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        arrays = self._fixed_denominator(arrays, replies)
+        if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+        self._geometric_update(fraction)
+        return self._account(arrays, metrics)
+
     def _account(self, arrays, metrics):
         if arrays is not None:
             entry = [float(self.accounted_noise), float(self.sample_rate)]
@@ -320,21 +342,28 @@ class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClip
         return self.total_noise_multiplier
 
     def aggregate_train(self, server_round, replies):
-        replies = self._prepare(server_round, replies)
-        if not replies or not validate_replies(replies, self.num_sampled_clients):
-            return self._account(None, None)  # nothing arrived: no release, the norm stays
-        unclipped = len(replies) - self._clip_replies(replies, self.clipping_norm)
-        with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 5):
-            fraction = self._noisy_fraction(unclipped, len(replies))  # b-bar: the share left unclipped
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        arrays = self._fixed_denominator(arrays, replies)
-        if arrays is not None:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
-        self._geometric_update(fraction)
-        return self._account(arrays, metrics)
+        return self._adaptive_release(server_round, replies, clip=True)
 
 
-CLIPPING = {"server_fixed": ServerSideFixed, "client_fixed": ClientSideFixed, "server_adaptive": ServerSideAdaptive}
+class ClientSideAdaptive(_ClientLevel, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Client-side adaptive clipping: Flower's wrapper sends this round's ``clipping_norm``, each client
+    clips its upload (``UploadClipping``) and reports ``clipped``; the norm then moves as in
+    ``ServerSideAdaptive``, from the noised share of clients that were not clipped (Flower's own wrapper
+    counts the clipped ones in that formula, and reads a norm bit its ``adaptiveclipping_mod`` sets per
+    packed message)."""
+
+    adaptive = True
+
+    @property
+    def accounted_noise(self) -> float:
+        return self.total_noise_multiplier
+
+    def aggregate_train(self, server_round, replies):
+        return self._adaptive_release(server_round, replies, clip=False)  # the clients clipped
+
+
+CLIPPING = {"server_fixed": ServerSideFixed, "client_fixed": ClientSideFixed, "server_adaptive": ServerSideAdaptive,
+            "client_adaptive": ClientSideAdaptive}
 
 
 def ClientLevelDP(strategy, *, clipping: str = "server_fixed", epsilon: float | None = 4.0, delta: float = 1e-3,
@@ -366,9 +395,9 @@ def ClientLevelDP(strategy, *, clipping: str = "server_fixed", epsilon: float | 
     z = (noise_for_epsilon(epsilon, delta, q, rounds, key="privacy.server.epsilon") if epsilon is not None
          else float(noise_multiplier))
     cls = CLIPPING[clipping]
-    if cls is ServerSideAdaptive:
+    if cls.adaptive:
         if z <= 0:
-            raise ConfigError("privacy.server.noise_multiplier=0 with clipping=server_adaptive: allowed: > 0")
+            raise ConfigError(f"privacy.server.noise_multiplier=0 with clipping={clipping}: allowed: > 0")
         count_std = clients_per_round / 20 if clipped_count_stddev is None else clipped_count_stddev  # paper: m/20
         if not count_std > z / 2:  # Flower's check (z_Delta^-2 = z^-2 - (2 sigma_b)^-2 > 0), in one line with the key
             raise ConfigError(f"privacy.server.clipped_count_stddev={count_std:g} (null: clients_per_round / 20): too "

@@ -150,6 +150,24 @@ def test_adaptive_clipping_moves_the_norm_toward_the_quantile(task_identity):
     assert "clipping_norm" in strategy.round_state
 
 
+def test_client_side_adaptive_clipping_reads_the_clients_clipped_flags(task_identity):
+    strategy = wrap(clipping="client_adaptive", noise_multiplier=0.5, clipping_norm=1.0, clipped_count_stddev=0.5)
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(20))
+
+    messages = list(strategy.configure_train(1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), Grid()))
+    assert all(m.content["config"]["clipping_norm"] == 1.0 for m in messages)
+    clipped = [train_reply({"w": torch.tensor([0.6, 0.8])}, {"num-examples": 1, dp.CLIPPED: 1}) for _ in range(2)]
+    strategy.aggregate_train(1, clipped)
+    assert strategy.clipping_norm > 1.0  # both clipped: the norm grows
+    kept = [train_reply({"w": torch.tensor([0.01, 0.0])}, {"num-examples": 1, dp.CLIPPED: 0}) for _ in range(2)]
+    grown = strategy.clipping_norm
+    strategy.aggregate_train(2, kept)
+    assert strategy.clipping_norm < grown and strategy.rounds_done == 2
+
+
 def test_dp_sgd_without_noise_or_clipping_is_plain_sgd_and_counts_its_steps():
     torch.manual_seed(0)
     x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
