@@ -56,6 +56,10 @@ class PrivacyClient:
     def report(self, state) -> dict[str, float]:
         return {}
 
+    def summary(self, clients: list[dict]) -> dict | None:
+        """``results.json``'s ``privacy`` from the final client rows (None: nothing to say)."""
+        return None
+
 
 @dataclass
 class ClientTask:
@@ -156,11 +160,11 @@ def build_model(spec: RunSpec) -> nn.Module:
     return spec.model.net.build(input_shape=tuple(d.input_shape), num_classes=d.num_classes)
 
 
-def build_initial_model(spec: RunSpec) -> nn.Module:
+def build_initial_model(spec: RunSpec, seed: int | None = None) -> nn.Module:
     """The round-0 global model of a run: ``build_model`` under ``torch.manual_seed(simulation.seed)``
-    (the global RNG is restored afterwards)."""
+    (or ``seed``, e.g. a group model's own start; the global RNG is restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.simulation.seed)
+        torch.manual_seed(spec.simulation.seed if seed is None else seed)
         return build_model(spec)
 
 
@@ -238,7 +242,7 @@ class ClientRuntime:
         the failure, e.g. MaxFL's local model, stays) and the run goes client by client from then on."""
         if self.vectorize and self._cohort_works is None:
             self._cohort_works = self._probe_cohort()
-        if not self.vectorize or not self._cohort_works or getattr(self.private, "trains", False):
+        if not self.vectorize or not self._cohort_works or (self.private is not None and self.private.trains):
             return run_clients(self.train, packed)
         contents, _ = unpack(packed)
         items = sorted(contents.items())

@@ -269,13 +269,13 @@ def validate(spec: RunSpec) -> None:
     check_fairness(spec)
     build_strategy(spec, sizes=False)  # its own checks (p, sparsity, ...), the privacy wrapper's
     if spec.privacy.client is not None:
-        private = spec.privacy.client.build()
-        if getattr(private, "trains", False):
+        s = spec.simulation
+        private = spec.privacy.client.build(max_trainings=s.rounds)  # as client_runtime builds it
+        if private.trains:
             from strategies.dp import check_dp_sgd
 
             check_dp_sgd(spec.strategy.client.obj)
-            s = spec.simulation  # a budget no noise can meet fails here, for a client of five batches
-            private.max_trainings = s.rounds
+            # a budget no noise can meet fails here, for a client of five batches
             private.noise(5 * s.batch_size, s.batch_size, s.local_steps or 5 * s.local_epochs)
 
 

@@ -209,6 +209,10 @@ def grouped_clients(base: datasets.Dataset, num_clients: int, num_groups: int = 
     rng = np.random.default_rng(seed)
     data = base.with_format("numpy")[:]
     x, y = np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"], dtype=np.int64)
+    side = int(round(np.sqrt(x.shape[1])))
+    if transform == "rotate" and side * side != x.shape[1]:
+        raise ConfigError(f"dataset.source.transform='rotate': {x.shape[1]} features are not a square "
+                          "image; allowed: permute or tasks")
     owner = np.empty(len(y), dtype=np.int64)
     if label_skew is None:
         owner[rng.permutation(len(y))] = np.arange(len(y)) % num_clients
@@ -231,10 +235,6 @@ def grouped_clients(base: datasets.Dataset, num_clients: int, num_groups: int = 
         g = k % num_groups
         xk, yk = x[rows], y[rows]
         if transform == "rotate":
-            side = int(round(np.sqrt(xk.shape[1])))
-            if side * side != xk.shape[1]:
-                raise ConfigError(f"dataset.source.transform='rotate': {xk.shape[1]} features are not a square "
-                                  "image; allowed: permute or tasks")
             xk = np.rot90(xk.reshape(-1, side, side), k=g, axes=(1, 2)).reshape(len(rows), -1)
         elif transform == "permute":
             yk = perms[g][yk]

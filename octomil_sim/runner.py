@@ -25,7 +25,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
-from octomil_sim.client_app import build_client_app, build_initial_model, build_model
+from octomil_sim.client_app import build_client_app, build_initial_model
 from octomil_sim.config import fairness_kwargs, validate
 from octomil_sim.data import FederatedData
 from octomil_sim.errors import ConfigError
@@ -119,13 +119,6 @@ def build_strategy(spec: RunSpec, sizes: bool = True):
                                      clients_per_round=s.clients_per_round, rounds=s.rounds, seed=s.seed)
 
 
-def seeded_arrays(spec: RunSpec, seed: int) -> ArrayRecord:
-    """The run's model built under ``torch.manual_seed(seed)`` (the global RNG restored afterwards)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ArrayRecord(build_model(spec).state_dict())
-
-
 def initial_arrays(spec: RunSpec) -> ArrayRecord:
     torch.manual_seed(spec.simulation.seed)  # the driver's RNG after this point stays what it always was
     return ArrayRecord(build_initial_model(spec).state_dict())
@@ -159,7 +152,9 @@ class RunSession(Session):
         if saved is None:
             arrays = initial_arrays(self.spec)
             if hasattr(strategy, "initial_arrays"):  # e.g. one model per group, each from its own seed
-                arrays = strategy.initial_arrays(arrays, lambda j: seeded_arrays(self.spec, self.spec.simulation.seed + j))
+                seed = self.spec.simulation.seed
+                arrays = strategy.initial_arrays(
+                    arrays, lambda j: ArrayRecord(build_initial_model(self.spec, seed + j).state_dict()))
             return arrays, 1
         restore_strategy_state(strategy, saved["strategy"])
         restore_grid_counters(grid, saved["grid"])
@@ -242,11 +237,8 @@ class RunSession(Session):
         }
         if hasattr(getattr(self, "strategy", None), "privacy_report"):
             self.results["privacy"] = self.strategy.privacy_report()
-        elif self.spec.privacy.client is not None:
-            spent = [c["epsilon"] for c in trained if "epsilon" in c]
-            self.results["privacy"] = {"level": "sample", "epsilon_max": max(spent, default=0.0),
-                                       "epsilon_mean": sum(spent) / len(spent) if spent else 0.0,
-                                       **self.spec.privacy.client.kwargs}
+        elif self.spec.privacy.client is not None and (summary := self.spec.privacy.client.build().summary(trained)):
+            self.results["privacy"] = summary
         self.results["worst_group_improvement"] = worst_group_improvement(self.results.get("groups"), final)
         if unseen:  # the held-out clients apart: ``final`` is over the clients that trained
             self.results["unseen_clients"] = {

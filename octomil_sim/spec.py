@@ -219,12 +219,8 @@ class RunSpec:
         m["net"] = Component.of(m["net"], "model.net")
         s = dict(_group(top["strategy"], "strategy", StrategySpec))
         s["server"], s["client"] = Component.of(s["server"], "strategy.server"), Component.of(s["client"], "strategy.client")
-        f = dict(_group(top.get("fairness") or {}, "fairness", FairnessSpec))
-        for part in ("policy", "client"):
-            f[part] = Component.of(f[part], f"fairness.{part}") if f.get(part) else None
-        pr = dict(_group(top.get("privacy") or {}, "privacy", PrivacySpec))
-        for part in ("server", "client"):
-            pr[part] = Component.of(pr[part], f"privacy.{part}") if pr.get(part) else None
+        f = _with_components(top.get("fairness"), "fairness", FairnessSpec, ("policy", "client"))
+        pr = _with_components(top.get("privacy"), "privacy", PrivacySpec, ("server", "client"))
         return cls(
             dataset=DatasetSpec(**d),
             partition=PartitionSpec(p["name"], Component.of({k: v for k, v in p.items() if k != "name"}, "partition")),
@@ -320,6 +316,15 @@ def _take(node: dict, prefix: str, allowed: set[str], required: set[str]) -> dic
     for name in sorted(required - set(node)):
         raise ConfigError(f"{prefix}{name}: missing; allowed: a value (see the conf/ YAML of this group)")
     return node
+
+
+def _with_components(node, key: str, spec_type, parts: tuple[str, ...]) -> dict:
+    """``_group`` of an optional group (absent: its defaults) whose ``parts`` are ``Component``s, None
+    when not given (``fairness=none``, ``privacy=none``)."""
+    out = dict(_group(node or {}, key, spec_type))
+    for part in parts:
+        out[part] = Component.of(out[part], f"{key}.{part}") if out.get(part) else None
+    return out
 
 
 def _group(node, key: str, spec_type) -> dict:

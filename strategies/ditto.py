@@ -139,11 +139,11 @@ class DittoClient(FedAvgClient):
         """Minibatch personal steps (``epochs`` passes, or one step per index tensor in ``batches``),
         each the ``select_step`` among ``lams``; the mean lambda chosen. Parameters the model freezes
         (a pretrained base) stay as they are."""
-        moving = [i for i, p in enumerate(personal.parameters()) if p.requires_grad]
-        params = [p for i, p in enumerate(personal.parameters()) if i in moving]
-        anchor = [a for i, a in enumerate(anchor) if i in moving]
+        moving = [p.requires_grad for p in personal.parameters()]
+        params = [p for p, m in zip(personal.parameters(), moving) if m]
+        anchor = [a for a, m in zip(anchor, moving) if m]
         probe = copy.deepcopy(personal)
-        probe_params = [q for i, q in enumerate(probe.parameters()) if i in moving]
+        probe_params = [q for q, m in zip(probe.parameters(), moving) if m]
 
         def val_loss(step: list[torch.Tensor]) -> float:
             with torch.no_grad():

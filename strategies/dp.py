@@ -148,7 +148,7 @@ class _ClientLevel:
     the Flower wrapper class; attributes the wrapper lacks (``sent``, ``fairness``, ``average_arrays``)
     are the inner strategy's."""
 
-    def _setup(self, epsilon, delta, num_clients, clients_per_round, rounds, seed):
+    def _setup(self, epsilon, delta, noise_multiplier, num_clients, clients_per_round, rounds, seed):
         inner = self.strategy
         from strategies.fedavg import FedAvg
 
@@ -166,6 +166,9 @@ class _ClientLevel:
             raise ConfigError("privacy: the accountant's subsampling needs uniform client sampling; allowed: "
                               "strategy.server.sampling=uniform and simulation.train_all_clients=false")
         self.delta, self.seed = delta, seed
+        # the noise multiplier the accountant charges a round: z as asked (adaptive clipping splits it between
+        # the update and the count, so the pair costs one release at z)
+        self.accounted_noise = float(noise_multiplier)
         self.sample_rate = clients_per_round / num_clients
         self.history: list[list[float]] = []  # [noise multiplier, sample rate, releases]: what was released
         self.step_scale = max(1.0, float(getattr(inner, "beta", 1.0)))  # pFedMe's beta > 1 lengthens the step
@@ -184,11 +187,6 @@ class _ClientLevel:
         return own + tuple(f"strategy.{n}" for n in getattr(self.strategy, "round_state", ()))
 
     adaptive = False
-
-    @property
-    def accounted_noise(self) -> float:
-        """The noise multiplier the accountant charges per round."""
-        return self.noise_multiplier
 
     @property
     def rounds_done(self) -> int:
@@ -216,7 +214,6 @@ class _ClientLevel:
         as a zero update in the fixed-denominator average, ``_fixed_denominator``); remembers the
         uploaded array names."""
         valid = [r for r in replies if not r.has_error()]
-        replies = valid
         keys = {tuple(r.content[self.strategy.arrayrecord_key].keys()) for r in valid}
         if len(keys) > 1:
             raise ConfigError("privacy: the clients of a round upload different arrays (a per-group model); "
@@ -225,16 +222,16 @@ class _ClientLevel:
         for r in valid:
             r.content["metrics"][self.strategy.weighted_by_key] = 1
         self._round = server_round
-        return replies
+        self._sent = self.strategy.sent.to_torch_state_dict()  # what the updates are taken against
+        return valid
 
     def _clip_replies(self, replies, clipping_norm: float) -> int:
         """Clip every reply's upload to ``clipping_norm`` around the arrays sent (``clip_upload``; a
         zero update stays as it is, where Flower's clipping helper divides by its norm); returns how
         many were clipped."""
-        sent = self.strategy.sent.to_torch_state_dict()
         key, count = self.strategy.arrayrecord_key, 0
         for reply in replies:
-            upload, was = clip_upload(reply.content[key].to_torch_state_dict(), sent, clipping_norm)
+            upload, was = clip_upload(reply.content[key].to_torch_state_dict(), self._sent, clipping_norm)
             reply.content[key] = ArrayRecord(upload)
             count += was
         return count
@@ -247,8 +244,7 @@ class _ClientLevel:
         m_seen, m = len(replies), self.num_sampled_clients
         if arrays is None or m_seen >= m:
             return arrays
-        sent = self.strategy.sent.to_torch_state_dict()
-        new = arrays.to_torch_state_dict()
+        sent, new = self._sent, arrays.to_torch_state_dict()
         scale = m_seen / m
         return ArrayRecord({k: sent[k] + scale * (v - sent[k]) if k in self._uploaded else v for k, v in new.items()})
 
@@ -267,37 +263,26 @@ class _ClientLevel:
         return ArrayRecord({k: noised[k] if k in noised else aggregated_arrays[k] for k in aggregated_arrays.keys()})
 
     def _release(self, server_round, replies, clip: bool):
-        """One round of DP-FedAvg with fixed clipping: equal weights, (clip,) the inner average, the
-        fixed denominator, the noise, the accountant."""
-        replies = self._prepare(server_round, replies)
-        if not validate_replies(replies, self.num_sampled_clients):
-            return None, None
-        if clip:
-            self._clip_replies(replies, self.clipping_norm)
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        arrays = self._fixed_denominator(arrays, replies)
-        if arrays is not None:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
-        return self._account(arrays, metrics)
-
-    def _adaptive_release(self, server_round, replies, clip: bool):
-        """One round of adaptive clipping (Andrew et al., Algorithm 1): (clip to this round's norm,) the
-        noised share b of updates left unclipped, the inner average, the fixed denominator, noise at this
-        round's norm, then ``C <- C exp(-eta (b - gamma))``; with no reply nothing is released."""
+        """One round of DP-FedAvg: equal weights, (with ``clip``) each update clipped here to this
+        round's norm (else the clients clipped), the inner average, the fixed denominator, the noise at
+        this round's norm, the accountant. Adaptive clipping (Andrew et al., Algorithm 1) also takes the
+        noised share b of updates left unclipped and then moves the norm, ``C <- C exp(-eta (b - gamma))``.
+        With no reply nothing is released."""
         replies = self._prepare(server_round, replies)
         if not replies or not validate_replies(replies, self.num_sampled_clients):
             return self._account(None, None)
-        if clip:
-            unclipped = len(replies) - self._clip_replies(replies, self.clipping_norm)
-        else:  # the clients clipped and said so
-            unclipped = sum(1 for r in replies if not r.content["metrics"].get(CLIPPED, 0))
-        with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 5):
-            fraction = self._noisy_fraction(unclipped, len(replies))
+        clipped = self._clip_replies(replies, self.clipping_norm) if clip else None
+        if self.adaptive:
+            if clipped is None:  # the clients clipped and said so
+                clipped = sum(1 for r in replies if r.content["metrics"].get(CLIPPED, 0))
+            with numpy_seeded(self.seed * 1_000_003 + 7 * server_round + 5):
+                fraction = self._noisy_fraction(len(replies) - clipped, len(replies))
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         arrays = self._fixed_denominator(arrays, replies)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)
-        self._geometric_update(fraction)
+        if self.adaptive:
+            self._geometric_update(fraction)
         return self._account(arrays, metrics)
 
     def _account(self, arrays, metrics):
@@ -337,12 +322,8 @@ class ServerSideAdaptive(_ClientLevel, DifferentialPrivacyServerSideAdaptiveClip
 
     adaptive = True
 
-    @property
-    def accounted_noise(self) -> float:
-        return self.total_noise_multiplier
-
     def aggregate_train(self, server_round, replies):
-        return self._adaptive_release(server_round, replies, clip=True)
+        return self._release(server_round, replies, clip=True)
 
 
 class ClientSideAdaptive(_ClientLevel, DifferentialPrivacyClientSideAdaptiveClipping):
@@ -354,12 +335,8 @@ class ClientSideAdaptive(_ClientLevel, DifferentialPrivacyClientSideAdaptiveClip
 
     adaptive = True
 
-    @property
-    def accounted_noise(self) -> float:
-        return self.total_noise_multiplier
-
     def aggregate_train(self, server_round, replies):
-        return self._adaptive_release(server_round, replies, clip=False)  # the clients clipped
+        return self._release(server_round, replies, clip=False)  # the clients clipped
 
 
 CLIPPING = {"server_fixed": ServerSideFixed, "client_fixed": ClientSideFixed, "server_adaptive": ServerSideAdaptive,
@@ -405,10 +382,9 @@ def ClientLevelDP(strategy, *, clipping: str = "server_fixed", epsilon: float | 
         wrapper = cls(strategy, z, clients_per_round, initial_clipping_norm=clipping_norm,
                       target_clipped_quantile=target_quantile, clip_norm_lr=clip_norm_lr,
                       clipped_count_stddev=count_std)
-        wrapper.total_noise_multiplier = z
     else:
         wrapper = cls(strategy, z, clipping_norm, clients_per_round)
-    wrapper._setup(epsilon, delta, num_clients, clients_per_round, rounds, seed)
+    wrapper._setup(epsilon, delta, z, num_clients, clients_per_round, rounds, seed)
     return wrapper
 
 
@@ -533,3 +509,10 @@ class DPSGD(PrivacyClient):
     def report(self, state) -> dict[str, float]:
         """The client's spent epsilon (at ``delta``) over every DP-SGD step it took."""
         return {EPSILON: spent_epsilon(self.history(state), self.delta)}
+
+    def summary(self, clients: list[dict]) -> dict:
+        """The largest and mean epsilon the clients spent, with the settings."""
+        spent = [c[EPSILON] for c in clients if EPSILON in c]
+        return {"level": "sample", "epsilon_max": max(spent, default=0.0),
+                "epsilon_mean": sum(spent) / len(spent) if spent else 0.0, "epsilon": self.epsilon,
+                "delta": self.delta, "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm}

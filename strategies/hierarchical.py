@@ -40,7 +40,7 @@ from torch import nn
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors, received_state_dict
 from octomil_sim.errors import ConfigError
 from octomil_sim.training import evaluate
-from strategies.fedavg import FedAvg
+from strategies.fedavg import FedAvg, server_step
 
 GROUP = "group"
 
@@ -62,7 +62,7 @@ def expand(state: dict, inits: list[dict], group_layers: tuple[str, ...] | None)
     return out
 
 
-def select(record: dict, group: int, group_layers: tuple[str, ...] | None) -> dict:
+def select(record: dict, group: int) -> dict:
     """The model state of ``group``: the shared arrays and that group's copies under their own names."""
     prefix = f"{GROUP}{group}."
     out = {k: v for k, v in record.items() if not k.startswith(GROUP) or not k.split(".", 1)[0][len(GROUP):].isdigit()}
@@ -158,7 +158,7 @@ class GroupModels(FedAvg):
         total = sum(weights)
         # a coefficient step's lr is server_lr times the coefficients' sum: per array, over the clients that uploaded it
         lrs = {k: (lr * masses[k] / total if coefficient and total else lr) for k in averaged}
-        merged = {k: (v if k not in averaged else averaged[k] if lrs[k] == 1 else (1 - lrs[k]) * v + lrs[k] * averaged[k])
+        merged = {k: (v if k not in averaged else averaged[k] if lrs[k] == 1 else server_step(v, averaged[k], lrs[k]))
                   for k, v in sent.items()}
         return ArrayRecord(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
@@ -202,7 +202,7 @@ class GroupClient(ClientAlgorithm):
             return self.groups[task.client_id]
         losses = []
         for j in range(self.num_groups):
-            model.load_state_dict(select(record, j, self.group_layers))
+            model.load_state_dict(select(record, j))
             losses.append(evaluate(model, task.data.x_train, task.data.y_train)[0])
         return ifca_group(losses)
 
@@ -210,7 +210,7 @@ class GroupClient(ClientAlgorithm):
         record = received_state_dict(arrays)
         if GROUP not in task.received:
             task.received[GROUP] = self.group_of(model, record, task)
-        model.load_state_dict(select(record, task.received[GROUP], self.group_layers))
+        model.load_state_dict(select(record, task.received[GROUP]))
         model.train()
         return model
 

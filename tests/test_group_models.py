@@ -22,12 +22,12 @@ def test_expand_select_rename_by_hand():
     record = h.expand(state, [state, other], ("head",))
     assert list(record) == ["body", "group0.head", "group1.head"]
     assert record["group1.head"].item() == 20.0 and record["body"].item() == 1.0  # the body is shared
-    assert h.select(record, 1, ("head",)) == {"body": record["body"], "head": record["group1.head"]}
+    assert h.select(record, 1) == {"body": record["body"], "head": record["group1.head"]}
     whole = h.expand(state, [state, other], None)
     assert set(whole) == {"group0.body", "group0.head", "group1.body", "group1.head"}
-    assert h.select(whole, 1, None) == {"body": other["body"], "head": other["head"]}
+    assert h.select(whole, 1) == {"body": other["body"], "head": other["head"]}
     assert h.rename_upload({"body": 1, "head": 2}, 3, ("head",)) == {"body": 1, "group3.head": 2}
-    assert h.select({"groupnorm.w": 5, "group0.x": 6}, 0, None) == {"groupnorm.w": 5, "x": 6}  # not a group key
+    assert h.select({"groupnorm.w": 5, "group0.x": 6}, 0) == {"groupnorm.w": 5, "x": 6}  # not a group key
 
 
 def test_keywise_average_by_hand():
