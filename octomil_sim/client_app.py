@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from octomil_sim.arrays import state_dict, to_record
 from octomil_sim.batching import pack, unpack
 from octomil_sim.cohort import cohort_sgd, vectorizes
 from octomil_sim.data import ClientData, FederatedData, federated_data
@@ -138,6 +139,13 @@ class ClientAlgorithm:
     #: False when its update writes every parameter, so a model with a frozen base (prompt tuning) cannot train
     frozen_parameters_ok = True
 
+    #: True when ``train`` and ``objective_model`` change nothing of the model they get but its
+    #: parameter values, gradients and train/eval mode, and keep no reference to it (nor to its
+    #: tensors: what ``train`` returns is encoded before the next client's arrays are loaded), and
+    #: ``load`` is the full ``load_state_dict``: the runtime then loads each client's received
+    #: arrays into one model instead of copying the template for every client
+    reuses_model = False
+
     def check(self, model: nn.Module) -> None:
         """Raise ``ConfigError`` if this algorithm cannot work with ``model`` (run before Ray starts)."""
 
@@ -145,12 +153,17 @@ class ClientAlgorithm:
 _last_received: list = [None, None]  # [ArrayRecord, its state dict]: the one a message's clients share
 
 
+def forget_received() -> None:
+    """Drop the decoded record ``received_state_dict`` keeps (the end of a run in this process)."""
+    _last_received[:] = None, None
+
+
 def received_state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """``arrays.to_torch_state_dict()``, decoded once for all the clients of a message that share
-    the record (the model is sent once per message). The tensors are shared: read them or copy
+    """``arrays.to_torch_state_dict()`` (``octomil_sim.arrays.state_dict``), decoded once for all the
+    clients of a message that share the record (the model is sent once per message). The tensors are shared: read them or copy
     them (``load_state_dict`` copies), never change them in place."""
     if _last_received[0] is not arrays:
-        _last_received[:] = arrays, arrays.to_torch_state_dict()
+        _last_received[:] = arrays, state_dict(arrays)
     return _last_received[1]
 
 
@@ -184,13 +197,22 @@ class ClientRuntime:
     vectorize: bool = False  # train a message's clients together where the algorithm can (``train_message``)
     _cohort_works: bool | None = None  # set by the first vectorized message (``_probe_cohort``)
     _initial: nn.Module | None = None
+    _reused: nn.Module | None = None  # the model ``model_from(..., reuse=True)`` loads into
 
     def initial_model(self) -> nn.Module:
         if self._initial is None:
             self._initial = build_initial_model(self.spec)
         return copy.deepcopy(self._initial)
 
-    def model_from(self, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
+    def model_from(self, arrays: ArrayRecord, task: ClientTask, reuse: bool = False) -> nn.Module:
+        """The received model: ``arrays`` loaded into a copy of the template, or, with ``reuse``
+        where the algorithm allows it (``ClientAlgorithm.reuses_model``), into the one model this
+        runtime reuses client after client (a deep copy costs more than a small client's update)."""
+        if reuse and self.algorithm.reuses_model and type(self.algorithm).load is ClientAlgorithm.load \
+                and self.private is None:  # DP-SGD's training hooks the model
+            if self._reused is None:
+                self._reused = copy.deepcopy(self.template)
+            return self.algorithm.load(self._reused, arrays, task)
         return self.algorithm.load(copy.deepcopy(self.template), arrays, task)
 
     def task(self, content: RecordDict, pid: int, salt: int, max_steps: int | None = None) -> ClientTask:
@@ -201,15 +223,16 @@ class ClientRuntime:
                           self.store.bind(pid), config, StepBudget(max_steps), initial=self.initial_model)
 
     # --- one client's share of a message --------------------------------------------------------
-    def prepare_train(self, pid: int, content: RecordDict) -> tuple[ClientTask, nn.Module]:
-        """The client's task and received model, and the fairness policy's numbers measured on it
-        (``task.before``); raises ``ClientDropout`` when the system model drops it this round."""
+    def prepare_train(self, pid: int, content: RecordDict, reuse: bool = False) -> tuple[ClientTask, nn.Module]:
+        """The client's task and received model (``model_from``), and the fairness policy's numbers
+        measured on it (``task.before``); raises ``ClientDropout`` when the system model drops it
+        this round."""
         resources = self.system.of(pid)
         task = self.task(content, pid, salt=0, max_steps=resources.max_steps)
         task.private = self.private
         if self.system.drops_out(pid, task.server_round):
             raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
-        model = self.model_from(content["arrays"], task)
+        model = self.model_from(content["arrays"], task, reuse)
         if self.fairness is not None:
             training = model.training  # the policy's evaluation puts the model in eval mode
             task.before = self.fairness.metrics(self.algorithm.objective_model(model, task), task)
@@ -224,10 +247,10 @@ class ClientRuntime:
             metrics.update(extra)
         metrics.update({"num-examples": task.data.num_train, "partition-id": pid,
                         "local-steps": task.budget.used, "sim-time": self.system.duration(pid, task.budget.used)})
-        return RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)})
+        return RecordDict({"arrays": to_record(upload), "metrics": MetricRecord(metrics)})
 
     def train(self, pid: int, content: RecordDict) -> RecordDict:
-        task, model = self.prepare_train(pid, content)
+        task, model = self.prepare_train(pid, content, reuse=True)  # one client at a time: its reply is encoded before the next loads
         return self.train_reply(pid, task, *self.algorithm.train(model, task), content["arrays"])
 
     def train_message(self, packed: RecordDict) -> RecordDict:

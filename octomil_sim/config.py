@@ -229,6 +229,10 @@ def validate(spec: RunSpec) -> None:
              "null or an integer >= 1")
     _require("simulation.checkpoint_every", s.checkpoint_every, isinstance(s.checkpoint_every, int) and s.checkpoint_every >= 0,
              "an integer >= 0 (0: no checkpoints)")
+    _require("simulation.backend", s.backend, s.backend in ("ray", "local"),
+             "ray (clients in Ray actors), local (clients in the driver's process)")
+    _require("simulation.backend", s.backend, s.backend == "ray" or s.ray_address is None,
+             f"ray when joining a Ray cluster (simulation.ray_address={s.ray_address!r})")
     _require("simulation.ray_address", s.ray_address, s.ray_address is None
              or (isinstance(s.ray_address, str) and bool(s.ray_address.strip())),
              "null (a private local Ray instance), auto, or host:port of a running Ray cluster")
@@ -237,12 +241,12 @@ def validate(spec: RunSpec) -> None:
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.ray_num_cpus is None
              or s.num_cpus_per_client <= s.ray_num_cpus,
              f"at most simulation.ray_num_cpus ({s.ray_num_cpus}): no client actor could start otherwise")
-    actors = (s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client
+    actors = (s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client if s.backend == "ray" else 1
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or actors <= 1,
              f"disk with {actors} Ray actors (memory only with one: simulation.ray_num_cpus="
              "simulation.num_cpus_per_client)")
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or not s.checkpoint_every,
-             "disk when checkpointing (the memory store lives in a Ray actor; set simulation.checkpoint_every=0)")
+             "disk when checkpointing (checkpoints do not hold the memory store; set simulation.checkpoint_every=0)")
     check_partition(spec)
     if spec.groups_file:
         from octomil_sim.metrics import load_groups

@@ -16,6 +16,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -309,9 +310,9 @@ def client_state_dir(spec: RunSpec) -> Path | None:
 #: keys that may differ between a checkpointed run and its resumption
 RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simulation.ray_address", "progress", "logger",
                      "simulation.startup_timeout_s", "simulation.vectorize",
-                     "simulation.ray_num_cpus"}  # resources: a --jobs sweep resumed with another N or alone
+                     "simulation.ray_num_cpus", "simulation.backend"}  # resources: a --jobs sweep resumed with another N or alone
 #: keys added since checkpoints were first written, with the value that means what their absence meant
-ADDED_KEYS = {"simulation.unseen_clients": 0.0, "fairness.name": "none", "fairness.policy": None,
+ADDED_KEYS = {"simulation.unseen_clients": 0.0, "simulation.backend": "ray", "fairness.name": "none", "fairness.policy": None,
               "fairness.client": None, "privacy.name": "none"}
 
 
@@ -463,6 +464,14 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict) -> None:
             raise
 
 
+def check_data(spec: RunSpec) -> None:
+    """``check_data_while_ray_starts`` without Ray (``simulation.backend=local``)."""
+    from octomil_sim.data import cache_source
+
+    cache_source(spec)
+    _count_clients(spec)
+
+
 def _runtime_environment() -> None:
     """Quiet logs and a lean Ray, set before Flower and Ray are imported."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -478,9 +487,10 @@ def _runtime_environment() -> None:
 
 
 def num_nodes(spec: RunSpec) -> int:
-    """Flower nodes to simulate: ``simulation.num_nodes``, or one per Ray actor; never more than clients."""
+    """Flower nodes to simulate: ``simulation.num_nodes``, or one per Ray actor (one for the local
+    backend, which runs one message at a time); never more than clients."""
     s = spec.simulation
-    actors = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client))
+    actors = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client)) if s.backend == "ray" else 1
     return min(s.num_nodes or actors, s.num_clients)
 
 
@@ -542,6 +552,8 @@ def ray_report(s: SimulationSpec) -> str:
 def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     from flwr.simulation import run_simulation  # after _runtime_environment's settings
 
+    from octomil_sim.arrays import fast_array_reads
+    from octomil_sim.local_backend import in_process_clients
     from octomil_sim.polling import prompt_simulation_runtime
 
     started = time.perf_counter()
@@ -556,30 +568,37 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
         make_strategy=lambda: build_strategy(spec),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
         deadline=SystemModel.of_run(spec).deadline, should_stop=stop.is_set,
-        actors_started=client_actors_started, startup_timeout=s.startup_timeout_s, unseen=unseen_clients(spec),
+        actors_started=client_actors_started if s.backend == "ray" else lambda: None,
+        startup_timeout=s.startup_timeout_s, unseen=unseen_clients(spec),
     )
     client_app = build_client_app(spec)
     backend_config = {
         "client_resources": {"num_cpus": s.num_cpus_per_client, "num_gpus": s.num_gpus_per_client},
         "init_args": ray_init_args(s),
     }
-    reaper = Reaper() if s.ray_address is None else None  # a killed driver leaves no Ray process behind
+    on_ray = s.backend == "ray"
+    reaper = Reaper() if on_ray and s.ray_address is None else None  # a killed driver leaves no Ray process behind
     try:
-        check_data_while_ray_starts(spec, backend_config)
+        if on_ray:
+            check_data_while_ray_starts(spec, backend_config)
+        else:
+            check_data(spec)
         stop.rearm()
-        log.info(ray_report(s))
+        log.info(ray_report(s) if on_ray else "Clients run in this process (simulation.backend=local)")
         session = RunSession(spec, output_dir, saved, started)
         if not stop.is_set():
-            with session.progress, prompt_simulation_runtime():
+            with (session.progress, prompt_simulation_runtime(), fast_array_reads(),
+                  nullcontext() if on_ray else in_process_clients()):
                 run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                                backend_config=backend_config)
     finally:
         if reaper is not None:
             reaper.done()
     if stop.is_set() and session.results is None:  # a signal during the last round or the final evaluation: done anyway
-        import ray
+        if on_ray:
+            import ray
 
-        ray.shutdown()  # Flower's engine shuts Ray down after a run; a signal before it started skips that
+            ray.shutdown()  # Flower's engine shuts Ray down after a run; a signal before it started skips that
         session.end_logging({})  # what was logged so far stays (W&B: the run ends as finished early)
         last = session.stopped_after if session.stopped_after is not None else (saved["round"] if saved else 0)
         checkpointed = bool(s.checkpoint_every) and session.checkpointed == last and last > 0

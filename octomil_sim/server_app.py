@@ -30,6 +30,7 @@ import numpy as np
 from octomil_sim.batching import pack, split_by_work, split_even, unpack
 from octomil_sim.errors import ConfigError, RunError
 from octomil_sim.metrics import client_rows
+from octomil_sim.polling import PUSHED, REPLIED
 
 NODE_TIMEOUT_S = 300.0  # seconds for all Flower nodes to register with the grid
 STARTUP_TIMEOUT_S = 300.0  # seconds the first exchange may wait with no client actor started
@@ -43,7 +44,7 @@ def content_bytes(content: RecordDict) -> int:
 class SimulationGrid(Grid):
     """Flower's Grid seen as a federation of ``num_clients`` clients hosted on a few Flower nodes."""
 
-    def __init__(self, grid: Grid, num_clients: int, deadline: float | None = None, pull_interval: float = 0.002,
+    def __init__(self, grid: Grid, num_clients: int, deadline: float | None = None, pull_interval: float = 0.05,
                  actors_started: Callable[[], int | None] = lambda: None, startup_timeout: float = STARTUP_TIMEOUT_S,
                  unseen: Iterable[int] = ()):
         self._grid = grid
@@ -71,7 +72,9 @@ class SimulationGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
+        ids = self._grid.push_messages(messages)
+        PUSHED.set()  # the runtime's scan waits for it (``octomil_sim.polling``)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
@@ -108,12 +111,14 @@ class SimulationGrid(Grid):
         none a ``RunError`` ends the run. Flower registers its nodes before Ray starts the actors that
         serve them (``wait_for_nodes`` cannot see this), and ``ray.get`` on an actor that never starts
         waits without limit; ``actors_started`` returning None (unknown) keeps waiting."""
-        waiting = set(self._grid.push_messages(messages))
+        REPLIED.clear()
+        waiting = set(self.push_messages(messages))
         now = time.monotonic()
         end = None if timeout is None else now + timeout
         check = now + self.startup_timeout
         out: list[Message] = []
         while waiting:
+            REPLIED.clear()  # set again by every reply stored from now on
             got = list(self._grid.pull_messages(waiting))
             out += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
@@ -128,7 +133,7 @@ class SimulationGrid(Grid):
                                    "num_gpus_per_client); see the raylet log in Ray's session folder "
                                    "(/tmp/ray/session_latest/logs); allowed: simulation.startup_timeout_s > 0")
                 check = now + self.startup_timeout
-            time.sleep(self.pull_interval)
+            REPLIED.wait(self.pull_interval)
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:

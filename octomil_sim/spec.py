@@ -142,6 +142,7 @@ class SimulationSpec:
     unseen_clients: float = 0.0
     num_cpus_per_client: float = 1
     num_gpus_per_client: float = 0.0
+    backend: str = "ray"  # ray: ClientApps in Ray actors; local: in the driver's process (octomil_sim.local_backend)
     ray_num_cpus: int | None = None
     ray_address: str | None = None
     startup_timeout_s: float = 300

@@ -91,6 +91,8 @@ class DittoClient(FedAvgClient):
     """``lam``: one lambda >= 0, or a list of candidates each client selects from on validation data.
     ``personal_epochs`` / ``personal_lr``: None = ``simulation.local_epochs`` / ``simulation.lr``."""
 
+    reuses_model = False  # its own train: a copy of the template per client, as before
+
     def __init__(self, lam: float | list[float] = (0.1, 1.0, 2.0), personal_epochs: int | None = None,
                  personal_lr: float | None = None, val_fraction: float = 0.1):
         lams = number_list(lam)

@@ -294,6 +294,8 @@ class FedAvgClient(ClientAlgorithm):
     fairness strategies (tilting, q-FFL, group bounds, MaxFL) weight clients by. ``train_cohort``
     trains a message's clients together (``octomil_sim.cohort``) when the model allows."""
 
+    reuses_model = True  # local_sgd changes parameter values only; the upload is a state dict of them
+
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
         before = loss_before(model, task)
         loss = local_sgd(model, task)

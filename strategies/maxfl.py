@@ -134,6 +134,8 @@ class MaxFLClient(FedAvgClient):
     """FedAvg's local SGD plus MaxFL's appeal (``AppealReport``): reports ``rho``, deploys whichever of
     the global and its own model has the lower training loss, and reports ``served``."""
 
+    reuses_model = False  # its own train: a copy of the template per client, as before
+
     def __init__(self, local_epochs_rho: int = 20):
         self.appeal = AppealReport(local_epochs_rho)
 

@@ -111,7 +111,7 @@ def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
             box = self.inbox[node_id]
             return [box.pop(0)] if box else []
 
-    with prompt_simulation_runtime(scan_interval=0.001, stop_check=0.01):
+    with prompt_simulation_runtime(stop_check=0.01):
         q, stop = vce_api.Queue(), threading.Event()
         scanner = threading.Thread(target=vce_api.add_messages_to_queue, args=(FakeState(), q, {1: 0, 2: 1}, stop))
         scanner.start()

@@ -1,0 +1,86 @@
+"""Flower's simulation runtime with the ClientApp in the driver's own process (``simulation.backend=local``).
+
+Flower 1.42's simulation runtime (``flwr.server.superlink.fleet.vce.vce_api``) hands every message
+to a ``Backend``; ``start_vce`` always builds the ``RayBackend``, which starts a Ray instance and runs
+the ClientApp in Ray actors (separate processes, each importing torch and Flower and holding its
+clients' data). ``LocalBackend`` implements the same ``Backend`` interface and calls the ClientApp
+in the process that runs the ServerApp, one message at a time: the same ServerApp, strategy, Grid,
+LinkState, messages and ClientApp, with no Ray processes, no actor start-up and no serialisation
+between processes. It suits a run on one machine whose clients would not keep several cores busy
+(small cohorts, small models) and single-core machines; a run that needs several cores or a cluster
+stays on Ray (``simulation.backend=ray``).
+
+``in_process_clients`` makes ``start_vce`` use it for the runs started inside the block (it replaces
+``vce_api.run_api``'s backend factory, the one place the runtime names a backend). The ClientApp
+process state (``client_app.client_runtime``'s cache: data, client-state store, the memory store's
+contents) is cleared before and after each run, as a Ray actor's would be gone, and torch's thread
+count (the runtime sets one per client) is restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from flwr.app import Context, Message
+from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
+
+__all__ = ["LocalBackend", "in_process_clients"]
+
+
+class LocalBackend(Backend):
+    """A ``Backend`` with one worker: the calling thread runs the ClientApp (as
+    ``ClientAppActor.run`` does in an actor, with the same exception wrapping)."""
+
+    def __init__(self, backend_config: BackendConfig | None = None) -> None:
+        super().__init__(backend_config or {})
+        self.app_fn: Callable[[], ClientApp] | None = None
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        self.app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        self.app_fn = None
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        if self.app_fn is None:
+            raise ValueError("LocalBackend.build() was not called")
+        try:
+            return self.app_fn()(message=message, context=context), context
+        except LoadClientAppError:
+            raise
+        except Exception as ex:  # as ClientAppActor.run: the runtime turns it into an error reply
+            raise ClientAppException(str(ex)) from ex
+
+
+@contextmanager
+def in_process_clients() -> Iterator[None]:
+    """Simulations started in this block run their ClientApp in this process (``LocalBackend``)."""
+    import torch
+
+    from octomil_sim.client_app import client_runtime, forget_received
+
+    run_api = vce_api.run_api
+
+    def local_run_api(app_fn, backend_fn, *args, **kwargs):
+        return run_api(app_fn, LocalBackend, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    client_runtime.cache_clear()
+    vce_api.run_api = local_run_api
+    try:
+        yield
+    finally:
+        vce_api.run_api = run_api
+        client_runtime.cache_clear()  # a later run (same spec) starts from nothing, as with fresh actors
+        forget_received()
+        torch.set_num_threads(threads)
