@@ -11,8 +11,12 @@ client sampling and the same float32 weighted average in client order, then eval
 once at the end as the Flower run does. It checks that its final model equals the Flower run's
 (read from the run's last checkpoint), so both did the same updates.
 
-Each workload runs three ways: the plain loop, Flower + Ray client by client
-(``simulation.vectorize=false``) and Flower + Ray with cohort-vectorized local training (the default).
+Each workload runs five ways: the plain loop, and the framework on each backend (``simulation.backend``:
+``ray``, the ClientApp in Ray actors, the default; ``local``, the ClientApp in the driver's process),
+client by client (``simulation.vectorize=false``) and with cohort-vectorized local training (the default).
+With ``simulation.fraction_evaluate`` > 0 (``mlr-synthetic11-eval``) the plain loop also evaluates the
+clients the framework samples for evaluation every round and checks that its per-round accuracy is
+the framework's.
 
     python experiments/bench_scale.py                                  # 1,000 and 10,000 clients
     python experiments/bench_scale.py --workloads mlr-synthetic11 cnn-mnist5k --block bench_overhead
@@ -43,10 +47,16 @@ WORKLOADS = {
                         "simulation.num_clients=100", "simulation.clients_per_round=10", "simulation.rounds=1000"],
     "mlr-synthetic11-100": ["strategy=fedavg", "model=mlr", "dataset.source.alpha=1", "dataset.source.beta=1",
                             "simulation.num_clients=100", "simulation.clients_per_round=100", "simulation.rounds=200"],
+    "mlr-synthetic11-eval": ["strategy=fedavg", "model=mlr", "dataset.source.alpha=1", "dataset.source.beta=1",
+                             "simulation.num_clients=100", "simulation.clients_per_round=10",
+                             "simulation.rounds=1000", "simulation.fraction_evaluate=0.2"],
     "cnn-mnist5k": ["strategy=fedavg", "dataset=mnist5k", "model=femnist_cnn", "partition=shard",
                     "simulation.num_clients=50", "simulation.clients_per_round=10", "simulation.rounds=5"],
 }
-COMMON = ["simulation.fraction_evaluate=0"]
+COMMON = ["simulation.fraction_evaluate=0"]  # before a workload's own overrides, which may set it
+#: the framework's ways of running a workload: (name, simulation.backend, simulation.vectorize)
+SIDES = [("Ray, client by client", "ray", "false"), ("Ray, vectorized", "ray", "true"),
+         ("local, client by client", "local", "false"), ("local, vectorized", "local", "true")]
 
 
 # --- memory of a process tree, from /proc ----------------------------------------------------------
@@ -124,6 +134,7 @@ def plain_loop(out: Path, args: list[str]) -> None:
     round_times = []
     weights = {k: v.numpy() for k, v in initial_arrays(cfg).to_torch_state_dict().items()}
     model = build_model(cfg)
+    evaluated = []  # per round with simulation.fraction_evaluate: (round, pooled accuracy of the sampled clients)
     for server_round in range(1, s.rounds + 1):
         round_start = time.perf_counter()
         random.seed(s.seed * 1_000_003 + 2 * server_round)  # as SeededSampling around Flower's sampling
@@ -141,12 +152,20 @@ def plain_loop(out: Path, args: list[str]) -> None:
             for k, v in upload.items():
                 average[k] = v * (n / total) if k not in average else average[k] + v * (n / total)
         weights = average
+        if s.fraction_evaluate > 0:  # as SeededSampling around Flower's FedAvg.configure_evaluate (min 2 nodes)
+            random.seed(s.seed * 1_000_003 + 2 * server_round + 1)
+            chosen = random.sample(list(range(s.num_clients)), max(int(s.num_clients * s.fraction_evaluate), 2))
+            model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+            results = [(evaluate(model, rt.data.client(c).x_test, rt.data.client(c).y_test)[1],
+                        rt.data.client(c).num_test) for c in chosen]
+            evaluated.append(sum(a * n for a, n in results) / sum(n for _, n in results))
         round_times.append(time.perf_counter() - round_start)
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
     accs = [evaluate(model, rt.data.client(c).x_test, rt.data.client(c).y_test)[1] for c in range(s.num_clients)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "weights.pkl").write_bytes(pickle.dumps(weights))
     (out / "result.json").write_text(json.dumps({"mean_acc": float(np.mean(accs)), "round_s": round_times,
+                                                 "round_acc": evaluated,
                                                  "total_s": time.perf_counter() - started}))
 
 
@@ -181,11 +200,12 @@ def main() -> None:
 
     import numpy as np
 
-    rows = ["| workload | clients | a round | rounds | plain loop (s) | Flower, client by client (s) | ratio | Flower, "
-            "vectorized (s) | ratio | rounds 2 to last: plain / by client / vectorized (s) | peak PSS plain / by client "
-            "/ vectorized (MB) | final model vs plain: by client / vectorized |", "|" + "---|" * 10]
+    heads = " | ".join(f"{side} (s)" for side, _, _ in SIDES)
+    rows = [f"| workload | clients | a round | rounds | plain loop (s) | {heads} | rounds 2 to last (s): plain / "
+            + " / ".join(side for side, _, _ in SIDES) + " | peak PSS (MB): plain / " + " / ".join(side for side, _, _ in SIDES)
+            + " | final model vs plain |", "|" + "---|" * (9 + len(SIDES))]
     for name in args.workloads:
-        ov = [*WORKLOADS[name], *COMMON]
+        ov = [*COMMON, *WORKLOADS[name]]
         rounds = int(next(o for o in ov if o.startswith("simulation.rounds=")).split("=")[1])
         setting = {k: next(o for o in ov if o.startswith(f"simulation.{k}=")).split("=")[1]
                    for k in ("num_clients", "clients_per_round")}
@@ -194,27 +214,36 @@ def main() -> None:
         # generate the dataset into the cache first: every side then reads the same memory-mapped files
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", *ov], check=True)
         t_plain, m_plain = measure(plain_cmd, plain_dir)
+        plain_result = json.loads((plain_dir / "result.json").read_text())
         plain_weights = pickle.loads((plain_dir / "weights.pkl").read_bytes())
-        p_rounds = sum(json.loads((plain_dir / "result.json").read_text())["round_s"][1:])
-        sides = {}
-        for side, vectorize in (("loop", "false"), ("vectorized", "true")):
-            run_dir = RESULTS / name / side
+        p_rounds = sum(plain_result["round_s"][1:])
+        sides, diffs = [], []
+        for side, backend, vectorize in SIDES:
+            run_dir = RESULTS / name / f"{backend}-{'vectorized' if vectorize == 'true' else 'loop'}"
             # the run's last round is checkpointed for the comparison of final models (nothing else is)
-            cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.vectorize={vectorize}",
-                   f"simulation.checkpoint_every={rounds}", f"hydra.run.dir={run_dir}", "progress=false"]
+            cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.backend={backend}",
+                   f"simulation.vectorize={vectorize}", f"simulation.checkpoint_every={rounds}",
+                   f"hydra.run.dir={run_dir}", "progress=false"]
             wall, peak = measure(cmd, run_dir)
             final = flower_final_weights(run_dir)
             diff = max(float(np.abs(final[k] - plain_weights[k]).max()) for k in final)
-            # round 1 also holds Ray's and the actors' start-up: the rounds after it apart
-            later = sum(r["time_s"] for r in json.loads((run_dir / "results.json").read_text())["rounds"][1:])
-            sides[side] = (wall, peak, diff, later)
+            result = json.loads((run_dir / "results.json").read_text())
+            # round 1 also holds the start-up (Ray's and the actors'): the rounds after it apart
+            later = sum(r["time_s"] for r in result["rounds"][1:])
+            text = "equal" if diff == 0 else f"{diff:.1g}"
+            if plain_result["round_acc"]:  # the clients evaluated every round and their accuracy, as the plain loop's
+                acc = [r["global_acc"] for r in result["rounds"]]
+                gap = max(abs(a - b) for a, b in zip(acc, plain_result["round_acc"], strict=True))
+                text += f" (per-round acc. {'equal' if gap < 1e-12 else f'max gap {gap:.1g}'})"
+            sides.append((wall, peak, later))
+            diffs.append(text)
             print(f"{name} {side}: {wall:.1f}s {peak:.0f}MB (plain {t_plain:.1f}s {m_plain:.0f}MB), "
                   f"max |w - w_plain| {diff:.2g}", flush=True)
-        (tl, ml, dl, rl), (tv, mv, dv, rv) = sides["loop"], sides["vectorized"]
-        rows.append(f"| {name} | {setting['num_clients']} | {setting['clients_per_round']} | {rounds} | {t_plain:.1f} "
-                    f"| {tl:.1f} | {tl / t_plain:.2f}x | {tv:.1f} | {tv / t_plain:.2f}x | {p_rounds:.1f} / {rl:.1f} / "
-                    f"{rv:.1f} | {m_plain:.0f} / {ml:.0f} / {mv:.0f} | {'equal' if dl == 0 else f'{dl:.1g}'} / "
-                    f"{'equal' if dv == 0 else f'max diff {dv:.1g}'} |")
+        rows.append(f"| {name} | {setting['num_clients']} | {setting['clients_per_round']} | {rounds} | {t_plain:.1f} | "
+                    + " | ".join(f"{w:.1f} ({w / t_plain:.2f}x)" for w, _, _ in sides)
+                    + f" | {p_rounds:.1f} / " + " / ".join(f"{r:.1f}" for _, _, r in sides)
+                    + f" | {m_plain:.0f} / " + " / ".join(f"{m:.0f}" for _, m, _ in sides)
+                    + " | " + " / ".join(diffs) + " |")
     write_block(args.block, rows)
 
 

@@ -71,6 +71,9 @@ def encode(state) -> tuple[object, dict[str, torch.Tensor]]:
     return _encode(state, "", tensors), tensors
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str})  # exactly these types (np.float64 is a float subclass)
+
+
 def _encode(value, path: str, tensors: dict[str, torch.Tensor]):
     where = path or "the state"
     if isinstance(value, torch.Tensor):
@@ -85,14 +88,14 @@ def _encode(value, path: str, tensors: dict[str, torch.Tensor]):
         return {NDARRAY: path}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, list):
-        return [_encode(v, _join(path, str(i)), tensors) for i, v in enumerate(value)]
+    if isinstance(value, list):  # (plain leaves inline: a 1,000-round run's rows are 10,000 of them)
+        return [v if type(v) in _PLAIN else _encode(v, _join(path, str(i)), tensors) for i, v in enumerate(value)]
     if isinstance(value, dict):
         for k in value:
             if not isinstance(k, str) or k in (TENSOR, NDARRAY):
                 raise TypeError(f"checkpoint key {_join(path, repr(k))}: of type {type(k).__name__}; allowed: "
                                 f"strings other than {TENSOR} and {NDARRAY} (JSON would make an int key a string)")
-        return {k: _encode(v, _join(path, _escape(k)), tensors) for k, v in value.items()}
+        return {k: v if type(v) in _PLAIN else _encode(v, _join(path, _escape(k)), tensors) for k, v in value.items()}
     hint = " (a tuple would come back as a list: store a list)" if isinstance(value, tuple) else ""
     raise TypeError(f"checkpoint value {where}: of type {type(value).__name__}; allowed: {ALLOWED}{hint}")
 
@@ -131,10 +134,19 @@ def checkpoint_folders(run_dir: Path) -> list[Path]:
     return sorted(found, key=_round_of, reverse=True)
 
 
+class RawJSON(str):
+    """A top-level value of a checkpoint's state given as its JSON text (what ``json.dumps`` of the
+    value gives), written as is: a value that grows with the run and was encoded piece by piece as
+    it grew (the rows of the rounds so far) is not encoded again at every checkpoint."""
+
+
 def save_checkpoint(run_dir: Path, server_round: int, state: dict, client_state: Path | None) -> Path:
-    """Write the checkpoint of ``server_round`` (``state`` as ``encode`` allows; checked before anything
-    is written) and keep it and the one before it, removing the rest."""
-    document, tensors = encode(state)
+    """Write the checkpoint of ``server_round`` (``state`` as ``encode`` allows, plus top-level
+    ``RawJSON`` values; checked before anything is written) and keep it and the one before it,
+    removing the rest."""
+    raw = {key: value for key, value in state.items() if isinstance(value, RawJSON)}
+    marks = {key: f"\x00{key}\x00" for key in raw}  # stand-ins no encoded value can be
+    document, tensors = encode({key: marks.get(key, value) for key, value in state.items()})
     data = save_tensors(tensors)
     root = Path(run_dir) / CHECKPOINT_DIR
     name = f"round_{server_round:06d}"
@@ -144,8 +156,11 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict, client_state:
     (tmp / TENSOR_FILE).write_bytes(data)
     if client_state is not None and Path(client_state).exists():
         _link_tree(Path(client_state), tmp / "client_state")
-    (tmp / STATE_FILE).write_text(json.dumps({"tensors_sha256": hashlib.sha256(data).hexdigest(),
-                                              "client_state_files": _sizes(tmp / "client_state"), "state": document}))
+    text = json.dumps({"tensors_sha256": hashlib.sha256(data).hexdigest(),
+                       "client_state_files": _sizes(tmp / "client_state"), "state": document})
+    for key, value in raw.items():
+        text = text.replace(json.dumps(marks[key]), value, 1)
+    (tmp / STATE_FILE).write_text(text)
     shutil.rmtree(root / name, ignore_errors=True)
     os.replace(tmp, root / name)
     folders = checkpoint_folders(run_dir)

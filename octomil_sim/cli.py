@@ -53,6 +53,8 @@ def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
     parser.add_argument("--clients", type=int, help="simulation.num_clients")
     parser.add_argument("--seed", type=int, help="simulation.seed")
     parser.add_argument("--out", help="the run folder (hydra.run.dir)")
+    parser.add_argument("--backend", help="simulation.backend: ray (clients in Ray actors: several cores, clusters) "
+                        "or local (in this process: no Ray start-up, least memory, one core)")
     parser.add_argument("--jobs", type=int, help="a -m sweep's jobs run this many at a time (Hydra's joblib "
                         "launcher), the CPUs shared among them")
     known, rest = parser.parse_known_args(argv)
@@ -75,7 +77,7 @@ def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
                               "{client id: group}")
         overrides.append(f"groups_file={path.resolve()}")
     for flag, key in (("rounds", "simulation.rounds"), ("clients", "simulation.num_clients"),
-                      ("seed", "simulation.seed"), ("out", "hydra.run.dir")):
+                      ("seed", "simulation.seed"), ("out", "hydra.run.dir"), ("backend", "simulation.backend")):
         if getattr(known, flag) is not None:
             overrides.append(f"{key}={getattr(known, flag)}")
     if known.jobs is not None:

@@ -139,7 +139,7 @@ class ClientAlgorithm:
     #: False when its update writes every parameter, so a model with a frozen base (prompt tuning) cannot train
     frozen_parameters_ok = True
 
-    #: True when ``train`` and ``objective_model`` change nothing of the model they get but its
+    #: True when ``train``, ``objective_model`` and ``report`` change nothing of the model they get but its
     #: parameter values, gradients and train/eval mode, and keep no reference to it (nor to its
     #: tensors: what ``train`` returns is encoded before the next client's arrays are loaded), and
     #: ``load`` is the full ``load_state_dict``: the runtime then loads each client's received
@@ -319,11 +319,17 @@ class ClientRuntime:
         return RecordDict({"metrics": MetricRecord({"partition-id": pid})})
 
     def evaluate(self, pid: int, content: RecordDict) -> RecordDict:
+        """The received (global) model's and the personalized model's loss and accuracy on the
+        client's test split. An algorithm that deploys the global model as is (``personalize`` not
+        overridden) gets the global numbers for both, evaluated once."""
         task = self.task(content, pid, salt=1)
-        model, data = self.model_from(content["arrays"], task), task.data
+        model, data = self.model_from(content["arrays"], task, reuse=True), task.data
         g_loss, g_acc = evaluate(model, data.x_test, data.y_test)
-        personal = self.algorithm.personalize(self.model_from(content["arrays"], task), task)
-        p_loss, p_acc = evaluate(personal, data.x_test, data.y_test)
+        if type(self.algorithm).personalize is ClientAlgorithm.personalize:
+            p_loss, p_acc = g_loss, g_acc
+        else:
+            personal = self.algorithm.personalize(self.model_from(content["arrays"], task), task)
+            p_loss, p_acc = evaluate(personal, data.x_test, data.y_test)
         metrics = {
             "global_loss": g_loss, "global_acc": g_acc,
             "personalized_loss": p_loss, "personalized_acc": p_acc,

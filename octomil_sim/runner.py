@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
+from octomil_sim.checkpoint import RawJSON, encode, load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
 from octomil_sim.config import fairness_kwargs, validate
 from octomil_sim.data import FederatedData
@@ -133,6 +133,8 @@ class RunSession(Session):
     def __init__(self, spec: RunSpec, output_dir: Path, saved: dict | None, started: float):
         self.spec, self.output_dir, self.saved, self.started = spec, output_dir, saved, started
         self.rows: list[dict] = []
+        self._row_texts: list[str] = []  # each row's JSON, made once (checkpoints write them all: ``RawJSON``)
+        self._counted = {"failed_clients": 0, "stragglers": 0}  # the rows' sums so far
         self.results: dict | None = None
         self.checkpointed = saved["round"] if saved else 0  # the round of the newest checkpoint
         self.stopped_after: int | None = None  # set when a signal stopped the run
@@ -160,6 +162,8 @@ class RunSession(Session):
         restore_strategy_state(strategy, saved["strategy"])
         restore_grid_counters(grid, saved["grid"])
         self.rows, self._bytes = saved["rows"], dict(grid.bytes)
+        self._row_texts = [json.dumps(row) for row in self.rows]
+        self._counted = {key: sum(r.get(key, 0) for r in self.rows) for key in self._counted}
         for row in self.rows:  # the logger sees the whole run (the interrupted part first)
             self.logger.log_round(row)
         self.progress.advance(self.task, saved["round"])
@@ -171,13 +175,16 @@ class RunSession(Session):
             "round": server_round, **dict(train_metrics or {}), **dict(evaluate_metrics or {}),
             "bytes_up": so_far.get("train_up", 0) - self._bytes.get("train_up", 0),
             "bytes_down": so_far.get("train_down", 0) - self._bytes.get("train_down", 0),
-            "failed_clients": sum(grid.failed.values()) - sum(r.get("failed_clients", 0) for r in self.rows),
-            "stragglers": sum(grid.straggled.values()) - sum(r.get("stragglers", 0) for r in self.rows),
+            "failed_clients": sum(grid.failed.values()) - self._counted["failed_clients"],
+            "stragglers": sum(grid.straggled.values()) - self._counted["stragglers"],
             "time_s": now - self._last,
             "driver_rss_mb": driver_rss_mb(),
         })
         self._bytes, self._last = so_far, now
         row = self.rows[-1]
+        for key in self._counted:
+            self._counted[key] += row[key]
+        self._row_texts.append(json.dumps(encode(row)[0]))  # as the checkpoint's encoding writes it
         self.logger.log_round(row)
         latest = {k: row[k] for k in ("global_acc", "personalized_acc") if k in row}
         self.progress.update(self.task, advance=1, **({"latest": "  ".join(f"{k} {v:.3f}" for k, v in latest.items())}
@@ -190,7 +197,7 @@ class RunSession(Session):
         save_checkpoint(self.output_dir, server_round, {
             "round": server_round, "config": self.spec.config,
             "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy),
-            "rows": self.rows, "grid": grid_counters(grid), "wall_time_s": time.perf_counter() - self.started,
+            "rows": RawJSON(f"[{', '.join(self._row_texts)}]"), "grid": grid_counters(grid), "wall_time_s": time.perf_counter() - self.started,
         }, client_state_dir(self.spec))
         self.checkpointed = server_round
 
