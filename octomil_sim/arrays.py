@@ -31,7 +31,8 @@ from flwr.common.constant import SType
 
 __all__ = ["array_numpy", "fast_array_reads", "state_dict", "to_record"]
 
-_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (dtype, shape) -> np.save's header for it
+#: (dtype, shape) -> np.save's header for them, and the dtype's name
+_HEADERS: dict[tuple[str, tuple[int, ...]], tuple[bytes, str]] = {}
 _PLAIN: dict[bytes, bool] = {}  # header -> whether the data after it is a C-order native array
 _flower_numpy = Array.numpy
 
@@ -83,19 +84,23 @@ def _npy_array(tensor: torch.Tensor) -> Array:
     if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
         array = array.copy(order="C")
     key = (array.dtype.str, array.shape)
-    header = _HEADERS.get(key)
-    if header is None:
+    known = _HEADERS.get(key)
+    if known is None:
         buffer = BytesIO()
         np.save(buffer, array, allow_pickle=False)
         data = buffer.getvalue()
-        _HEADERS[key] = data[:len(data) - array.nbytes]
+        _HEADERS[key] = data[:len(data) - array.nbytes], str(array.dtype)
         return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=data)
-    return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=header + array.tobytes())
+    header, dtype = known
+    return Array(dtype=dtype, shape=array.shape, stype=SType.NUMPY, data=header + array.tobytes())
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     """``ArrayRecord(tensors)`` (a torch state dict) with the same bytes, made without ``np.save``."""
-    return ArrayRecord({key: _npy_array(value) for key, value in tensors.items()})
+    record = ArrayRecord()  # (ArrayRecord(dict) would copy every Array once more)
+    for key, value in tensors.items():
+        record[key] = _npy_array(value)
+    return record
 
 
 def state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:

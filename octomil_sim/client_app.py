@@ -216,7 +216,8 @@ class ClientRuntime:
         return self.algorithm.load(copy.deepcopy(self.template), arrays, task)
 
     def task(self, content: RecordDict, pid: int, salt: int, max_steps: int | None = None) -> ClientTask:
-        config = content.config_records.get("config", ConfigRecord())
+        config = content.get("config")
+        config = config if isinstance(config, ConfigRecord) else ConfigRecord()
         server_round = int(config.get("server-round", 0))
         generator = torch.Generator().manual_seed(client_seed(self.hp.seed + salt, server_round, pid))
         return ClientTask(pid, server_round, self.data.client(pid), self.hp, generator,

@@ -121,8 +121,9 @@ def client_rows(contents: Sequence[RecordDict]) -> list[dict]:
     rows = []
     for content in contents:
         row: dict = {}
-        for record in content.metric_records.values():
-            row.update(record)
+        for record in content.values():  # (content.metric_records builds a new dict at every call)
+            if isinstance(record, MetricRecord):
+                row.update(record)
         rows.append(row)
     return rows
 

@@ -38,7 +38,7 @@ STARTUP_TIMEOUT_S = 300.0  # seconds the first exchange may wait with no client 
 
 def content_bytes(content: RecordDict) -> int:
     """Bytes of model arrays a message carries (Flower's serialized ``ArrayRecord`` size)."""
-    return sum(record.count_bytes() for record in content.array_records.values())
+    return sum(record.count_bytes() for record in content.values() if isinstance(record, ArrayRecord))
 
 
 class SimulationGrid(Grid):
@@ -169,7 +169,8 @@ class SimulationGrid(Grid):
                     out.append((client, Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failures[client]), reply_to=m)))
                     continue
                 content = contents[client]
-                metrics = content.metric_records.get("metrics", {})
+                metrics = content.get("metrics")  # (RecordDict.metric_records builds a new dict at every call)
+                metrics = metrics if isinstance(metrics, MetricRecord) else {}
                 if direction == "train" and "local-steps" in metrics:
                     self.work[client] = float(metrics["local-steps"])
                 if self.deadline is not None and float(metrics.get("sim-time", 0.0)) > self.deadline:
@@ -266,8 +267,8 @@ class SeededSampling:
         if self.sampling == "size_proportional":
             for r in replies:
                 if not r.has_error():
-                    for record in r.content.metric_records.values():
-                        if self.weighted_by_key in record:
+                    for record in r.content.values():
+                        if isinstance(record, MetricRecord) and self.weighted_by_key in record:
                             record[self.weighted_by_key] = 1
         return replies
 
