@@ -33,20 +33,24 @@ __all__ = ["array_numpy", "fast_array_reads", "state_dict", "to_record"]
 
 #: (dtype, shape) -> np.save's header for them, and the dtype's name
 _HEADERS: dict[tuple[str, tuple[int, ...]], tuple[bytes, str]] = {}
-_PLAIN: dict[bytes, bool] = {}  # header -> whether the data after it is a C-order native array
+#: (header, dtype, shape) -> whether the data after the header is a C-order native array of them
+_PLAIN: dict[tuple[bytes, str, tuple[int, ...]], bool] = {}
 _flower_numpy = Array.numpy
 
 
 def array_numpy(array: Array) -> np.ndarray:
     """``array.numpy()`` (Flower's ``np.load``), read without ``np.load`` when its header allows."""
     if array.stype == SType.NUMPY:
-        dtype = np.dtype(array.dtype)
+        try:
+            dtype = np.dtype(array.dtype)
+        except (TypeError, ValueError):  # e.g. a structured dtype's name: Flower's way reads it
+            return _flower_numpy(array)
         start = len(array.data) - dtype.itemsize * math.prod(array.shape)
         if start > 0:
-            header = array.data[:start]
-            plain = _PLAIN.get(header)
+            key = (array.data[:start], array.dtype, tuple(array.shape))
+            plain = _PLAIN.get(key)
             if plain is None:
-                plain = _PLAIN[header] = _is_plain(header, dtype, tuple(array.shape))
+                plain = _PLAIN[key] = _is_plain(key[0], dtype, key[2])
             if plain:
                 return np.frombuffer(array.data, dtype, offset=start).reshape(array.shape).copy()
     return _flower_numpy(array)
@@ -81,8 +85,8 @@ def fast_array_reads() -> Iterator[None]:
 
 def _npy_array(tensor: torch.Tensor) -> Array:
     array = tensor.detach().cpu().numpy()
-    if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
-        array = array.copy(order="C")
+    if not array.flags.c_contiguous:  # e.g. a transposed view: Flower's own bytes (a Fortran-order header)
+        return Array.from_numpy_ndarray(array)
     key = (array.dtype.str, array.shape)
     known = _HEADERS.get(key)
     if known is None:

@@ -143,7 +143,8 @@ class ClientAlgorithm:
     #: parameter values, gradients and train/eval mode, and keep no reference to it (nor to its
     #: tensors: what ``train`` returns is encoded before the next client's arrays are loaded), and
     #: ``load`` is the full ``load_state_dict``: the runtime then loads each client's received
-    #: arrays into one model instead of copying the template for every client
+    #: arrays into one model instead of copying the template for every client. Only a class that says
+    #: so itself counts (a subclass with its own ``train`` does not inherit it)
     reuses_model = False
 
     def check(self, model: nn.Module) -> None:
@@ -198,21 +199,29 @@ class ClientRuntime:
     _cohort_works: bool | None = None  # set by the first vectorized message (``_probe_cohort``)
     _initial: nn.Module | None = None
     _reused: nn.Module | None = None  # the model ``model_from(..., reuse=True)`` loads into
+    _reused_holds: ArrayRecord | None = None  # the record ``_reused`` holds unchanged (evaluated only)
 
     def initial_model(self) -> nn.Module:
         if self._initial is None:
             self._initial = build_initial_model(self.spec)
         return copy.deepcopy(self._initial)
 
-    def model_from(self, arrays: ArrayRecord, task: ClientTask, reuse: bool = False) -> nn.Module:
+    def model_from(self, arrays: ArrayRecord, task: ClientTask, reuse: bool = False,
+                   read_only: bool = False) -> nn.Module:
         """The received model: ``arrays`` loaded into a copy of the template, or, with ``reuse``
         where the algorithm allows it (``ClientAlgorithm.reuses_model``), into the one model this
-        runtime reuses client after client (a deep copy costs more than a small client's update)."""
-        if reuse and self.algorithm.reuses_model and type(self.algorithm).load is ClientAlgorithm.load \
+        runtime reuses client after client (a deep copy costs more than a small client's update).
+        ``read_only``: the caller only evaluates it, so the next such caller with the same record
+        (the clients of one evaluation message share it) gets it without loading it again."""
+        if reuse and type(self.algorithm).__dict__.get("reuses_model", False) \
+                and type(self.algorithm).load is ClientAlgorithm.load \
                 and self.private is None:  # DP-SGD's training hooks the model
             if self._reused is None:
                 self._reused = copy.deepcopy(self.template)
-            return self.algorithm.load(self._reused, arrays, task)
+            if not (read_only and self._reused_holds is arrays):
+                self.algorithm.load(self._reused, arrays, task)
+            self._reused_holds = arrays if read_only else None  # training changes it
+            return self._reused
         return self.algorithm.load(copy.deepcopy(self.template), arrays, task)
 
     def task(self, content: RecordDict, pid: int, salt: int, max_steps: int | None = None) -> ClientTask:
@@ -324,7 +333,7 @@ class ClientRuntime:
         client's test split. An algorithm that deploys the global model as is (``personalize`` not
         overridden) gets the global numbers for both, evaluated once."""
         task = self.task(content, pid, salt=1)
-        model, data = self.model_from(content["arrays"], task, reuse=True), task.data
+        model, data = self.model_from(content["arrays"], task, reuse=True, read_only=True), task.data
         g_loss, g_acc = evaluate(model, data.x_test, data.y_test)
         if type(self.algorithm).personalize is ClientAlgorithm.personalize:
             p_loss, p_acc = g_loss, g_acc
@@ -342,10 +351,14 @@ class ClientRuntime:
         return RecordDict({"metrics": MetricRecord(metrics)})
 
 
+#: torch threads of the process (a Ray actor) or the thread (the local backend) running a ClientApp
+CLIENT_THREADS = 1
+
+
 @lru_cache(maxsize=2)
 def client_runtime(spec: RunSpec) -> ClientRuntime:
     """The runtime of ``spec``'s clients in this process, built on its first message and kept."""
-    torch.set_num_threads(1)  # one core per simulated client; Ray runs several side by side
+    torch.set_num_threads(CLIENT_THREADS)  # one core per simulated client; Ray runs several side by side
     # in the actor's process: Flower's "Manually terminating ClientAppActor" at a normal shutdown is noise
     logging.getLogger("flwr").setLevel(logging.ERROR)
     s = spec.simulation
@@ -397,16 +410,24 @@ def build_client_app(spec: RunSpec) -> ClientApp:
     """A ClientApp for the run ``spec`` (which travels to the Ray actors with the app)."""
     app = ClientApp()
 
+    def runtime() -> ClientRuntime:
+        """The process's runtime, with what it knows of received records forgotten: a record is known
+        by identity within one message only (with the local backend, the server's own objects arrive)."""
+        forget_received()
+        found = client_runtime(spec)
+        found._reused_holds = None
+        return found
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return Message(client_runtime(spec).train_message(msg.content), reply_to=msg)
+        return Message(runtime().train_message(msg.content), reply_to=msg)
 
     @app.train("sync")
     def sync(msg: Message, context: Context) -> Message:
-        return Message(run_clients(client_runtime(spec).sync, msg.content), reply_to=msg)
+        return Message(run_clients(runtime().sync, msg.content), reply_to=msg)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return Message(run_clients(client_runtime(spec).evaluate, msg.content), reply_to=msg)
+        return Message(run_clients(runtime().evaluate, msg.content), reply_to=msg)
 
     return app

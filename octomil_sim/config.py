@@ -244,7 +244,7 @@ def validate(spec: RunSpec) -> None:
     actors = (s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client if s.backend == "ray" else 1
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or actors <= 1,
              f"disk with {actors} Ray actors (memory only with one: simulation.ray_num_cpus="
-             "simulation.num_cpus_per_client)")
+             "simulation.num_cpus_per_client, or with simulation.backend=local)")
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or not s.checkpoint_every,
              "disk when checkpointing (checkpoints do not hold the memory store; set simulation.checkpoint_every=0)")
     check_partition(spec)

@@ -19,20 +19,27 @@ count (the runtime sets one per client) is restored.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
+
+from octomil_sim.client_app import CLIENT_THREADS
 
 __all__ = ["LocalBackend", "in_process_clients"]
 
 
 class LocalBackend(Backend):
     """A ``Backend`` with one worker: the calling thread runs the ClientApp (as
-    ``ClientAppActor.run`` does in an actor, with the same exception wrapping)."""
+    ``ClientAppActor.run`` does in an actor, with the same exception wrapping). torch's thread count
+    is the driver's outside ``process_message`` and what the ClientApp sets inside it (one thread a
+    client), as a Ray driver's and its actors' are: torch splits large reductions by thread count, so
+    the server's arithmetic (e.g. the norms of q-FFL or of DP clipping) gives the Ray run's numbers."""
 
     def __init__(self, backend_config: BackendConfig | None = None) -> None:
         super().__init__(backend_config or {})
@@ -54,21 +61,33 @@ class LocalBackend(Backend):
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
         if self.app_fn is None:
             raise ValueError("LocalBackend.build() was not called")
+        threads = torch.get_num_threads()  # the ServerApp's (the driver's) torch threads, as on Ray ...
+        torch.set_num_threads(CLIENT_THREADS)  # ... and a Ray actor's while the ClientApp runs
         try:
             return self.app_fn()(message=message, context=context), context
         except LoadClientAppError:
             raise
-        except Exception as ex:  # as ClientAppActor.run: the runtime turns it into an error reply
+        except BaseException as ex:  # as ClientAppActor.run: the runtime turns it into an error reply. Also
+            # SystemExit (sys.exit in client code): Flower's worker thread catches only Exception, and
+            # would die with the run waiting for a reply for ever (on Ray the actor dies, and replies)
             raise ClientAppException(str(ex)) from ex
+        finally:
+            torch.set_num_threads(threads)
+
+
+_active = threading.Lock()  # held by the one run in this process whose clients run here
 
 
 @contextmanager
 def in_process_clients() -> Iterator[None]:
-    """Simulations started in this block run their ClientApp in this process (``LocalBackend``)."""
-    import torch
-
+    """Simulations started in this block run their ClientApp in this process (``LocalBackend``). One
+    such run at a time per process (the block changes process-wide state); a second one, e.g. from
+    another thread, is refused."""
     from octomil_sim.client_app import client_runtime, forget_received
 
+    if not _active.acquire(blocking=False):
+        raise RuntimeError("simulation.backend=local: another run with the local backend is running in this "
+                           "process; run them one after the other, or in separate processes (--jobs)")
     run_api = vce_api.run_api
 
     def local_run_api(app_fn, backend_fn, *args, **kwargs):
@@ -84,3 +103,4 @@ def in_process_clients() -> Iterator[None]:
         client_runtime.cache_clear()  # a later run (same spec) starts from nothing, as with fresh actors
         forget_received()
         torch.set_num_threads(threads)
+        _active.release()

@@ -28,7 +28,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from octomil_sim.checkpoint import RawJSON, encode, load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
 from octomil_sim.config import fairness_kwargs, validate
-from octomil_sim.data import FederatedData
+from octomil_sim.data import FederatedData, federated_data
 from octomil_sim.errors import ConfigError
 from octomil_sim.interrupt import Interrupted, StopRequest, stop_on_signals
 from octomil_sim.loggers import make_logger
@@ -103,7 +103,8 @@ def client_sizes(spec: RunSpec) -> dict:
     by size (``strategy.server.sampling=size_proportional``), else nothing."""
     if spec.strategy.server.get("sampling") != "size_proportional":
         return {}
-    data, unseen = FederatedData(spec), set(unseen_clients(spec))  # a held-out client is never drawn
+    data = federated_data(spec) if spec.simulation.backend == "local" else FederatedData(spec)  # (local: kept)
+    unseen = set(unseen_clients(spec))  # a held-out client is never drawn
     return {"client_sizes": [0 if k in unseen else data.num_train(k) for k in range(data.num_clients)]}
 
 
@@ -162,7 +163,7 @@ class RunSession(Session):
         restore_strategy_state(strategy, saved["strategy"])
         restore_grid_counters(grid, saved["grid"])
         self.rows, self._bytes = saved["rows"], dict(grid.bytes)
-        self._row_texts = [json.dumps(row) for row in self.rows]
+        self._row_texts = [json.dumps(row) for row in self.rows]  # (read from JSON: plain already)
         self._counted = {key: sum(r.get(key, 0) for r in self.rows) for key in self._counted}
         for row in self.rows:  # the logger sees the whole run (the interrupted part first)
             self.logger.log_round(row)
@@ -184,7 +185,11 @@ class RunSession(Session):
         row = self.rows[-1]
         for key in self._counted:
             self._counted[key] += row[key]
-        self._row_texts.append(json.dumps(encode(row)[0]))  # as the checkpoint's encoding writes it
+        if self.spec.simulation.checkpoint_every:
+            document, tensors = encode(row)  # as the checkpoint's encoding writes it
+            if tensors:
+                raise TypeError(f"round {server_round}'s row holds arrays ({', '.join(tensors)}); rows hold numbers")
+            self._row_texts.append(json.dumps(document))
         self.logger.log_round(row)
         latest = {k: row[k] for k in ("global_acc", "personalized_acc") if k in row}
         self.progress.update(self.task, advance=1, **({"latest": "  ".join(f"{k} {v:.3f}" for k, v in latest.items())}
@@ -472,11 +477,13 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict) -> None:
 
 
 def check_data(spec: RunSpec) -> None:
-    """``check_data_while_ray_starts`` without Ray (``simulation.backend=local``)."""
-    from octomil_sim.data import cache_source
+    """``check_data_while_ray_starts`` without Ray (``simulation.backend=local``): the partitions are
+    opened once, into the process's data cache (``federated_data``) that this process's ClientApp then
+    uses (at 10,000 clients, opening them costs seconds)."""
+    from octomil_sim.data import cache_source, federated_data
 
     cache_source(spec)
-    _count_clients(spec)
+    federated_data(spec)
 
 
 def _runtime_environment() -> None:

@@ -18,6 +18,8 @@ __all__ = ["FedAvg", "FineTuneClient"]
 class FineTuneClient(FedAvgClient):
     """Trains like FedAvg; personalizes with ``finetune_epochs`` of SGD at ``finetune_lr``."""
 
+    reuses_model = True  # FedAvgClient.train; personalize fine-tunes a copy of its own (the runtime's, not reused)
+
     def __init__(self, finetune_epochs: int = 5, finetune_lr: float | None = None):
         self.finetune_epochs = finetune_epochs
         self.finetune_lr = finetune_lr

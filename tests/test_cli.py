@@ -16,11 +16,12 @@ def test_train_flags_are_the_overrides_they_name(tmp_path):
     groups = tmp_path / "g.json"
     groups.write_text("{}")
     got = train_overrides(["--personalization", "scafflix", "--fairness", "bounded-group-loss", "--groups-file",
-                           str(groups), "--rounds", "50", "--seed", "3", "simulation.lr=0.1", "--privacy", "dp-sgd"],
+                           str(groups), "--rounds", "50", "--seed", "3", "simulation.lr=0.1", "--privacy", "dp-sgd",
+                           "--backend", "local"],
                           cwd=tmp_path)
     assert got == ["personalization=scafflix", "fairness=bounded_group_loss", "privacy=dp_sgd",
                    f"groups_file={groups.resolve()}",
-                   "simulation.rounds=50", "simulation.seed=3", "simulation.lr=0.1"]
+                   "simulation.rounds=50", "simulation.seed=3", "simulation.backend=local", "simulation.lr=0.1"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -93,6 +93,26 @@ def test_checkpoint_restores_state_and_client_store(tmp_path):
     assert load_checkpoint(tmp_path)[1] == {"round": 6}
 
 
+def test_a_checkpoint_with_raw_rows_is_the_same_file(tmp_path):
+    """``RawJSON`` rows (each row's JSON made once, as the run makes them) write the bytes that
+    encoding the rows at the checkpoint writes."""
+    import json
+
+    import numpy as np
+
+    from octomil_sim.checkpoint import RawJSON, encode, read_checkpoint, save_checkpoint
+
+    rows = [{"round": i, "acc": np.float32(0.25) * i, "n": 3, "note": None} for i in range(4)]
+    state = {"round": 4, "arrays": {"w": torch.ones(2)}, "rows": rows, "grid": {"a": [1, 2]}}
+    plain = save_checkpoint(tmp_path / "plain", 4, state, None)
+    raw = RawJSON("[" + ", ".join(json.dumps(encode(r)[0]) for r in rows) + "]")
+    fast = save_checkpoint(tmp_path / "raw", 4, {**state, "rows": raw}, None)
+    assert (plain / "state.json").read_bytes() == (fast / "state.json").read_bytes()
+    assert read_checkpoint(fast)["rows"] == [{"round": i, "acc": 0.25 * i, "n": 3, "note": None} for i in range(4)]
+    empty = save_checkpoint(tmp_path / "empty", 1, {**state, "rows": RawJSON("[]")}, None)
+    assert read_checkpoint(empty)["rows"] == []
+
+
 def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
     import queue
     import threading
@@ -101,7 +121,7 @@ def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
 
     from octomil_sim.polling import prompt_simulation_runtime
 
-    original = vce_api.add_messages_to_queue, vce_api.Queue
+    original = vce_api.add_messages_to_queue, vce_api.put_message_into_state, vce_api.Queue
 
     class FakeState:  # two nodes' inboxes, read one message at a time as the LinkState is
         def __init__(self):
@@ -122,7 +142,50 @@ def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
         with pytest.raises(queue.Empty):
             q.get(timeout=3600)  # returns after stop_check: the caller's loop then sees its stop event
     assert got == ["a", "b", "c"]
-    assert (vce_api.add_messages_to_queue, vce_api.Queue) == original
+    assert (vce_api.add_messages_to_queue, vce_api.put_message_into_state, vce_api.Queue) == original
+
+
+def test_the_runtime_waits_on_pushes_and_announces_replies():
+    """No polling period: a push wakes the scan at once (here stop_check is 5 s), and every reply
+    stored sets ``REPLIED``, which ``SimulationGrid`` waits on."""
+    import threading
+    import time
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from octomil_sim.polling import PUSHED, REPLIED, prompt_simulation_runtime
+
+    class FakeState:
+        def __init__(self):
+            self.inbox, self.stored = [], []
+
+        def get_message_ins(self, node_id, limit):
+            return [self.inbox.pop(0)] if self.inbox else []
+
+        def store_message_res(self, message):
+            self.stored.append(message)
+
+    state = FakeState()
+    with prompt_simulation_runtime(stop_check=5.0):
+        ins, res, stop = vce_api.Queue(), vce_api.Queue(), threading.Event()
+        threads = [threading.Thread(target=vce_api.add_messages_to_queue, args=(state, ins, {1: 0}, stop)),
+                   threading.Thread(target=vce_api.put_message_into_state, args=(state, res, stop))]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)  # the scan found nothing and waits
+        started = time.monotonic()
+        state.inbox.append("message")
+        PUSHED.set()
+        assert ins.get(timeout=5) == "message" and time.monotonic() - started < 1.0
+        REPLIED.clear()
+        res.put("reply")
+        assert REPLIED.wait(5) and state.stored == ["reply"]
+        stop.set()
+        PUSHED.set()  # wakes the scan, which sees the stop event
+        res.put("late")  # wakes the reply thread, which stores it and sees the stop event
+        for t in threads:
+            t.join(timeout=15)
+        assert not any(t.is_alive() for t in threads)
 
 
 def test_ray_started_without_autoscaler_has_no_monitor_and_works():

@@ -1,0 +1,190 @@
+"""``simulation.backend=local`` (issue 12): Flower's simulation runtime with the ClientApp in the driver's
+process. Whole runs here take a second or two (no Ray); the comparison with the Ray backend is slow."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from flwr.clientapp.client_app import ClientAppException
+from flwr.server.superlink.fleet.vce import vce_api
+
+from octomil_sim.batching import pack, unpack
+from octomil_sim.client_app import client_runtime
+from octomil_sim.config import validate
+from octomil_sim.errors import ConfigError
+from octomil_sim.local_backend import LocalBackend, in_process_clients
+from octomil_sim.runner import initial_arrays, num_nodes, run
+
+MEASURED = {"time_s", "driver_rss_mb"}  # wall time and memory: the only numbers a seed does not fix
+LOCAL = ["simulation.backend=local", "progress=false"]
+
+
+def _numbers(results: dict) -> tuple:
+    drop = lambda d: {k: v for k, v in d.items() if k not in MEASURED}  # noqa: E731
+    return [drop(r) for r in results["rounds"]], results["clients"], drop(results["final"])
+
+
+def test_a_local_run_twice_in_one_process_gives_the_same_numbers(make_spec, tmp_path):
+    """The memory store lives in this process with the local backend: a second run of the same spec
+    must start from nothing (the runtime cache is cleared), or Ditto's personal models of the first
+    run would carry over."""
+    import ray
+
+    overrides = [*LOCAL, "strategy=ditto", "strategy.client.lam=0.5", "simulation.num_clients=8",
+                 "simulation.clients_per_round=4", "simulation.rounds=3", "simulation.fraction_evaluate=0.5",
+                 "simulation.state_store=memory", "simulation.checkpoint_every=0"]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)  # the caller's setting (the client runtime sets 1 for its clients)
+    try:
+        first = run(make_spec(*overrides), tmp_path / "a")
+        second = run(make_spec(*overrides), tmp_path / "b")
+        assert torch.get_num_threads() == 3  # the client runtime's one thread is not left behind
+    finally:
+        torch.set_num_threads(saved)
+    assert _numbers(first) == _numbers(second)
+    assert first["final"]["personalized_acc"] != first["final"]["global_acc"]  # Ditto's personal models were used
+    assert not ray.is_initialized()  # no Ray at all
+    assert vce_api.run_api.__name__ == "run_api"  # Flower's runtime as it was
+
+
+def test_a_resumed_local_run_equals_one_run_straight_through(make_spec, tmp_path):
+    common = [*LOCAL, "strategy=fedavg", "simulation.num_clients=8", "simulation.clients_per_round=4",
+              "simulation.fraction_evaluate=0.5", "simulation.checkpoint_every=1"]
+    straight = run(make_spec(*common, "simulation.rounds=4"), tmp_path / "straight")
+    run(make_spec(*common, "simulation.rounds=2"), tmp_path / "resumed")
+    resumed = run(make_spec(*common, "simulation.rounds=4"), tmp_path / "resumed")
+    assert _numbers(resumed) == _numbers(straight)
+    saved = json.loads((tmp_path / "resumed" / "checkpoint" / "round_000004" / "state.json").read_text())
+    assert [r["round"] for r in saved["state"]["rows"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [["strategy=ditto", "strategy.client.lam=0.5"],
+                                      ["strategy=finetune", "fairness=qffl", "model=mlp"]])
+def test_the_local_backend_gives_the_ray_backends_numbers(make_spec, tmp_path, strategy):
+    """Same messages (two nodes, as two Ray actors would serve), same numbers: only where the
+    ClientApp runs changes. Vectorized cohorts included (they follow the messages); fine-tuning's
+    clients reuse one model, its evaluation personalizes, q-FFL's server takes norms."""
+    common = [*strategy, "simulation.num_clients=10",
+              "simulation.clients_per_round=6", "simulation.rounds=3", "simulation.fraction_evaluate=0.5",
+              "simulation.ray_num_cpus=2", "progress=false"]
+    ray_run = run(make_spec(*common), tmp_path / "ray")
+    local = run(make_spec(*common, "simulation.backend=local", "simulation.num_nodes=2"), tmp_path / "local")
+    assert _numbers(local) == _numbers(ray_run)
+
+
+def test_local_backend_runs_the_app_here_and_reports_its_errors_as_flower_does():
+    seen = []
+
+    def app(message, context):
+        seen.append((message, context))
+        if message == "bad":
+            raise ValueError("boom")
+        return "reply"
+
+    def exits(message, context):
+        raise SystemExit(3)  # would end Flower's worker thread, and the run would wait for ever
+
+    backend = LocalBackend({})
+    backend.build(lambda: app)
+    assert backend.num_workers == 1 and backend.is_worker_idle()
+    assert backend.process_message("hello", "ctx") == ("reply", "ctx")
+    with pytest.raises(ClientAppException, match="boom"):
+        backend.process_message("bad", "ctx")
+    assert seen == [("hello", "ctx"), ("bad", "ctx")]
+    backend.build(lambda: exits)
+    with pytest.raises(ClientAppException):
+        backend.process_message("hello", "ctx")
+
+
+def test_the_clients_run_on_one_torch_thread_and_the_server_keeps_its_own():
+    """As a Ray actor's (one thread) and the driver's: torch splits large reductions by thread count."""
+    inside = []
+    backend = LocalBackend({})
+    backend.build(lambda: lambda message, context: inside.append(torch.get_num_threads()) or "reply")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        backend.process_message("hello", "ctx")
+        assert inside == [1] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_in_process_clients_clears_the_runtime_and_restores_flower(make_spec, tmp_path):
+    spec = make_spec("simulation.num_clients=4", "simulation.clients_per_round=2", "simulation.state_store=memory",
+                     "simulation.ray_num_cpus=1", f"simulation.state_dir={tmp_path}")
+    before = client_runtime(spec)
+    saved, run_api = torch.get_num_threads(), vce_api.run_api
+    torch.set_num_threads(3)
+    try:
+        with in_process_clients():
+            assert vce_api.run_api is not run_api
+            inside = client_runtime(spec)
+            assert inside is not before  # a run starts from a fresh runtime, as on fresh actors
+            with pytest.raises(RuntimeError, match="another run with the local backend"):
+                with in_process_clients():
+                    pass
+        assert vce_api.run_api is run_api and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(saved)
+    assert client_runtime(spec) is not inside  # and leaves none behind
+    client_runtime.cache_clear()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["simulation.backend=threads"], "simulation.backend='threads': allowed: ray"),
+    (["simulation.backend=local", "simulation.ray_address=auto"], "simulation.backend='local': allowed: ray when"),
+])
+def test_bad_backend_settings_name_the_key(make_spec, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_spec(*overrides))
+
+
+def test_the_memory_store_and_one_node_with_the_local_backend(make_spec):
+    """One process holds every client: the memory store needs no single-actor setting there, and the
+    round is one message (the backend runs one message at a time)."""
+    spec = make_spec("simulation.backend=local", "simulation.state_store=memory", "simulation.checkpoint_every=0",
+                     "simulation.ray_num_cpus=2")
+    validate(spec)
+    assert num_nodes(spec) == 1
+    with pytest.raises(ConfigError, match="simulation.state_store='memory'"):
+        validate(make_spec("simulation.state_store=memory", "simulation.checkpoint_every=0", "simulation.ray_num_cpus=2"))
+
+
+def test_train_reuses_one_model_only_where_the_algorithm_allows(make_spec, tmp_path, monkeypatch):
+    """FedAvg's clients load into one model (``reuses_model``); the replies are those of a fresh copy
+    per client, bit for bit. Ditto keeps a copy per client."""
+    from strategies.fedavg import FedAvgClient
+
+    def replies(reuse: bool, *overrides):
+        monkeypatch.setattr(FedAvgClient, "reuses_model", reuse)
+        spec = make_spec("strategy=fedavg", "simulation.num_clients=6", "simulation.clients_per_round=6",
+                         "simulation.state_store=memory",
+                         "simulation.ray_num_cpus=1", "simulation.vectorize=false", f"simulation.state_dir={tmp_path}",
+                         *overrides)
+        client_runtime.cache_clear()
+        runtime = client_runtime(spec)
+        arrays = initial_arrays(spec)  # (the template's own weights are not seeded)
+        out = []
+        for server_round in (1, 2):
+            packed = pack([(pid, RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}))
+                           for pid in range(6)])
+            contents, _ = unpack(runtime.train_message(packed))
+            out.append({pid: (c["arrays"].to_torch_state_dict(), dict(c["metrics"])) for pid, c in contents.items()})
+        model_a = runtime.model_from(arrays, runtime.task(RecordDict(), 0, salt=0), reuse=True)
+        model_b = runtime.model_from(arrays, runtime.task(RecordDict(), 1, salt=0), reuse=True)
+        client_runtime.cache_clear()
+        return out, model_a is model_b
+
+    reused, shared = replies(True)
+    copied, not_shared = replies(False)
+    assert shared and not not_shared
+    for a, b in zip(reused, copied):
+        assert a.keys() == b.keys()
+        for pid in a:
+            assert a[pid][1] == b[pid][1]
+            assert all(torch.equal(a[pid][0][k], b[pid][0][k]) for k in a[pid][0])
+    _, ditto_shared = replies(True, "strategy=ditto")
+    assert not ditto_shared
