@@ -275,7 +275,8 @@ class ClientRuntime:
         the failure, e.g. MaxFL's local model, stays) and the run goes client by client from then on."""
         if self.vectorize and self._cohort_works is None:
             self._cohort_works = self._probe_cohort()
-        if not self.vectorize or not self._cohort_works or (self.private is not None and self.private.trains):
+        if not self.vectorize or not self._cohort_works or (self.private is not None and self.private.trains) \
+                or not vectorizes(self.template):  # (every train_cohort declines such a model: one model at a time)
             return run_clients(self.train, packed)
         contents, _ = unpack(packed)
         items = sorted(contents.items())
