@@ -119,7 +119,8 @@ class ClientAlgorithm:
         """``train`` for several clients of one message at once (``octomil_sim.cohort``), returning what
         ``train`` would return for each, up to float rounding; None when this algorithm or model cannot
         (then each client's ``train`` runs). Must return None before it changes anything (a task's
-        generator, budget or state) and must not write client state unless it succeeds."""
+        generator, budget or state) and must not write client state unless it succeeds. The runtime
+        only offers it models ``octomil_sim.cohort.vectorizes`` accepts (others train client by client)."""
         return None
 
     def sync(self, model: nn.Module, task: ClientTask) -> None:
@@ -139,8 +140,9 @@ class ClientAlgorithm:
     #: False when its update writes every parameter, so a model with a frozen base (prompt tuning) cannot train
     frozen_parameters_ok = True
 
-    #: True when ``train``, ``objective_model`` and ``report`` change nothing of the model they get but its
-    #: parameter values, gradients and train/eval mode, and keep no reference to it (nor to its
+    #: True when ``train`` changes nothing of the model it gets but its parameter values, gradients and
+    #: train/eval mode, ``objective_model`` and ``report`` only read it (the train/eval mode aside),
+    #: and none keeps a reference to it (nor to its
     #: tensors: what ``train`` returns is encoded before the next client's arrays are loaded), and
     #: ``load`` is the full ``load_state_dict``: the runtime then loads each client's received
     #: arrays into one model instead of copying the template for every client. Only a class that says
@@ -201,6 +203,13 @@ class ClientRuntime:
     _reused: nn.Module | None = None  # the model ``model_from(..., reuse=True)`` loads into
     _reused_holds: ArrayRecord | None = None  # the record ``_reused`` holds unchanged (evaluated only)
 
+    def begin_message(self) -> ClientRuntime:
+        """Forget what is known of received records: a record is known by identity within one message
+        only (with the local backend the server's own objects arrive, and a strategy may reuse one)."""
+        forget_received()
+        self._reused_holds = None
+        return self
+
     def initial_model(self) -> nn.Module:
         if self._initial is None:
             self._initial = build_initial_model(self.spec)
@@ -219,6 +228,7 @@ class ClientRuntime:
             if self._reused is None:
                 self._reused = copy.deepcopy(self.template)
             if not (read_only and self._reused_holds is arrays):
+                self._reused_holds = None  # (a load that fails part way leaves it holding neither)
                 self.algorithm.load(self._reused, arrays, task)
             self._reused_holds = arrays if read_only else None  # training changes it
             return self._reused
@@ -334,7 +344,10 @@ class ClientRuntime:
         client's test split. An algorithm that deploys the global model as is (``personalize`` not
         overridden) gets the global numbers for both, evaluated once."""
         task = self.task(content, pid, salt=1)
-        model, data = self.model_from(content["arrays"], task, reuse=True, read_only=True), task.data
+        # read only: evaluate, the algorithm's report and objective model leave the values as they are
+        # (``reuses_model``); a fairness policy's report is not the algorithm's to promise
+        model = self.model_from(content["arrays"], task, reuse=True, read_only=self.fairness is None)
+        data = task.data
         g_loss, g_acc = evaluate(model, data.x_test, data.y_test)
         if type(self.algorithm).personalize is ClientAlgorithm.personalize:
             p_loss, p_acc = g_loss, g_acc
@@ -412,12 +425,7 @@ def build_client_app(spec: RunSpec) -> ClientApp:
     app = ClientApp()
 
     def runtime() -> ClientRuntime:
-        """The process's runtime, with what it knows of received records forgotten: a record is known
-        by identity within one message only (with the local backend, the server's own objects arrive)."""
-        forget_received()
-        found = client_runtime(spec)
-        found._reused_holds = None
-        return found
+        return client_runtime(spec).begin_message()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -519,6 +519,11 @@ class FederatedData:
 _built: dict[str, FederatedData] = {}
 
 
+def forget_data() -> None:
+    """Empty ``federated_data``'s cache (the end of a local-backend run in this process)."""
+    _built.clear()
+
+
 def federated_data(spec: RunSpec) -> FederatedData:
     """Process-wide cache: every Ray actor builds the partitions once and reuses them (keyed by what
     the data depends on: the dataset, the partition, the clients, the split, the seed)."""

@@ -12,9 +12,10 @@ stays on Ray (``simulation.backend=ray``).
 
 ``in_process_clients`` makes ``start_vce`` use it for the runs started inside the block (it replaces
 ``vce_api.run_api``'s backend factory, the one place the runtime names a backend). The ClientApp
-process state (``client_app.client_runtime``'s cache: data, client-state store, the memory store's
-contents) is cleared before and after each run, as a Ray actor's would be gone, and torch's thread
-count (the runtime sets one per client) is restored.
+process state (``client_app.client_runtime``'s cache: the client-state store, the memory store's
+contents; the decoded received model) is cleared before and after each run, as a Ray actor's would be
+gone, the data cache after it, and torch's thread count is restored. One such block at a time per
+process, and no Ray run beside it (the runner refuses both).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
 from octomil_sim.client_app import CLIENT_THREADS
 
-__all__ = ["LocalBackend", "in_process_clients"]
+__all__ = ["LocalBackend", "in_process_clients", "local_run_active"]
 
 
 class LocalBackend(Backend):
@@ -78,12 +79,18 @@ class LocalBackend(Backend):
 _active = threading.Lock()  # held by the one run in this process whose clients run here
 
 
+def local_run_active() -> bool:
+    """Whether a run with the local backend is running in this process (``in_process_clients``)."""
+    return _active.locked()
+
+
 @contextmanager
 def in_process_clients() -> Iterator[None]:
     """Simulations started in this block run their ClientApp in this process (``LocalBackend``). One
     such run at a time per process (the block changes process-wide state); a second one, e.g. from
     another thread, is refused."""
     from octomil_sim.client_app import client_runtime, forget_received
+    from octomil_sim.data import forget_data
 
     if not _active.acquire(blocking=False):
         raise RuntimeError("simulation.backend=local: another run with the local backend is running in this "
@@ -102,5 +109,6 @@ def in_process_clients() -> Iterator[None]:
         vce_api.run_api = run_api
         client_runtime.cache_clear()  # a later run (same spec) starts from nothing, as with fresh actors
         forget_received()
+        forget_data()  # a later run opens its data again (its files may have changed)
         torch.set_num_threads(threads)
         _active.release()

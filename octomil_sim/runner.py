@@ -479,7 +479,7 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict) -> None:
 def check_data(spec: RunSpec) -> None:
     """``check_data_while_ray_starts`` without Ray (``simulation.backend=local``): the partitions are
     opened once, into the process's data cache (``federated_data``) that this process's ClientApp then
-    uses (at 10,000 clients, opening them costs seconds)."""
+    uses (at 10,000 clients, opening them costs seconds); ``in_process_clients`` empties it at the end."""
     from octomil_sim.data import cache_source, federated_data
 
     cache_source(spec)
@@ -567,7 +567,7 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     from flwr.simulation import run_simulation  # after _runtime_environment's settings
 
     from octomil_sim.arrays import fast_array_reads
-    from octomil_sim.local_backend import in_process_clients
+    from octomil_sim.local_backend import in_process_clients, local_run_active
     from octomil_sim.polling import prompt_simulation_runtime
 
     started = time.perf_counter()
@@ -591,20 +591,23 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
         "init_args": ray_init_args(s),
     }
     on_ray = s.backend == "ray"
+    if on_ray and local_run_active():
+        raise RuntimeError("a run with simulation.backend=local is running in this process; a Ray run started "
+                           "beside it would run its clients here: run them one after the other")
     reaper = Reaper() if on_ray and s.ray_address is None else None  # a killed driver leaves no Ray process behind
     try:
-        if on_ray:
-            check_data_while_ray_starts(spec, backend_config)
-        else:
-            check_data(spec)
-        stop.rearm()
-        log.info(ray_report(s) if on_ray else "Clients run in this process (simulation.backend=local)")
-        session = RunSession(spec, output_dir, saved, started)
-        if not stop.is_set():
-            with (session.progress, prompt_simulation_runtime(), fast_array_reads(),
-                  nullcontext() if on_ray else in_process_clients()):
-                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
-                               backend_config=backend_config)
+        with nullcontext() if on_ray else in_process_clients():  # (local: one such run per process, from here)
+            if on_ray:
+                check_data_while_ray_starts(spec, backend_config)
+            else:
+                check_data(spec)
+            stop.rearm()
+            log.info(ray_report(s) if on_ray else "Clients run in this process (simulation.backend=local)")
+            session = RunSession(spec, output_dir, saved, started)
+            if not stop.is_set():
+                with session.progress, prompt_simulation_runtime(), fast_array_reads():
+                    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
+                                   backend_config=backend_config)
     finally:
         if reaper is not None:
             reaper.done()

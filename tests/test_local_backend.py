@@ -188,3 +188,56 @@ def test_train_reuses_one_model_only_where_the_algorithm_allows(make_spec, tmp_p
             assert all(torch.equal(a[pid][0][k], b[pid][0][k]) for k in a[pid][0])
     _, ditto_shared = replies(True, "strategy=ditto")
     assert not ditto_shared
+
+
+def test_a_subclass_that_does_not_declare_reuse_gets_a_copy(make_spec, tmp_path):
+    from strategies.fedavg import FedAvgClient
+
+    class OwnTrain(FedAvgClient):  # says nothing of reuse: it may keep the model
+        pass
+
+    spec = make_spec("strategy=fedavg", "simulation.num_clients=4", "simulation.clients_per_round=2",
+                     "simulation.state_store=memory", "simulation.ray_num_cpus=1", f"simulation.state_dir={tmp_path}")
+    client_runtime.cache_clear()
+    runtime = client_runtime(spec)
+    arrays = initial_arrays(spec)
+    task = runtime.task(RecordDict(), 0, salt=0)
+    assert runtime.model_from(arrays, task, reuse=True) is runtime.model_from(arrays, task, reuse=True)
+    runtime.algorithm = OwnTrain()
+    assert runtime.model_from(arrays, task, reuse=True) is not runtime.model_from(arrays, task, reuse=True)
+    client_runtime.cache_clear()
+
+
+def test_an_evaluation_message_loads_the_shared_model_once_with_the_same_numbers(make_spec, tmp_path, monkeypatch):
+    """The clients of one evaluation message share the received record: the reused model is loaded
+    for the first and evaluated as is by the others (fine-tuning personalizes copies of its own);
+    the numbers are those of a fresh copy per client. The next message loads again."""
+    from octomil_sim.client_app import ClientAlgorithm, run_clients
+    from strategies.finetune import FineTuneClient
+
+    loads = []
+    load = ClientAlgorithm.load
+    monkeypatch.setattr(ClientAlgorithm, "load",
+                        lambda self, model, arrays, task: loads.append(id(model)) or load(self, model, arrays, task))
+
+    def evaluate(reuse: bool):
+        monkeypatch.setattr(FineTuneClient, "reuses_model", reuse)
+        spec = make_spec("strategy=finetune", "simulation.num_clients=6", "simulation.clients_per_round=6",
+                         "simulation.state_store=memory", "simulation.ray_num_cpus=1", f"simulation.state_dir={tmp_path}")
+        client_runtime.cache_clear()
+        runtime, arrays = client_runtime(spec), initial_arrays(spec)
+        out = []
+        for server_round in (1, 2):  # the same record object both times: each message loads it once
+            packed = pack([(pid, RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}))
+                           for pid in range(6)])
+            loads.clear()
+            contents, _ = unpack(run_clients(runtime.begin_message().evaluate, packed))
+            out.append(({pid: dict(c["metrics"]) for pid, c in contents.items()}, list(loads)))
+        client_runtime.cache_clear()
+        return out
+
+    reused, copied = evaluate(True), evaluate(False)
+    for (metrics_r, loads_r), (metrics_c, loads_c) in zip(reused, copied):
+        assert metrics_r == metrics_c
+        assert len(loads_c) == 12  # a global and a personal copy for each of the 6 clients
+        assert len(loads_r) == 7 and loads_r[0] not in loads_r[1:]  # the shared global model once, 6 personal copies

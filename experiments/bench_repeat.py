@@ -1,0 +1,68 @@
+"""Benchmark (not a test): the small-cohort and start-up workloads of ``bench_scale.py`` timed several
+times, the plain loop and the local backend's two paths interleaved (plain, by client, vectorized,
+plain, ...), so that a slow spell of this shared machine falls on every side alike. Each repetition's
+ratio is taken against the plain loop of the same repetition; the table gives the median ratio and
+the range, and the median wall times. Wall time only (memory: ``bench_scale.py``).
+
+    python experiments/bench_repeat.py --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_scale import COMMON, RESULTS, WORKLOADS
+from common import HERE, write_block
+
+SIDES = [("plain", None, None), ("local, client by client", "local", "false"), ("local, vectorized", "local", "true")]
+
+
+def wall(cmd: list[str], out: Path) -> float:
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE.parent)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workloads", nargs="+", default=["mlr-synthetic11", "mlr-synthetic11-eval", "cnn-mnist5k"],
+                        choices=sorted(WORKLOADS))
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    rows = ["| workload | repetitions | plain loop, median (s) | "
+            + " | ".join(f"{s}: median s, ratio median (range)" for s, _, _ in SIDES[1:]) + " |",
+            "|" + "---|" * (3 + len(SIDES) - 1)]
+    for name in args.workloads:
+        ov = [*COMMON, *WORKLOADS[name]]
+        subprocess.run([sys.executable, str(HERE / "bench_scale.py"), "--warm", *ov], check=True)
+        times: dict[str, list[float]] = {s: [] for s, _, _ in SIDES}
+        for rep in range(args.repeat):
+            for side, backend, vectorize in SIDES:
+                out = RESULTS / name / "repeat"
+                if backend is None:
+                    cmd = [sys.executable, str(HERE / "bench_scale.py"), "--plain", str(out), *ov]
+                else:
+                    cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.backend={backend}",
+                           f"simulation.vectorize={vectorize}", f"hydra.run.dir={out}", "progress=false"]
+                times[side].append(wall(cmd, out))
+                print(name, rep, side, f"{times[side][-1]:.1f}s", flush=True)
+        plain = times["plain"]
+        cells = []
+        for side, _, _ in SIDES[1:]:
+            ratios = [t / p for t, p in zip(times[side], plain)]
+            cells.append(f"{statistics.median(times[side]):.1f}, {statistics.median(ratios):.2f}x "
+                         f"({min(ratios):.2f}-{max(ratios):.2f})")
+        rows.append(f"| {name} | {args.repeat} | {statistics.median(plain):.1f} | " + " | ".join(cells) + " |")
+        (RESULTS / name / "repeat.json").write_text(json.dumps(times))
+    write_block("bench_repeat", rows)
+
+
+if __name__ == "__main__":
+    main()
