@@ -1,11 +1,12 @@
 """Benchmark (not a test): where the seconds of a short run go, by py-spy (issue 12, goal 2).
 
 Runs the ``cnn-mnist5k`` workload of ``bench_scale.py`` (FedAvg, LEAF's CNN, MNIST-5k shards, 50 clients,
-10 a round, 5 rounds) three ways under ``py-spy record --subprocesses`` (100 samples a second, every
-thread of every process: on Ray the driver, the actors and Ray's own processes): the plain loop, the
-framework on the Ray backend and on the local backend. Each sample is put in the first phase its
-stack names (below, in order), so the table reads as CPU seconds per phase over the whole process tree;
-the wall time of each run is measured without py-spy, just before.
+10 a round, 5 rounds) two ways under ``py-spy record --subprocesses`` (100 samples a second, every
+thread): the plain loop and the framework on the local backend. Each sample is put in the first phase
+its stack names (below, in order), so the table reads as CPU seconds per phase; the wall time of each
+run is measured without py-spy, just before. (On the Ray backend py-spy sampled the driver and Ray's
+processes but none of the client actors, so its column would show no training at all; its start-up
+is read from ``bench_scale.py``'s round times instead.)
 
     python experiments/startup_profile.py      # writes the startup_profile block of experiments/README.md
 """
@@ -25,13 +26,12 @@ from common import HERE, write_block
 OV = ["simulation.fraction_evaluate=0", *WORKLOADS["cnn-mnist5k"]]
 #: (phase, markers): a sample belongs to the first phase one of whose markers its stack contains
 PHASES = [
+    ("imports", ("_find_and_load",)),
     ("client training", ("ClientRuntime.train", "FedAvgClient.train", "rt.algorithm.train", "sgd_epochs")),
     ("evaluation", ("ClientRuntime.evaluate", "evaluate (")),
     ("data: partitions and tensors", ("FederatedData", "cache_source", "federated_data", "_to_tensors")),
     ("model build", ("build_model", "build_initial_model", "initial_arrays")),
-    ("Ray start and Ray's processes", ("ray/", "raylet", "gcs_server", "RayBackend", "ClientAppActor")),
     ("Flower runtime and messages", ("flwr/",)),
-    ("imports", ("_find_and_load",)),
     ("results, plot, checkpoint", ("plot_run", "save_checkpoint", "write_text")),
 ]
 
@@ -62,8 +62,6 @@ def main() -> None:
     out = Path(tempfile.mkdtemp())
     runs = {
         "plain loop": [sys.executable, str(HERE / "bench_scale.py"), "--plain", str(out / "plain"), *OV],
-        "Ray backend": [sys.executable, "-m", "octomil_sim", *OV, "simulation.backend=ray", "simulation.checkpoint_every=0",
-                        f"hydra.run.dir={out / 'ray'}", "progress=false"],
         "local backend": [sys.executable, "-m", "octomil_sim", *OV, "simulation.backend=local",
                           "simulation.checkpoint_every=0", f"hydra.run.dir={out / 'local'}", "progress=false"],
     }

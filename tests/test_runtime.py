@@ -168,23 +168,25 @@ def test_the_runtime_waits_on_pushes_and_announces_replies():
     state = FakeState()
     with prompt_simulation_runtime(stop_check=5.0):
         ins, res, stop = vce_api.Queue(), vce_api.Queue(), threading.Event()
-        threads = [threading.Thread(target=vce_api.add_messages_to_queue, args=(state, ins, {1: 0}, stop)),
-                   threading.Thread(target=vce_api.put_message_into_state, args=(state, res, stop))]
+        threads = [threading.Thread(target=vce_api.add_messages_to_queue, args=(state, ins, {1: 0}, stop), daemon=True),
+                   threading.Thread(target=vce_api.put_message_into_state, args=(state, res, stop), daemon=True)]
         for t in threads:
             t.start()
-        time.sleep(0.2)  # the scan found nothing and waits
-        started = time.monotonic()
-        state.inbox.append("message")
-        PUSHED.set()
-        assert ins.get(timeout=5) == "message" and time.monotonic() - started < 1.0
-        REPLIED.clear()
-        res.put("reply")
-        assert REPLIED.wait(5) and state.stored == ["reply"]
-        stop.set()
-        PUSHED.set()  # wakes the scan, which sees the stop event
-        res.put("late")  # wakes the reply thread, which stores it and sees the stop event
-        for t in threads:
-            t.join(timeout=15)
+        try:
+            time.sleep(0.2)  # the scan found nothing and waits (up to stop_check, 5 s)
+            started = time.monotonic()
+            state.inbox.append("message")
+            PUSHED.set()
+            assert ins.get(timeout=5) == "message" and time.monotonic() - started < 2.5
+            REPLIED.clear()
+            res.put("reply")
+            assert REPLIED.wait(5) and state.stored == ["reply"]
+        finally:
+            stop.set()
+            PUSHED.set()  # wakes the scan, which sees the stop event
+            res.put("late")  # wakes the reply thread, which stores it and sees the stop event
+            for t in threads:
+                t.join(timeout=15)
         assert not any(t.is_alive() for t in threads)
 
 
