@@ -27,8 +27,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from flwr.server.superlink.fleet.vce import vce_api
-
 __all__ = ["prompt_simulation_runtime"]
 
 
@@ -40,6 +38,10 @@ REPLIED = threading.Event()
 
 @contextmanager
 def prompt_simulation_runtime(stop_check: float = 0.05) -> Iterator[None]:
+    # imported here: Flower's runtime imports alembic, whose plugins log at import, and the runner
+    # quiets those loggers (``runner._runtime_environment``) only when a run starts
+    from flwr.server.superlink.fleet.vce import vce_api
+
     class StopCheckingQueue(queue.Queue):
         """A queue whose timed reads wait at most ``stop_check``: the callers loop and re-check their stop event."""
 
