@@ -20,6 +20,10 @@ the framework's.
 
     python experiments/bench_scale.py                                  # 1,000 and 10,000 clients
     python experiments/bench_scale.py --workloads mlr-synthetic11 cnn-mnist5k --block bench_overhead
+    python experiments/bench_scale.py --workloads mlp-1000 --sides local --gpu --block bench_scale_gpu
+
+``--gpu`` adds the local backend with its clients on a GPU (``simulation.num_gpus_per_client=1``); its final
+model then differs from the plain loop's (on the CPU) by float rounding only.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ COMMON = ["simulation.fraction_evaluate=0"]  # before a workload's own overrides
 #: the framework's ways of running a workload: (name, simulation.backend, simulation.vectorize)
 SIDES = [("Ray, client by client", "ray", "false"), ("Ray, vectorized", "ray", "true"),
          ("local, client by client", "local", "false"), ("local, vectorized", "local", "true")]
+#: ``--gpu``: the local backend with its clients on a GPU (``simulation.num_gpus_per_client=1``)
+GPU_SIDES = [("local, client by client, GPU", "local", "false"), ("local, vectorized, GPU", "local", "true")]
 
 
 # --- memory of a process tree, from /proc ----------------------------------------------------------
@@ -92,7 +98,7 @@ def tree_pss_mb(root: int) -> float:
     return total / 1024
 
 
-def measure(cmd: list[str], out: Path) -> tuple[float, float]:
+def measure(cmd: list[str], out: Path, memory: bool = True) -> tuple[float, float]:
     """Run ``cmd`` twice; return (wall seconds of a run left alone, peak PSS of its process tree in MB
     sampled during a second run). Reading smaps of a dozen large processes every 0.1 s takes a
     noticeable share of 2 cores, more for the Flower tree than for the single plain process, so
@@ -102,6 +108,8 @@ def measure(cmd: list[str], out: Path) -> tuple[float, float]:
     if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE.parent).returncode:
         raise SystemExit(f"{' '.join(cmd)} failed; run it by hand to see why")
     wall = time.perf_counter() - start
+    if not memory:
+        return wall, float("nan")
     subprocess.run(["rm", "-rf", str(out)], check=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE.parent)
     peak = 0.0
@@ -192,6 +200,10 @@ def main() -> None:
     parser.add_argument("--block", default="bench_scale", help="the experiments/README.md block to write")
     parser.add_argument("--plain", nargs=argparse.REMAINDER)
     parser.add_argument("--warm", nargs=argparse.REMAINDER)
+    parser.add_argument("--sides", nargs="+", choices=["ray", "local"], default=["ray", "local"],
+                        help="which backends' sides to run (a machine without Ray: local)")
+    parser.add_argument("--gpu", action="store_true", help="also the local backend's sides with clients on a GPU")
+    parser.add_argument("--no-memory", action="store_true", help="wall time only (one run of each side)")
     args = parser.parse_args()
     if args.plain:
         return plain_loop(Path(args.plain[0]), args.plain[1:])
@@ -200,10 +212,12 @@ def main() -> None:
 
     import numpy as np
 
+    global SIDES
+    SIDES = [side for side in SIDES if side[1] in args.sides] + (GPU_SIDES if args.gpu else [])
     heads = " | ".join(f"{side} (s)" for side, _, _ in SIDES)
     rows = [f"| workload | clients | a round | rounds | plain loop (s) | {heads} | rounds 2 to last (s): plain / "
             + " / ".join(side for side, _, _ in SIDES) + " | peak PSS (MB): plain / " + " / ".join(side for side, _, _ in SIDES)
-            + " | final model vs plain |", "|" + "---|" * (9 + len(SIDES))]
+            + " | final model vs plain |", "|" + "---|" * (8 + len(SIDES))]
     for name in args.workloads:
         ov = [*COMMON, *WORKLOADS[name]]
         rounds = int(next(o for o in ov if o.startswith("simulation.rounds=")).split("=")[1])
@@ -213,18 +227,19 @@ def main() -> None:
         plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(plain_dir), *ov]
         # generate the dataset into the cache first: every side then reads the same memory-mapped files
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", *ov], check=True)
-        t_plain, m_plain = measure(plain_cmd, plain_dir)
+        t_plain, m_plain = measure(plain_cmd, plain_dir, not args.no_memory)
         plain_result = json.loads((plain_dir / "result.json").read_text())
         plain_weights = pickle.loads((plain_dir / "weights.pkl").read_bytes())
         p_rounds = sum(plain_result["round_s"][1:])
         sides, diffs = [], []
         for side, backend, vectorize in SIDES:
-            run_dir = RESULTS / name / f"{backend}-{'vectorized' if vectorize == 'true' else 'loop'}"
+            gpu = side.endswith("GPU")
+            run_dir = RESULTS / name / f"{backend}-{'vectorized' if vectorize == 'true' else 'loop'}{'-gpu' * gpu}"
             # the run's last round is checkpointed for the comparison of final models (nothing else is)
             cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.backend={backend}",
                    f"simulation.vectorize={vectorize}", f"simulation.checkpoint_every={rounds}",
-                   f"hydra.run.dir={run_dir}", "progress=false"]
-            wall, peak = measure(cmd, run_dir)
+                   f"hydra.run.dir={run_dir}", "progress=false", f"simulation.num_gpus_per_client={int(gpu)}"]
+            wall, peak = measure(cmd, run_dir, not args.no_memory)
             final = flower_final_weights(run_dir)
             diff = max(float(np.abs(final[k] - plain_weights[k]).max()) for k in final)
             result = json.loads((run_dir / "results.json").read_text())

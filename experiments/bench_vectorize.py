@@ -25,6 +25,12 @@ cost of one cohort step (the third column gives both step counts).
 
     python experiments/bench_vectorize.py               # 10 and 100 clients, 5 repeats
     python experiments/bench_vectorize.py --repeats 3 --clients 100
+    python experiments/bench_vectorize.py --device cuda # the GPU path (num_gpus_per_client > 0), block bench_vectorize_gpu
+
+With ``--device cuda`` the data, the starts and both paths run on the GPU (what a client runtime with
+``simulation.num_gpus_per_client > 0`` does); the table then also has the per-client loop on the CPU (one
+thread, the plain loop's setting) as the baseline, and the LEAF FEMNIST CNN on 28x28 inputs (on the CPU its
+cohort is slower than its loop, ``cohort.pays_off``). Times wait for the GPU (``torch.cuda.synchronize``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 
 from common import write_block
 from octomil_sim.cohort import cohort_sgd
-from octomil_sim.models import MLP, MLR
+from octomil_sim.models import MLP, MLR, FemnistCNN
 from octomil_sim.training import BatchStream, sgd_epochs
 
 
@@ -54,6 +60,7 @@ class Workload:
     local_steps: int | None = None  # BatchStream steps instead of epochs
     lam: float | None = None        # the prox step towards the start (Ditto's personal update)
     batch_size: int = 20
+    cnn: bool = False               # LEAF's FEMNIST CNN on 1x28x28 inputs (62 classes) instead of MLR / MLP
 
 
 WORKLOADS = [
@@ -65,6 +72,8 @@ WORKLOADS = [
     Workload("MLR, 20-400 rows, 20 epochs, batch 10", "uniform", 1.0, None, 0.05, epochs=20, batch_size=10),
 ]
 FEATURES, CLASSES = 60, 10
+CNN_WORKLOAD = Workload("LEAF FEMNIST CNN, 28x28, 1 epoch, batch 10", "uniform_small", 1.0, None, 0.05, batch_size=10,
+                        cnn=True)
 
 
 def client_sizes(kind: str, num_clients: int = 100) -> list[int]:
@@ -72,6 +81,8 @@ def client_sizes(kind: str, num_clients: int = 100) -> list[int]:
     fair_flearn) and ``synthetic_dataset`` (capped at 1,000); or uniform between 20 and 400."""
     if kind == "uniform":
         return np.random.default_rng(0).integers(20, 401, num_clients).tolist()
+    if kind == "uniform_small":  # FEMNIST-like writers: tens of images each
+        return np.random.default_rng(0).integers(20, 121, num_clients).tolist()
     if kind == "capped":
         sizes = np.minimum(np.random.default_rng(0).lognormal(4, 2, num_clients).astype(int) + 50, 1000)
     else:
@@ -79,16 +90,21 @@ def client_sizes(kind: str, num_clients: int = 100) -> list[int]:
     return sizes.tolist()
 
 
-def inputs(work: Workload, clients: int):
+def inputs(work: Workload, clients: int, device: str = "cpu"):
     sizes = client_sizes(work.sizes)
     if clients < len(sizes):
         picked = np.random.default_rng(1).choice(len(sizes), clients, replace=False)
         sizes = [sizes[i] for i in sorted(picked)]
     sizes = [n - int(np.ceil(round((1 - work.train_share) * n, 9))) for n in sizes]  # minus the test rows
     torch.manual_seed(0)
-    model = MLR((FEATURES,), CLASSES) if work.hidden is None else MLP((FEATURES,), CLASSES, work.hidden)
-    xs = [torch.randn(n, FEATURES) for n in sizes]
-    ys = [torch.randint(0, CLASSES, (n,)) for n in sizes]
+    if work.cnn:
+        model, shape, classes = FemnistCNN((1, 28, 28), 62), (1, 28, 28), 62
+    else:
+        shape, classes = (FEATURES,), CLASSES
+        model = MLR(shape, classes) if work.hidden is None else MLP(shape, classes, work.hidden)
+    xs = [torch.randn(n, *shape) for n in sizes]
+    ys = [torch.randint(0, classes, (n,)) for n in sizes]
+    model, xs, ys = model.to(device), [x.to(device) for x in xs], [y.to(device) for y in ys]
     start = {k: v.clone() for k, v in model.state_dict().items()}
     batches = None
     if work.local_steps is not None:
@@ -119,18 +135,65 @@ def vectorized(model, xs, ys, start, batches, work: Workload):
 def timed(fn, repeats: int):
     times, out = [], None
     for _ in range(repeats):
+        sync()
         begin = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - begin)
     return statistics.median(times), out
+
+
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def max_diffs(got, got_loss, ref, ref_loss) -> tuple[float, float]:
+    diff = max((got[k][n].cpu() - ref[k][n].cpu()).abs().max().item() for k in range(len(ref)) for n in ref[k])
+    return diff, max(abs(a - b) for a, b in zip(got_loss, ref_loss))
+
+
+def main_gpu(args) -> None:
+    """The ``--device cuda`` table: CPU loop, GPU loop, GPU cohort, one run."""
+    import platform
+
+    name = torch.cuda.get_device_name()
+    rows = [f"GPU: {name}, torch {torch.__version__}, CPU: {platform.processor() or platform.machine()} (one thread). "
+            "Median of the repeats; the last two columns compare the GPU cohort with the GPU loop.", "",
+            "| workload | clients | steps per client (max / total) | CPU loop s | GPU loop s | GPU vectorized s "
+            "| vectorized vs CPU loop | vs GPU loop | max \\|param diff\\| | max \\|loss diff\\| |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    print(rows[0], flush=True)
+    for work in [*WORKLOADS, CNN_WORKLOAD]:
+        for clients in args.clients:
+            steps = None
+            times = {}
+            for device in ("cpu", "cuda"):
+                model, xs, ys, start, batches = inputs(work, clients, device)
+                steps = [work.local_steps if batches else work.epochs * -(-len(y) // work.batch_size) for y in ys]
+                per_client(model, xs[:2], ys[:2], start, None if batches is None else batches[:2], work)  # warm-up
+                times[device], (ref, ref_loss) = timed(lambda: per_client(model, xs, ys, start, batches, work), args.repeats)
+            vectorized(model, xs[:2], ys[:2], start, None if batches is None else batches[:2], work)  # warm-up
+            t_vec, (got, got_loss) = timed(lambda: vectorized(model, xs, ys, start, batches, work), args.repeats)
+            diff, loss_diff = max_diffs(got, got_loss, ref, ref_loss)
+            rows.append(f"| {work.name} | {clients} | {max(steps)} / {sum(steps)} | {times['cpu']:.3f} "
+                        f"| {times['cuda']:.3f} | {t_vec:.3f} | {times['cpu'] / t_vec:.1f}x | {times['cuda'] / t_vec:.1f}x "
+                        f"| {diff:.1e} | {loss_diff:.1e} |")
+            print(rows[-1], flush=True)
+    write_block("bench_vectorize_gpu", rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device=cuda: torch sees no CUDA device here; allowed: cpu")
+        return main_gpu(args)
     rows = ["| workload | clients | steps per client (max / total) | per-client loop s | vectorized s | speed-up "
             "| max \\|param diff\\| | max \\|loss diff\\| |", "|---|---|---|---|---|---|---|---|"]
     for work in WORKLOADS:
@@ -139,8 +202,7 @@ def main() -> None:
             steps = [work.local_steps if batches else work.epochs * -(-len(y) // work.batch_size) for y in ys]
             t_loop, (ref, ref_loss) = timed(lambda: per_client(model, xs, ys, start, batches, work), args.repeats)
             t_vec, (got, got_loss) = timed(lambda: vectorized(model, xs, ys, start, batches, work), args.repeats)
-            diff = max((got[k][n] - ref[k][n]).abs().max().item() for k in range(clients) for n in ref[k])
-            loss_diff = max(abs(a - b) for a, b in zip(got_loss, ref_loss))
+            diff, loss_diff = max_diffs(got, got_loss, ref, ref_loss)
             rows.append(f"| {work.name} | {clients} | {max(steps)} / {sum(steps)} | {t_loop:.3f} | {t_vec:.3f} "
                         f"| {t_loop / t_vec:.1f}x | {diff:.1e} | {loss_diff:.1e} |")
             print(rows[-1], flush=True)

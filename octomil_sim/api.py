@@ -33,7 +33,7 @@ SETTINGS = {"rounds": "simulation.rounds", "clients": "simulation.num_clients",
             "clients_per_round": "simulation.clients_per_round", "seed": "simulation.seed", "lr": "simulation.lr",
             "local_epochs": "simulation.local_epochs", "batch_size": "simulation.batch_size",
             "fraction_evaluate": "simulation.fraction_evaluate", "checkpoint_every": "simulation.checkpoint_every",
-            "experiment": "experiment", "dataset": "dataset", "partition": "partition"}
+            "gpus_per_client": "simulation.num_gpus_per_client", "experiment": "experiment", "dataset": "dataset", "partition": "partition"}
 
 
 @dataclass
@@ -185,8 +185,8 @@ def simulate(model: Any = None, data: Any = None, *, personalization: str | None
     columns (None: all others), or None (``dataset=`` of the config). ``personalization`` / ``fairness`` /
     ``privacy``: as on the command line (``-`` may stand for ``_``). ``groups``: {client: group} or a JSON file.
     ``settings``: ``rounds``, ``clients``, ``clients_per_round``, ``seed``, ``lr``, ``local_epochs``,
-    ``batch_size``, ``fraction_evaluate``, ``checkpoint_every``, ``experiment``, ``dataset``, ``partition``,
-    ``local_layers``, ``sync_layers``. ``overrides``: Hydra overrides (``"strategy.client.lam=0.5"``).
+    ``batch_size``, ``fraction_evaluate``, ``checkpoint_every``, ``gpus_per_client`` (> 0: clients train on
+    a GPU), ``experiment``, ``dataset``, ``partition``, ``local_layers``, ``sync_layers``. ``overrides``: Hydra overrides (``"strategy.client.lam=0.5"``).
     ``out``: the run folder (default ``outputs/api/<date>_<time>``); a finished or checkpointed run there
     is resumed as on the command line."""
     from hydra import compose, initialize_config_module

@@ -55,6 +55,8 @@ def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
     parser.add_argument("--out", help="the run folder (hydra.run.dir)")
     parser.add_argument("--backend", help="simulation.backend: ray (clients in Ray actors: several cores, clusters) "
                         "or local (in this process: no Ray start-up, least memory, one core)")
+    parser.add_argument("--gpus-per-client", type=float, help="simulation.num_gpus_per_client: > 0 trains clients "
+                        "on a GPU (a share of one per Ray actor)")
     parser.add_argument("--jobs", type=int, help="a -m sweep's jobs run this many at a time (Hydra's joblib "
                         "launcher), the CPUs shared among them")
     known, rest = parser.parse_known_args(argv)
@@ -77,7 +79,8 @@ def train_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
                               "{client id: group}")
         overrides.append(f"groups_file={path.resolve()}")
     for flag, key in (("rounds", "simulation.rounds"), ("clients", "simulation.num_clients"),
-                      ("seed", "simulation.seed"), ("out", "hydra.run.dir"), ("backend", "simulation.backend")):
+                      ("seed", "simulation.seed"), ("out", "hydra.run.dir"), ("backend", "simulation.backend"),
+                      ("gpus_per_client", "simulation.num_gpus_per_client")):
         if getattr(known, flag) is not None:
             overrides.append(f"{key}={getattr(known, flag)}")
     if known.jobs is not None:

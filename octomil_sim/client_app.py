@@ -198,10 +198,12 @@ class ClientRuntime:
     fairness: object | None = None  # the fairness policy's client half (``FairnessReport``), if any
     private: PrivacyClient | None = None  # the privacy group's client half, if any
     vectorize: bool = False  # train a message's clients together where the algorithm can (``train_message``)
+    device: torch.device = torch.device("cpu")  # where models, data and loaded client state live (``client_device``)
     _cohort_works: bool | None = None  # set by the first vectorized message (``_probe_cohort``)
     _initial: nn.Module | None = None
     _reused: nn.Module | None = None  # the model ``model_from(..., reuse=True)`` loads into
     _reused_holds: ArrayRecord | None = None  # the record ``_reused`` holds unchanged (evaluated only)
+    _on_device: dict = field(default_factory=dict)  # {client: ClientData on ``device``} (not used on the CPU)
 
     def begin_message(self) -> ClientRuntime:
         """Forget what is known of received records: a record is known by identity within one message
@@ -212,8 +214,19 @@ class ClientRuntime:
 
     def initial_model(self) -> nn.Module:
         if self._initial is None:
-            self._initial = build_initial_model(self.spec)
+            self._initial = build_initial_model(self.spec).to(self.device)
         return copy.deepcopy(self._initial)
+
+    def client_data(self, pid: int) -> ClientData:
+        """The client's tensors on this runtime's device (moved once, then kept there: a round's
+        transfer would cost more than a small client's update)."""
+        data = self.data.client(pid)
+        if self.device.type == "cpu":
+            return data
+        if pid not in self._on_device:
+            self._on_device[pid] = ClientData(*(t.to(self.device) for t in
+                                                (data.x_train, data.y_train, data.x_test, data.y_test)))
+        return self._on_device[pid]
 
     def model_from(self, arrays: ArrayRecord, task: ClientTask, reuse: bool = False,
                    read_only: bool = False) -> nn.Module:
@@ -239,8 +252,8 @@ class ClientRuntime:
         config = config if isinstance(config, ConfigRecord) else ConfigRecord()
         server_round = int(config.get("server-round", 0))
         generator = torch.Generator().manual_seed(client_seed(self.hp.seed + salt, server_round, pid))
-        return ClientTask(pid, server_round, self.data.client(pid), self.hp, generator,
-                          self.store.bind(pid), config, StepBudget(max_steps), initial=self.initial_model)
+        return ClientTask(pid, server_round, self.client_data(pid), self.hp, generator,
+                          self.store.bind(pid, self.device), config, StepBudget(max_steps), initial=self.initial_model)
 
     # --- one client's share of a message --------------------------------------------------------
     def prepare_train(self, pid: int, content: RecordDict, reuse: bool = False) -> tuple[ClientTask, nn.Module]:
@@ -321,8 +334,8 @@ class ClientRuntime:
         if not vectorizes(self.template):
             return True  # the algorithms' train_cohort declines; nothing to probe
         d = self.spec.dataset
-        x = torch.zeros(2, *d.input_shape, dtype=torch.long if d.tokens else torch.float32)
-        y = torch.zeros(2, dtype=torch.long)
+        x = torch.zeros(2, *d.input_shape, dtype=torch.long if d.tokens else torch.float32, device=self.device)
+        y = torch.zeros(2, dtype=torch.long, device=self.device)
         state = {k: v.detach().clone() for k, v in self.template.state_dict().items()}
         try:
             cohort_sgd(self.template, [state, state], [x, x], [y, y], epochs=1, batch_size=2, lr=0.0,
@@ -376,6 +389,7 @@ def client_runtime(spec: RunSpec) -> ClientRuntime:
     # in the actor's process: Flower's "Manually terminating ClientAppActor" at a normal shutdown is noise
     logging.getLogger("flwr").setLevel(logging.ERROR)
     s = spec.simulation
+    device = client_device(s)
     return ClientRuntime(
         spec=spec,
         data=federated_data(spec),
@@ -384,12 +398,26 @@ def client_runtime(spec: RunSpec) -> ClientRuntime:
                          local_steps=s.local_steps),
         store=make_store(s.state_store, s.state_dir),
         system=SystemModel.of_run(spec),
-        template=build_model(spec),
+        template=build_model(spec).to(device),
         fairness=spec.fairness.client.build() if spec.fairness.client else None,
         private=(spec.privacy.client.build(max_trainings=s.rounds)
                  if spec.privacy.client else None),
         vectorize=s.vectorize,
+        device=device,
     )
+
+
+def client_device(s) -> torch.device:
+    """Where this process's clients train: ``cuda`` when the run gives each client a share of a GPU
+    (``simulation.num_gpus_per_client`` > 0; in a Ray actor, the GPU Ray assigned it, which it sees as
+    device 0), else ``cpu``. Models, client data and loaded client state live there; what travels
+    (uploads, received models) and what the client-state store keeps stay on the CPU."""
+    if not s.num_gpus_per_client:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"simulation.num_gpus_per_client={s.num_gpus_per_client}: this client process sees no "
+                           "CUDA device (torch.cuda.is_available() is False); allowed here: 0 (clients on the CPU)")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 #: stacked parameters (weights, gradients, starting points) one training cohort may hold, and at most

@@ -206,8 +206,8 @@ def cohort_sgd(
         per_pass = [max(len(listed), 1) for listed in batches]  # the listed minibatches are one pass
         read = [_listed_steps(listed[:lim], width) for listed, lim in zip(batches, left)]
         steps = [s for _, s in read]
-        xs = [x.index_select(0, rows) for x, (rows, _) in zip(xs, read)]  # only the rows the steps read
-        ys = [y.index_select(0, rows) for y, (rows, _) in zip(ys, read)]
+        xs = [x.index_select(0, rows.to(x.device)) for x, (rows, _) in zip(xs, read)]  # only the rows the steps read
+        ys = [y.index_select(0, rows.to(y.device)) for y, (rows, _) in zip(ys, read)]
     for budget, s in zip(budgets or [], steps):
         if budget is not None:
             budget.used += len(s)
@@ -223,7 +223,10 @@ def cohort_sgd(
         anchor = {n: torch.stack([anchors[k][at[n]].detach() for k in order]) for n in moving}
     x_all, y_all = torch.cat(xs), torch.cat(ys)  # in client order, as the plan's row ids
     row_shape = x_all.shape[1:]
-    losses = torch.zeros(len(plan.index), dtype=torch.float32)  # each (client, step)'s minibatch loss
+    # the plan is drawn on the CPU (the clients' generators); the steps read it where the data is
+    device = x_all.device
+    index, mask, rows_real = (t.to(device) for t in (plan.index, plan.mask, plan.rows))
+    losses = torch.zeros(len(plan.index), dtype=torch.float32, device=device)  # each (client, step)'s minibatch loss
     names = list(named)
 
     def forward(*tensors: Tensor) -> Tensor:  # one client: its parameters in ``names`` order, then x
@@ -233,7 +236,7 @@ def cohort_sgd(
     model.train()
     for t in range(plan.num_steps):
         a, active, w = plan.start[t], plan.active[t], plan.width[t]
-        rows = plan.index[a:a + active, :w].flatten()
+        rows = index[a:a + active, :w].flatten()
         x, y = x_all.index_select(0, rows), y_all.index_select(0, rows)
         views = {n: stack[n][:active] for n in names}
         leaves = {n: views[n].detach().requires_grad_() for n in moving}
@@ -246,7 +249,7 @@ def cohort_sgd(
             # classes in dim 1: F.cross_entropy's fast layout for many short rows
             ce = F.cross_entropy(logits.transpose(1, 2), y.view(active, w), reduction="none")
             if plan.padded[t]:
-                step_losses = torch.where(plan.mask[a:a + active, :w], ce, 0.0).sum(1) / plan.rows[a:a + active]
+                step_losses = torch.where(mask[a:a + active, :w], ce, 0.0).sum(1) / rows_real[a:a + active]
             else:
                 step_losses = ce.mean(1)
         grads = torch.autograd.grad(step_losses.sum(), list(leaves.values()), allow_unused=True)
@@ -261,6 +264,7 @@ def cohort_sgd(
                     views[n].copy_(prox_grad_step(views[n], g, anchor[n][:active], lam, lr))
 
     # per client: the size-weighted mean minibatch loss of its last pass that took steps
+    losses = losses.cpu()
     taken = torch.tensor([len(steps[k]) for k in order])
     passes = torch.tensor([per_pass[k] for k in order])
     last_pass = (taken - 1).clamp(min=0) // passes

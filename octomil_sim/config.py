@@ -217,6 +217,14 @@ def validate(spec: RunSpec) -> None:
     _require("simulation.test_fraction", s.test_fraction, 0 < s.test_fraction < 1, "a number in (0, 1)")
     _require("simulation.fraction_evaluate", s.fraction_evaluate, 0 <= s.fraction_evaluate <= 1, "a number in [0, 1]")
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.num_cpus_per_client > 0, "a number > 0")
+    gpus = s.num_gpus_per_client
+    _require("simulation.num_gpus_per_client", gpus, isinstance(gpus, (int, float)) and 0 <= gpus <= 1,
+             "a number in [0, 1]: 0 trains on the CPU, a share of one GPU trains each client on a GPU")
+    if gpus and s.ray_address is None:  # a cluster's GPUs are its nodes' business
+        import torch
+
+        _require("simulation.num_gpus_per_client", gpus, torch.cuda.is_available(),
+                 "0 on this machine: torch sees no CUDA device (torch.cuda.is_available() is False)")
     unseen = s.unseen_clients or 0
     _require("simulation.unseen_clients", unseen, isinstance(unseen, (int, float)) and 0 <= unseen < 1
              and s.num_clients - round(unseen * s.num_clients) >= s.clients_per_round,

@@ -322,7 +322,7 @@ def client_state_dir(spec: RunSpec) -> Path | None:
 #: keys that may differ between a checkpointed run and its resumption
 RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simulation.ray_address", "progress", "logger",
                      "simulation.startup_timeout_s", "simulation.vectorize",
-                     "simulation.ray_num_cpus", "simulation.backend"}  # resources: a --jobs sweep resumed with another N or alone
+                     "simulation.ray_num_cpus", "simulation.backend", "simulation.num_gpus_per_client"}  # resources: a --jobs sweep resumed with another N or alone
 #: keys added since checkpoints were first written, with the value that means what their absence meant
 ADDED_KEYS = {"simulation.unseen_clients": 0.0, "simulation.backend": "ray", "fairness.name": "none", "fairness.policy": None,
               "fairness.client": None, "privacy.name": "none"}
@@ -505,6 +505,10 @@ def num_nodes(spec: RunSpec) -> int:
     backend, which runs one message at a time); never more than clients."""
     s = spec.simulation
     actors = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client)) if s.backend == "ray" else 1
+    if s.backend == "ray" and s.num_gpus_per_client and s.ray_address is None:  # Ray starts no more than the GPUs hold
+        import torch
+
+        actors = max(1, min(actors, int(torch.cuda.device_count() // s.num_gpus_per_client)))
     return min(s.num_nodes or actors, s.num_clients)
 
 

@@ -26,8 +26,8 @@ class ClientStateStore(ABC):
     @abstractmethod
     def load(self, client_id: int, key: str) -> State | None: ...
 
-    def bind(self, client_id: int) -> "ClientState":
-        return ClientState(self, client_id)
+    def bind(self, client_id: int, device: torch.device | str | None = None) -> "ClientState":
+        return ClientState(self, client_id, device)
 
 
 class MemoryStateStore(ClientStateStore):
@@ -37,7 +37,8 @@ class MemoryStateStore(ClientStateStore):
         self._states: dict[tuple[int, str], State] = {}
 
     def save(self, client_id: int, key: str, state: State) -> None:
-        self._states[(client_id, key)] = {k: v.detach().clone() for k, v in state.items()}
+        # on the CPU whatever device the client trains on: thousands of clients' state must not hold GPU memory
+        self._states[(client_id, key)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def load(self, client_id: int, key: str) -> State | None:
         state = self._states.get((client_id, key))
@@ -67,13 +68,18 @@ class DiskStateStore(ClientStateStore):
 
 
 class ClientState:
-    """The store seen by one client: ``load(key)`` / ``save(key, state)``."""
+    """The store seen by one client: ``load(key)`` / ``save(key, state)``. The store keeps tensors on
+    the CPU; ``load`` gives them on ``device`` (the client's, e.g. ``cuda``; None: as stored)."""
 
-    def __init__(self, store: ClientStateStore, client_id: int) -> None:
+    def __init__(self, store: ClientStateStore, client_id: int, device: torch.device | str | None = None) -> None:
         self._store, self._client_id = store, client_id
+        self.device = None if device is None or torch.device(device).type == "cpu" else torch.device(device)
 
     def load(self, key: str) -> State | None:
-        return self._store.load(self._client_id, key)
+        state = self._store.load(self._client_id, key)
+        if state is None or self.device is None:
+            return state
+        return {k: v.to(self.device) for k, v in state.items()}
 
     def save(self, key: str, state: State) -> None:
         self._store.save(self._client_id, key, state)

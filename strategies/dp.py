@@ -125,7 +125,7 @@ def clip_upload(upload: dict[str, torch.Tensor], received: dict[str, torch.Tenso
     missing = [k for k in upload if k not in received]
     if missing:
         raise ValueError(f"client-side clipping: uploaded arrays {missing} were not received")
-    deltas = {k: v.double() - received[k].double() for k, v in upload.items()}
+    deltas = {k: v.detach().cpu().double() - received[k].double() for k, v in upload.items()}  # (a GPU client's upload)
     norm = math.sqrt(sum(float((d ** 2).sum()) for d in deltas.values()))
     scale = clip_scale(norm, clipping_norm)
     clipped = {k: (received[k].double() + scale * d).to(upload[k].dtype) for k, d in deltas.items()}
@@ -468,7 +468,9 @@ class DPSGD(PrivacyClient):
             p.requires_grad_(False)
         z = self.noise(len(y), batch_size, len(batches) if batches is not None else epochs * math.ceil(len(y) / batch_size))
         wrapped = GradSampleModule(model)
-        noise_gen = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5EED)  # the batches' draws untouched
+        # the batches' draws untouched; on the data's device, where Opacus draws the noise (so a GPU run's
+        # noise is another draw than a CPU run's, each a function of the seed)
+        noise_gen = torch.Generator(device=x.device).manual_seed(generator.initial_seed() ^ 0x5EED)
         optimizer = DPOptimizer(torch.optim.SGD(moving, lr=lr), noise_multiplier=z, max_grad_norm=self.max_grad_norm,
                                 expected_batch_size=batch_size, generator=noise_gen)
         wrapped.train()

@@ -169,7 +169,7 @@ def sparse_encode(state: Tensors, masks: dict[str, torch.Tensor]) -> Tensors:
             out[name] = t.detach()
         else:
             out[name + VALUES] = t.detach()[m]
-            out[name + BITS] = torch.from_numpy(np.packbits(m.flatten().numpy()))
+            out[name + BITS] = torch.from_numpy(np.packbits(m.flatten().cpu().numpy()))
     return out
 
 
@@ -275,15 +275,18 @@ class FedP3Client(ClientAlgorithm):
 
     def load(self, model: nn.Module, arrays: ArrayRecord, task: ClientTask) -> nn.Module:
         """Decode the pruned global model, take the client's own final layer if it has one, prune
-        its kept-home layers further (``local_pruning``), and keep the masks in ``task.received``."""
-        own = model.state_dict()
+        its kept-home layers further (``local_pruning``), and keep the masks in ``task.received``.
+        The masks are worked out on the CPU (NumPy's stable sort: the same masks on any device) and
+        then moved to the model's device."""
+        device = next(model.parameters()).device
+        own = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         tensors, masks = sparse_decode(arrays, own)
         final = layers_in_order(own)[-1]
         stored = task.state.load(PERSONAL)
         if stored is not None:
             for name in own:
                 if layer_of(name) == final:
-                    tensors[name], masks[name] = stored[name].clone(), torch.ones_like(own[name], dtype=torch.bool)
+                    tensors[name], masks[name] = stored[name].cpu(), torch.ones_like(own[name], dtype=torch.bool)
         upload = set(task.config.get("upload", layers_in_order(own)))
         rng = np.random.default_rng([task.hp.seed, task.server_round, task.client_id, 83])
         sparsity = local_sparsity_draw(self.local_pruning, self.local_sparsity, rng)
@@ -292,7 +295,7 @@ class FedP3Client(ClientAlgorithm):
                 masks[name] = local_mask(t, masks[name], self.local_pruning, sparsity)
             tensors[name] = t * masks[name]
         model.load_state_dict(tensors)
-        task.received["masks"] = masks
+        task.received["masks"] = {k: m.to(device) for k, m in masks.items()}
         return model
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:

@@ -17,11 +17,12 @@ def test_train_flags_are_the_overrides_they_name(tmp_path):
     groups.write_text("{}")
     got = train_overrides(["--personalization", "scafflix", "--fairness", "bounded-group-loss", "--groups-file",
                            str(groups), "--rounds", "50", "--seed", "3", "simulation.lr=0.1", "--privacy", "dp-sgd",
-                           "--backend", "local"],
+                           "--backend", "local", "--gpus-per-client", "0.5"],
                           cwd=tmp_path)
     assert got == ["personalization=scafflix", "fairness=bounded_group_loss", "privacy=dp_sgd",
                    f"groups_file={groups.resolve()}",
-                   "simulation.rounds=50", "simulation.seed=3", "simulation.backend=local", "simulation.lr=0.1"]
+                   "simulation.rounds=50", "simulation.seed=3", "simulation.backend=local",
+                   "simulation.num_gpus_per_client=0.5", "simulation.lr=0.1"]
 
 
 @pytest.mark.parametrize("argv, message", [

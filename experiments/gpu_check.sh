@@ -1,0 +1,23 @@
+#!/bin/bash
+# The GPU checks of issue 12, as run on a lent GPU machine (the device tool: the working tree is copied
+# there, $OUT comes back) whose Python has torch but not this project's other dependencies: those travel as
+# Python 3.12 wheels in .whl (not in git; see the device notes). Each step runs even if one before failed.
+#   tests/test_gpu.py                        GPU replies = CPU replies, cohorts on cuda, whole local runs
+#   bench_vectorize.py --device cuda         the kernel: CPU loop, GPU loop, GPU cohort
+#   bench_scale.py --sides local --gpu       whole runs: plain loop, local backend on CPU and on the GPU
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+  WANDB_MODE=disabled
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+[ -e octomil_sim/conf ] || ln -s ../conf octomil_sim/conf  # what the editable install maps
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import sys, torch, flwr.simulation, hydra, octomil_sim.runner, strategies.fedavg; \
+print(sys.version.split()[0], torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name())"
+timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -25
+cd experiments
+timeout "${KERNEL_S:-180}" python3 bench_vectorize.py --device cuda --repeats 3 --clients 100 2>&1 | tee "$OUT/bench_vectorize_gpu.log"
+timeout "${SCALE_S:-150}" python3 bench_scale.py --workloads mlp-1000 --sides local --gpu --no-memory \
+  --block bench_scale_gpu 2>&1 | tee "$OUT/bench_scale_gpu.log"
+cp README.md "$OUT/experiments_README.md"

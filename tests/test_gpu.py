@@ -1,0 +1,203 @@
+"""The GPU path (issue 12): ``simulation.num_gpus_per_client > 0`` trains clients on ``cuda`` (models, client
+data, loaded client state and vectorized cohorts there; what travels and what the state store keeps on the
+CPU). The CUDA tests run where torch sees a GPU (``experiments/gpu_check.py`` runs them with whole runs of
+every algorithm on a lent GPU machine); the others check the parts that work the same without one."""
+
+import copy
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from octomil_sim.batching import pack, unpack
+from octomil_sim.client_app import client_device, client_runtime, run_clients
+from octomil_sim.cohort import cohort_sgd
+from octomil_sim.config import validate
+from octomil_sim.errors import ConfigError
+from octomil_sim.state import DiskStateStore, MemoryStateStore
+from octomil_sim.training import BatchStream, StepBudget, sgd_epochs
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
+SMALL = ["simulation.num_clients=12", "simulation.clients_per_round=6", "simulation.rounds=3",
+         "simulation.checkpoint_every=0", "progress=false"]
+
+
+# --- without a GPU --------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, message", [
+    (2, "simulation.num_gpus_per_client=2: allowed: a number in [0, 1]"),
+    (-0.5, "simulation.num_gpus_per_client=-0.5: allowed: a number in [0, 1]"),
+])
+def test_a_gpu_share_outside_one_gpu_is_refused(make_spec, value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(make_spec(f"simulation.num_gpus_per_client={value}"))
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has a GPU")
+def test_a_gpu_run_on_a_machine_without_one_is_refused_before_anything_starts(make_spec):
+    with pytest.raises(ConfigError, match=r"simulation.num_gpus_per_client=0.5: allowed: 0 on this machine: torch "
+                                          r"sees no CUDA device"):
+        validate(make_spec("simulation.num_gpus_per_client=0.5"))
+    validate(make_spec("simulation.num_gpus_per_client=0.5", "simulation.ray_address=auto"))  # a cluster's own GPUs
+
+
+def test_the_client_device_follows_the_gpu_share(make_spec):
+    assert client_device(make_spec("simulation.num_gpus_per_client=0").simulation) == torch.device("cpu")
+    if CUDA:
+        assert client_device(make_spec("simulation.num_gpus_per_client=0.5").simulation).type == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="num_gpus_per_client=0.5: this client process sees no CUDA device"):
+            client_device(make_spec("simulation.num_gpus_per_client=0.5").simulation)
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_client_state_is_stored_on_the_cpu_and_loaded_on_the_clients_device(store, tmp_path):
+    """``meta`` stands in for a GPU: a load gives the bound device's tensors, the store keeps the CPU's."""
+    backend = MemoryStateStore() if store == "memory" else DiskStateStore(tmp_path)
+    backend.bind(3).save("h", {"w": torch.tensor([1.5, -2.0])})
+    loaded = backend.bind(3, torch.device("meta")).load("h")
+    assert loaded["w"].device.type == "meta" and loaded["w"].shape == (2,)
+    assert backend.bind(3, "cpu").load("h")["w"].tolist() == [1.5, -2.0]
+    assert backend.bind(4, torch.device("meta")).load("h") is None
+    if store == "memory":
+        assert backend._states[(3, "h")]["w"].device.type == "cpu"
+
+
+# --- on a GPU -------------------------------------------------------------------------------------
+def _clients(k: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(s) for s in torch.randint(5, 60, (k,), generator=g)]
+    xs = [torch.randn(n, 6, generator=g).to(device) for n in sizes]
+    ys = [torch.randint(0, 3, (n,), generator=g).to(device) for n in sizes]
+    return xs, ys
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["epochs", "prox-budget", "listed"])
+def test_a_cohort_on_the_gpu_trains_as_each_client_alone(kind):
+    """``cohort_sgd`` with data and parameters on ``cuda`` (the plan is drawn on the CPU) against
+    ``sgd_epochs`` client by client on ``cuda`` and on the CPU: the same final parameters and losses up to
+    float rounding, and the same generator and budget afterwards."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).cuda()
+    k = 7
+    xs, ys = _clients(k, "cuda")
+    starts = [{n: p.detach() + 0.01 * i for n, p in model.named_parameters()} for i in range(k)]
+    anchors = [[p.detach() * 0.5 for p in model.parameters()] for _ in range(k)] if kind == "prox-budget" else None
+    limits = [3, None, 1, 50, 0, 4, None] if kind == "prox-budget" else [None] * k
+    listed = ([BatchStream(len(y), 4).take(5) for y in ys] if kind == "listed" else None)
+
+    def alone(device):
+        finals, losses, gens, budgets = [], [], [], []
+        for i in range(k):
+            m = copy.deepcopy(model).to(device)
+            m.load_state_dict(starts[i])
+            gen, budget = torch.Generator().manual_seed(i), StepBudget(limits[i])
+            loss = sgd_epochs(m, xs[i].to(device), ys[i].to(device), epochs=2, batch_size=8, lr=0.1, generator=gen,
+                              anchor=None if anchors is None else [a.to(device) for a in anchors[i]], lam=0.3,
+                              budget=budget, batches=None if listed is None else listed[i])
+            finals.append({n: v.detach().cpu() for n, v in m.state_dict().items()})
+            losses.append(loss), gens.append(gen.get_state()), budgets.append(budget.used)
+        return finals, losses, gens, budgets
+
+    gens = [torch.Generator().manual_seed(i) for i in range(k)]
+    budgets = [StepBudget(limit) for limit in limits]
+    states, losses = cohort_sgd(model, starts, xs, ys, epochs=2, batch_size=8, lr=0.1, generators=gens,
+                                anchors=anchors, lam=0.3, budgets=budgets, batches=listed)
+    assert all(v.device.type == "cuda" for s in states for v in s.values())
+    for device in ("cuda", "cpu"):
+        finals, alone_losses, alone_gens, used = alone(device)
+        for i in range(k):
+            for n, v in finals[i].items():
+                torch.testing.assert_close(states[i][n].cpu(), v, rtol=1e-4, atol=1e-5)
+            assert losses[i] == pytest.approx(alone_losses[i], rel=1e-4, abs=1e-6)
+            assert torch.equal(gens[i].get_state(), alone_gens[i]) and budgets[i].used == used[i]
+
+
+def _replies(runtime, rounds: int = 2):
+    """Train ``rounds`` messages of 12 clients, then one evaluation message; each reply's arrays and metrics."""
+    out = []
+    torch.manual_seed(0)
+    model = copy.deepcopy(runtime.template).cpu()
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    arrays = ArrayRecord(model.state_dict())
+    for server_round in range(1, rounds + 2):
+        config = ConfigRecord({"server-round": server_round})
+        packed = pack([(pid, RecordDict({"arrays": arrays, "config": config})) for pid in range(12)])
+        handler = runtime.train_message if server_round <= rounds else \
+            (lambda msg: run_clients(runtime.begin_message().evaluate, msg))
+        replies, failed = unpack(handler(packed))
+        out.append(({pid: (r["arrays"].to_torch_state_dict() if "arrays" in r else {}, dict(r["metrics"]))
+                     for pid, r in replies.items()}, failed))
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("overrides", [
+    ["strategy=fedavg"],
+    ["strategy=fedavg", "model=mlp", "system=heterogeneous", "simulation.local_steps=5"],
+    ["strategy=ditto", "strategy.client.lam=0.5", "model=mlp"],
+    ["strategy=pfedme"],
+    ["strategy=scafflix"],
+    ["strategy=fedp3", "model=mlp"],
+    ["strategy=personal_layers", "model=mlp", "strategy.client.head_epochs=2"],
+    ["strategy=finetune", "fairness=qffl", "model=mlp"],
+    ["strategy=maxfl", "strategy.client.local_epochs_rho=3"],
+    ["strategy=tilted", "strategy.server.t=2"],
+    ["privacy=dp_sgd", "privacy.client.epsilon=null", "privacy.client.noise_multiplier=0"],  # clipping (noise: below)
+    ["strategy=prompt_tuning", "dataset=synthetic_tokens", "model=prompt_transformer"],
+], ids=["fedavg", "mlp-steps-hetero", "ditto", "pfedme", "scafflix", "fedp3", "fedrep", "finetune-qffl", "maxfl",
+        "tilted", "dp-sgd", "prompt-tuning"])
+def test_a_client_half_on_the_gpu_replies_as_on_the_cpu(make_spec, tmp_path, overrides):
+    """Every reply (uploads, metrics, dropouts) and the stored client state of a GPU runtime (vectorized
+    where the algorithm can) equal those of the CPU runtime client by client, up to float rounding."""
+    runs = {}
+    for device, vectorize in (("cpu", False), ("cuda", True)):
+        spec = make_spec(*SMALL, "simulation.state_store=memory", *overrides,
+                         f"simulation.num_gpus_per_client={1 if device == 'cuda' else 0}")
+        spec = spec.replace(simulation={"vectorize": vectorize, "state_dir": str(tmp_path / device)})
+        client_runtime.cache_clear()
+        runtime = client_runtime(spec)
+        assert runtime.device.type == device and runtime.template.parameters().__next__().device.type == device
+        runs[device] = (_replies(runtime), {k: dict(v) for k, v in runtime.store._states.items()})
+    client_runtime.cache_clear()
+    (cpu, cpu_state), (gpu, gpu_state) = runs["cpu"], runs["cuda"]
+    for (replies_c, failed_c), (replies_g, failed_g) in zip(cpu, gpu, strict=True):
+        assert failed_c == failed_g and sorted(replies_c) == sorted(replies_g)
+        for pid, (state_c, metrics_c) in replies_c.items():
+            state_g, metrics_g = replies_g[pid]
+            assert metrics_c.keys() == metrics_g.keys()
+            for key, value in metrics_c.items():
+                assert metrics_g[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (pid, key)
+            for name, value in state_c.items():
+                torch.testing.assert_close(state_g[name], value, rtol=1e-3, atol=1e-4)
+    assert cpu_state.keys() == gpu_state.keys()
+    for key, saved in cpu_state.items():
+        for name, value in saved.items():
+            assert gpu_state[key][name].device.type == "cpu"
+            torch.testing.assert_close(gpu_state[key][name].to(value.dtype), value, rtol=1e-3, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("overrides, same_as_cpu", [
+    (["strategy=ditto", "model=mlp"], True),
+    (["strategy=hierarchical", "strategy.server.assignment=loss", "strategy.server.num_groups=2"], True),
+    (["strategy=fedp3", "model=mlp"], True),
+    (["privacy=client_level", "privacy.server.clipping=client_fixed", "privacy.server.epsilon=2"], True),
+    (["privacy=dp_sgd", "privacy.client.epsilon=2"], False),  # Opacus draws the noise on the GPU: another draw
+], ids=["ditto", "hierarchical", "fedp3", "client-level-dp", "dp-sgd"])
+def test_a_whole_local_run_on_the_gpu_repeats_exactly_and_matches_the_cpu(make_spec, tmp_path, overrides, same_as_cpu):
+    from octomil_sim.runner import run
+
+    common = ["simulation.backend=local", "simulation.num_clients=10", "simulation.clients_per_round=5",
+              "simulation.rounds=3", "simulation.fraction_evaluate=0.5", "simulation.checkpoint_every=0",
+              "progress=false", *overrides]
+    gpu = [run(make_spec(*common, "simulation.num_gpus_per_client=1"), tmp_path / f"gpu{i}") for i in range(2)]
+    drop = lambda d: {k: v for k, v in d.items() if k not in ("time_s", "driver_rss_mb")}  # noqa: E731
+    assert [drop(r) for r in gpu[0]["rounds"]] == [drop(r) for r in gpu[1]["rounds"]]
+    assert gpu[0]["clients"] == gpu[1]["clients"]
+    if same_as_cpu:
+        cpu = run(make_spec(*common), tmp_path / "cpu")
+        for key in ("global_acc", "personalized_acc", "global_loss", "personalized_loss"):
+            assert gpu[0]["final"][key] == pytest.approx(cpu["final"][key], rel=1e-3, abs=1e-3), key
