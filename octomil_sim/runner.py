@@ -610,8 +610,9 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
             session = RunSession(spec, output_dir, saved, started)
             if not stop.is_set():
                 with session.progress, prompt_simulation_runtime(), fast_array_reads():
+                    # the name only gates Flower's "is Ray installed" exit: a local run needs no Ray
                     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
-                                   backend_config=backend_config)
+                                   backend_config=backend_config, backend_name="ray" if on_ray else "local")
     finally:
         if reaper is not None:
             reaper.done()

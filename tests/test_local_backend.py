@@ -241,3 +241,16 @@ def test_an_evaluation_message_loads_the_shared_model_once_with_the_same_numbers
         assert metrics_r == metrics_c
         assert len(loads_c) == 12  # a global and a personal copy for each of the 6 clients
         assert len(loads_r) == 7 and loads_r[0] not in loads_r[1:]  # the shared global model once, 6 personal copies
+
+
+def test_a_local_run_needs_no_ray_installed(make_spec, tmp_path, monkeypatch):
+    """Flower's ``run_simulation`` exits when its backend is named ``ray`` and Ray cannot be found; a local run
+    names its own backend, so a machine without Ray (e.g. a GPU box with torch alone) runs it."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    out = run(make_spec(*LOCAL, "simulation.num_clients=6", "simulation.clients_per_round=3", "simulation.rounds=2",
+                        "simulation.checkpoint_every=0"), tmp_path)
+    assert [r["round"] for r in out["rounds"]] == [1, 2]
+
