@@ -164,7 +164,7 @@ def main_gpu(args) -> None:
             "| vectorized vs CPU loop | vs GPU loop | max \\|param diff\\| | max \\|loss diff\\| |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     print(rows[0], flush=True)
-    for work in [*WORKLOADS, CNN_WORKLOAD]:
+    for work in [w for w in [*WORKLOADS, CNN_WORKLOAD] if args.match in w.name]:
         for clients in args.clients:
             steps = None
             times = {}
@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--match", default="", help="only the workloads whose name holds this text")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.device == "cuda":
@@ -196,7 +197,7 @@ def main() -> None:
         return main_gpu(args)
     rows = ["| workload | clients | steps per client (max / total) | per-client loop s | vectorized s | speed-up "
             "| max \\|param diff\\| | max \\|loss diff\\| |", "|---|---|---|---|---|---|---|---|"]
-    for work in WORKLOADS:
+    for work in [w for w in WORKLOADS if args.match in w.name]:
         for clients in args.clients:
             model, xs, ys, start, batches = inputs(work, clients)
             steps = [work.local_steps if batches else work.epochs * -(-len(y) // work.batch_size) for y in ys]
