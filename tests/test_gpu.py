@@ -45,6 +45,7 @@ def test_the_client_device_follows_the_gpu_share(make_spec):
     assert client_device(make_spec("simulation.num_gpus_per_client=0").simulation) == torch.device("cpu")
     if CUDA:
         assert client_device(make_spec("simulation.num_gpus_per_client=0.5").simulation).type == "cuda"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32  # full float32
     else:
         with pytest.raises(RuntimeError, match="num_gpus_per_client=0.5: this client process sees no CUDA device"):
             client_device(make_spec("simulation.num_gpus_per_client=0.5").simulation)
