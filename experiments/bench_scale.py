@@ -218,6 +218,9 @@ def main() -> None:
     rows = [f"| workload | clients | a round | rounds | plain loop (s) | {heads} | rounds 2 to last (s): plain / "
             + " / ".join(side for side, _, _ in SIDES) + " | peak PSS (MB): plain / " + " / ".join(side for side, _, _ in SIDES)
             + " | final model vs plain |", "|" + "---|" * (8 + len(SIDES))]
+    if args.no_memory:
+        rows = [rows[0].replace(" | peak PSS (MB): plain / " + " / ".join(side for side, _, _ in SIDES), ""),
+                "|" + "---|" * (7 + len(SIDES))]
     for name in args.workloads:
         ov = [*COMMON, *WORKLOADS[name]]
         rounds = int(next(o for o in ov if o.startswith("simulation.rounds=")).split("=")[1])
@@ -257,7 +260,7 @@ def main() -> None:
         rows.append(f"| {name} | {setting['num_clients']} | {setting['clients_per_round']} | {rounds} | {t_plain:.1f} | "
                     + " | ".join(f"{w:.1f} ({w / t_plain:.2f}x)" for w, _, _ in sides)
                     + f" | {p_rounds:.1f} / " + " / ".join(f"{r:.1f}" for _, _, r in sides)
-                    + f" | {m_plain:.0f} / " + " / ".join(f"{m:.0f}" for _, m, _ in sides)
+                    + ("" if args.no_memory else f" | {m_plain:.0f} / " + " / ".join(f"{m:.0f}" for _, m, _ in sides))
                     + " | " + " / ".join(diffs) + " |")
     write_block(args.block, rows)
 

@@ -158,8 +158,13 @@ def main_gpu(args) -> None:
     import platform
 
     name = torch.cuda.get_device_name()
-    rows = [f"GPU: {name}, torch {torch.__version__}, CPU: {platform.processor() or platform.machine()} (one thread). "
-            "Median of the repeats; the last two columns compare the GPU cohort with the GPU loop.", "",
+    if args.full_float32:  # what a GPU client runtime sets (client_app.client_device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    modes = (f"TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} for matrix products, "
+             f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'} for cuDNN convolutions")
+    rows = [f"GPU: {name}, torch {torch.__version__} ({modes}); CPU: {platform.processor() or platform.machine()} "
+            f"(one thread). Median of {args.repeats}; the last two columns compare the GPU cohort with the GPU loop.", "",
             "| workload | clients | steps per client (max / total) | CPU loop s | GPU loop s | GPU vectorized s "
             "| vectorized vs CPU loop | vs GPU loop | max \\|param diff\\| | max \\|loss diff\\| |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -189,6 +194,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--match", default="", help="only the workloads whose name holds this text")
+    parser.add_argument("--full-float32", action="store_true", help="--device cuda: TF32 off and deterministic cuDNN, "
+                        "as runs set them (default: PyTorch's defaults, as the README table was measured)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.device == "cuda":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -203,7 +204,8 @@ class ClientRuntime:
     _initial: nn.Module | None = None
     _reused: nn.Module | None = None  # the model ``model_from(..., reuse=True)`` loads into
     _reused_holds: ArrayRecord | None = None  # the record ``_reused`` holds unchanged (evaluated only)
-    _on_device: dict = field(default_factory=dict)  # {client: ClientData on ``device``} (not used on the CPU)
+    _on_device: OrderedDict = field(default_factory=OrderedDict)  # {client: ClientData on ``device``}, least recent first
+    _on_device_bytes: int = 0
 
     def begin_message(self) -> ClientRuntime:
         """Forget what is known of received records: a record is known by identity within one message
@@ -218,15 +220,21 @@ class ClientRuntime:
         return copy.deepcopy(self._initial)
 
     def client_data(self, pid: int) -> ClientData:
-        """The client's tensors on this runtime's device (moved once, then kept there: a round's
-        transfer would cost more than a small client's update)."""
+        """The client's tensors on this runtime's device, kept there after their first use (a round's
+        transfer costs more than a small client's update), the least recently used dropped once the
+        kept ones exceed ``DEVICE_DATA_BYTES`` (several actors may share one GPU)."""
         data = self.data.client(pid)
         if self.device.type == "cpu":
             return data
-        if pid not in self._on_device:
-            self._on_device[pid] = ClientData(*(t.to(self.device) for t in
-                                                (data.x_train, data.y_train, data.x_test, data.y_test)))
-        return self._on_device[pid]
+        if pid in self._on_device:
+            self._on_device.move_to_end(pid)
+            return self._on_device[pid]
+        moved = ClientData(*(t.to(self.device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+        self._on_device[pid] = moved
+        self._on_device_bytes += _nbytes(moved)
+        while self._on_device_bytes > DEVICE_DATA_BYTES and len(self._on_device) > 1:
+            self._on_device_bytes -= _nbytes(self._on_device.popitem(last=False)[1])
+        return moved
 
     def model_from(self, arrays: ArrayRecord, task: ClientTask, reuse: bool = False,
                    read_only: bool = False) -> nn.Module:
@@ -378,6 +386,14 @@ class ClientRuntime:
         return RecordDict({"metrics": MetricRecord(metrics)})
 
 
+#: client data a GPU client runtime keeps on its device (``ClientRuntime.client_data``)
+DEVICE_DATA_BYTES = 2 * 2**30
+
+
+def _nbytes(data: ClientData) -> int:
+    return sum(t.numel() * t.element_size() for t in (data.x_train, data.y_train, data.x_test, data.y_test))
+
+
 #: torch threads of the process (a Ray actor) or the thread (the local backend) running a ClientApp
 CLIENT_THREADS = 1
 
@@ -417,7 +433,9 @@ def client_device(s) -> torch.device:
     lets cuDNN convolutions use TF32 (10-bit mantissa). Under that default the LEAF CNN's cohort and loop
     on an H200 ended one local epoch up to 8e-3 apart, where the MLR and MLP (no convolutions) agree to
     1e-7 (``experiments/bench_vectorize.py --device cuda``); a simulator's numbers should not depend on the
-    card's fast modes. This is set for the process."""
+    card's fast modes. cuDNN is made to pick deterministic convolution algorithms, so fixed seeds repeat
+    (its default may pick non-deterministic backward kernels). These are set for the process (the local
+    backend restores the caller's settings after the run)."""
     if not s.num_gpus_per_client:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -425,6 +443,7 @@ def client_device(s) -> torch.device:
                            "CUDA device (torch.cuda.is_available() is False); allowed here: 0 (clients on the CPU)")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # a seed fixes a conv's numbers
     return torch.device("cuda", torch.cuda.current_device())
 
 

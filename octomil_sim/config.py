@@ -198,6 +198,20 @@ def _require(key: str, value, ok: bool, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r}: allowed: {allowed}")
 
 
+def ray_actors(s) -> int:
+    """The client actors a run starts on this machine: ``simulation.ray_num_cpus`` (or all CPUs) over
+    ``num_cpus_per_client`` and, with a GPU share, no more than this machine's GPUs hold (dividing as
+    Flower's ``pool_size_from_resources`` does: 1 GPU / 0.1 is 10 actors); 1 for the local backend."""
+    if s.backend != "ray":
+        return 1
+    actors = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client))
+    if s.num_gpus_per_client and s.ray_address is None:  # a cluster's GPUs are its nodes' business
+        import torch
+
+        actors = max(1, min(actors, int(torch.cuda.device_count() / s.num_gpus_per_client)))
+    return actors
+
+
 def validate(spec: RunSpec) -> None:
     """Value checks of a run spec that its types cannot say; raises ``ConfigError``."""
     s = spec.simulation
@@ -249,7 +263,7 @@ def validate(spec: RunSpec) -> None:
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.ray_num_cpus is None
              or s.num_cpus_per_client <= s.ray_num_cpus,
              f"at most simulation.ray_num_cpus ({s.ray_num_cpus}): no client actor could start otherwise")
-    actors = (s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client if s.backend == "ray" else 1
+    actors = ray_actors(s)
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or actors <= 1,
              f"disk with {actors} Ray actors (memory only with one: simulation.ray_num_cpus="
              "simulation.num_cpus_per_client, or with simulation.backend=local)")

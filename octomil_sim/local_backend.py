@@ -14,7 +14,7 @@ stays on Ray (``simulation.backend=ray``).
 ``vce_api.run_api``'s backend factory, the one place the runtime names a backend). The ClientApp
 process state (``client_app.client_runtime``'s cache: the client-state store, the memory store's
 contents; the decoded received model) is cleared before and after each run, as a Ray actor's would be
-gone, the data cache after it, and torch's thread count is restored. One such block at a time per
+gone, the data cache after it, and torch's thread count and float modes (TF32, cuDNN) are restored. One such block at a time per
 process, and no Ray run beside it (the runner refuses both).
 """
 
@@ -101,6 +101,7 @@ def in_process_clients() -> Iterator[None]:
         return run_api(app_fn, LocalBackend, *args, **kwargs)
 
     threads = torch.get_num_threads()
+    float_modes = _float_modes()  # a GPU client runtime sets them for its process: this one is the caller's
     client_runtime.cache_clear()
     vce_api.run_api = local_run_api
     try:
@@ -111,4 +112,14 @@ def in_process_clients() -> Iterator[None]:
         forget_received()
         forget_data()  # a later run opens its data again (its files may have changed)
         torch.set_num_threads(threads)
+        _float_modes(float_modes)
         _active.release()
+
+
+def _float_modes(restore: tuple | None = None) -> tuple:
+    """torch's TF32 and cuDNN settings (``client_app.client_device`` sets them), or set them to ``restore``."""
+    if restore is not None:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = restore
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)

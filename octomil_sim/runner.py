@@ -27,7 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from octomil_sim.checkpoint import RawJSON, encode, load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
-from octomil_sim.config import fairness_kwargs, validate
+from octomil_sim.config import fairness_kwargs, ray_actors, validate
 from octomil_sim.data import FederatedData, federated_data
 from octomil_sim.errors import ConfigError
 from octomil_sim.interrupt import Interrupted, StopRequest, stop_on_signals
@@ -504,12 +504,7 @@ def num_nodes(spec: RunSpec) -> int:
     """Flower nodes to simulate: ``simulation.num_nodes``, or one per Ray actor (one for the local
     backend, which runs one message at a time); never more than clients."""
     s = spec.simulation
-    actors = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client)) if s.backend == "ray" else 1
-    if s.backend == "ray" and s.num_gpus_per_client and s.ray_address is None:  # Ray starts no more than the GPUs hold
-        import torch
-
-        actors = max(1, min(actors, int(torch.cuda.device_count() // s.num_gpus_per_client)))
-    return min(s.num_nodes or actors, s.num_clients)
+    return min(s.num_nodes or ray_actors(s), s.num_clients)
 
 
 def run(spec: RunSpec, output_dir: str | Path) -> dict:

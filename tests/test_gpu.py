@@ -1,7 +1,7 @@
 """The GPU path (issue 12): ``simulation.num_gpus_per_client > 0`` trains clients on ``cuda`` (models, client
 data, loaded client state and vectorized cohorts there; what travels and what the state store keeps on the
-CPU). The CUDA tests run where torch sees a GPU (``experiments/gpu_check.py`` runs them with whole runs of
-every algorithm on a lent GPU machine); the others check the parts that work the same without one."""
+CPU). The CUDA tests run where torch sees a GPU (``experiments/gpu_check.sh`` runs this file on a lent GPU
+machine); the others check the parts that work the same without one."""
 
 import copy
 
@@ -64,6 +64,50 @@ def test_client_state_is_stored_on_the_cpu_and_loaded_on_the_clients_device(stor
         assert backend._states[(3, "h")]["w"].device.type == "cpu"
 
 
+def test_a_gpu_client_runtime_keeps_its_clients_data_within_a_budget(make_spec, monkeypatch):
+    """``meta`` stands in for a GPU: data moved once, reused, the least recently used dropped over budget."""
+    import octomil_sim.client_app as client_app
+
+    client_runtime.cache_clear()
+    runtime = client_runtime(make_spec(*SMALL, "simulation.state_store=memory"))
+    client_runtime.cache_clear()
+    runtime.device = torch.device("meta")
+    size = [client_app._nbytes(runtime.data.client(pid)) for pid in range(3)]
+    monkeypatch.setattr(client_app, "DEVICE_DATA_BYTES", size[0] + max(size[1], size[2]))  # two fit, not three
+    first = runtime.client_data(0)
+    assert first.x_train.device.type == "meta" and runtime.client_data(0) is first  # moved once
+    runtime.client_data(1)
+    assert list(runtime._on_device) == [0, 1]
+    runtime.client_data(0)  # now the most recent
+    runtime.client_data(2)  # over budget: client 1 goes
+    assert list(runtime._on_device) == [0, 2]
+    assert runtime._on_device_bytes == sum(client_app._nbytes(d) for d in runtime._on_device.values())
+
+
+@pytest.mark.parametrize("gpus, actors", [(0.1, 10), (0.2, 5), (0.3, 3), (0.5, 2), (1, 1)])
+def test_ray_starts_no_more_actors_than_the_gpu_shares_hold(make_spec, monkeypatch, gpus, actors):
+    """As Flower's ``pool_size_from_resources`` divides (1 / 0.1 is 10, where 1 // 0.1 is 9.0)."""
+    from octomil_sim.config import ray_actors
+    from octomil_sim.runner import num_nodes
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    spec = make_spec("simulation.ray_num_cpus=16", "simulation.num_clients=50", f"simulation.num_gpus_per_client={gpus}")
+    assert ray_actors(spec.simulation) == actors == num_nodes(spec)
+    assert ray_actors(make_spec("simulation.ray_num_cpus=16").simulation) == 16  # no GPU share: the CPUs
+    assert ray_actors(make_spec("simulation.backend=local", f"simulation.num_gpus_per_client={gpus}").simulation) == 1
+
+
+def test_the_local_backend_gives_back_the_callers_float_modes():
+    from octomil_sim.local_backend import _float_modes, in_process_clients
+
+    before = _float_modes()
+    with in_process_clients():
+        torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32  # as a GPU client runtime does
+        torch.backends.cudnn.deterministic = not torch.backends.cudnn.deterministic
+        assert _float_modes() != before
+    assert _float_modes() == before
+
+
 # --- on a GPU -------------------------------------------------------------------------------------
 def _clients(k: int, device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -115,23 +159,44 @@ def test_a_cohort_on_the_gpu_trains_as_each_client_alone(kind):
             assert torch.equal(gens[i].get_state(), alone_gens[i]) and budgets[i].used == used[i]
 
 
+def _server_config(runtime) -> dict:
+    """What the algorithm's server half adds to a train message's config (set by hand here)."""
+    from strategies.fedp3 import FedP3Client, layers_in_order
+    from strategies.scafflix import ScafflixClient
+
+    if isinstance(runtime.algorithm, ScafflixClient):
+        return {"local-steps": 5, "p": 0.3}
+    if isinstance(runtime.algorithm, FedP3Client):
+        return {"upload": layers_in_order(runtime.template.state_dict())[-1:]}  # the rest is pruned locally
+    return {}
+
+
 def _replies(runtime, rounds: int = 2):
-    """Train ``rounds`` messages of 12 clients, then one evaluation message; each reply's arrays and metrics."""
+    """Train ``rounds`` messages of 12 clients (each followed by a sync message where the algorithm takes
+    one), then one evaluation message; each reply's arrays and metrics."""
+    from octomil_sim.client_app import ClientAlgorithm
+
     out = []
     torch.manual_seed(0)
     model = copy.deepcopy(runtime.template).cpu()
     for p in model.parameters():
         p.data.normal_(0, 0.1)
     arrays = ArrayRecord(model.state_dict())
-    for server_round in range(1, rounds + 2):
-        config = ConfigRecord({"server-round": server_round})
+    syncs = type(runtime.algorithm).sync is not ClientAlgorithm.sync
+    steps = [(kind, r) for r in range(1, rounds + 1) for kind in ("train", "sync")[:1 + syncs]]
+    for kind, server_round in [*steps, ("evaluate", rounds + 1)]:
+        config = ConfigRecord({"server-round": server_round, **(_server_config(runtime) if kind != "evaluate" else {})})
         packed = pack([(pid, RecordDict({"arrays": arrays, "config": config})) for pid in range(12)])
-        handler = runtime.train_message if server_round <= rounds else \
-            (lambda msg: run_clients(runtime.begin_message().evaluate, msg))
+        handler = {"train": runtime.train_message,
+                   "sync": lambda msg: run_clients(runtime.begin_message().sync, msg),
+                   "evaluate": lambda msg: run_clients(runtime.begin_message().evaluate, msg)}[kind]
         replies, failed = unpack(handler(packed))
         out.append(({pid: (r["arrays"].to_torch_state_dict() if "arrays" in r else {}, dict(r["metrics"]))
                      for pid, r in replies.items()}, failed))
     return out
+
+
+FEMNIST = "<femnist>"  # replaced by a local FEMNIST of 12 writers (tests/femnist_fixture.py)
 
 
 @needs_cuda
@@ -139,7 +204,9 @@ def _replies(runtime, rounds: int = 2):
     ["strategy=fedavg"],
     ["strategy=fedavg", "model=mlp", "system=heterogeneous", "simulation.local_steps=5"],
     ["strategy=ditto", "strategy.client.lam=0.5", "model=mlp"],
+    ["strategy=ditto"],  # each client selects its lambda on a validation split
     ["strategy=pfedme"],
+    ["strategy=perfedavg"],
     ["strategy=scafflix"],
     ["strategy=fedp3", "model=mlp"],
     ["strategy=personal_layers", "model=mlp", "strategy.client.head_epochs=2"],
@@ -148,11 +215,19 @@ def _replies(runtime, rounds: int = 2):
     ["strategy=tilted", "strategy.server.t=2"],
     ["privacy=dp_sgd", "privacy.client.epsilon=null", "privacy.client.noise_multiplier=0"],  # clipping (noise: below)
     ["strategy=prompt_tuning", "dataset=synthetic_tokens", "model=prompt_transformer"],
-], ids=["fedavg", "mlp-steps-hetero", "ditto", "pfedme", "scafflix", "fedp3", "fedrep", "finetune-qffl", "maxfl",
-        "tilted", "dp-sgd", "prompt-tuning"])
+    ["strategy=fedavg", "dataset=femnist", "model=femnist_cnn", f"dataset.source.path={FEMNIST}"],  # convolutions
+], ids=["fedavg", "mlp-steps-hetero", "ditto", "ditto-selecting-lambda", "pfedme", "perfedavg", "scafflix", "fedp3",
+        "fedrep", "finetune-qffl", "maxfl", "tilted", "dp-sgd", "prompt-tuning", "femnist-cnn"])
 def test_a_client_half_on_the_gpu_replies_as_on_the_cpu(make_spec, tmp_path, overrides):
     """Every reply (uploads, metrics, dropouts) and the stored client state of a GPU runtime (vectorized
     where the algorithm can) equal those of the CPU runtime client by client, up to float rounding."""
+    from femnist_fixture import write_femnist
+
+    from octomil_sim.cohort import vectorizes
+
+    if any(FEMNIST in o for o in overrides):
+        root = str(write_femnist(tmp_path / "femnist", writers=12, per_writer=12))
+        overrides = [o.replace(FEMNIST, root) for o in overrides]
     runs = {}
     for device, vectorize in (("cpu", False), ("cuda", True)):
         spec = make_spec(*SMALL, "simulation.state_store=memory", *overrides,
@@ -162,13 +237,16 @@ def test_a_client_half_on_the_gpu_replies_as_on_the_cpu(make_spec, tmp_path, ove
         runtime = client_runtime(spec)
         assert runtime.device.type == device and runtime.template.parameters().__next__().device.type == device
         runs[device] = (_replies(runtime), {k: dict(v) for k, v in runtime.store._states.items()})
+        if vectorize and vectorizes(runtime.template):
+            assert runtime._cohort_works is True  # no silent fallback to client by client
     client_runtime.cache_clear()
     (cpu, cpu_state), (gpu, gpu_state) = runs["cpu"], runs["cuda"]
     for (replies_c, failed_c), (replies_g, failed_g) in zip(cpu, gpu, strict=True):
         assert failed_c == failed_g and sorted(replies_c) == sorted(replies_g)
+        assert not failed_c or "system=heterogeneous" in overrides, failed_c  # every client really trained
         for pid, (state_c, metrics_c) in replies_c.items():
             state_g, metrics_g = replies_g[pid]
-            assert metrics_c.keys() == metrics_g.keys()
+            assert metrics_c.keys() == metrics_g.keys() and state_c.keys() == state_g.keys()
             for key, value in metrics_c.items():  # an accuracy may differ by one example on the decision boundary
                 slack = 1 / metrics_c["num-examples"] + 1e-9 if key.endswith("_acc") else 1e-4
                 assert metrics_g[key] == pytest.approx(value, rel=1e-3, abs=slack), (pid, key)
@@ -195,7 +273,9 @@ def test_a_whole_local_run_on_the_gpu_repeats_exactly_and_matches_the_cpu(make_s
     common = ["simulation.backend=local", "simulation.num_clients=10", "simulation.clients_per_round=5",
               "simulation.rounds=3", "simulation.fraction_evaluate=0.5", "simulation.checkpoint_every=0",
               "progress=false", *overrides]
+    torch.cuda.reset_peak_memory_stats()
     gpu = [run(make_spec(*common, "simulation.num_gpus_per_client=1"), tmp_path / f"gpu{i}") for i in range(2)]
+    assert torch.cuda.max_memory_allocated() > 0  # the clients (in this process) trained on the GPU
     drop = lambda d: {k: v for k, v in d.items() if k not in ("time_s", "driver_rss_mb")}  # noqa: E731
     assert [drop(r) for r in gpu[0]["rounds"]] == [drop(r) for r in gpu[1]["rounds"]]
     assert gpu[0]["clients"] == gpu[1]["clients"]

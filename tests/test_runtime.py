@@ -133,11 +133,15 @@ def test_prompt_simulation_runtime_moves_messages_and_restores_flower():
 
     with prompt_simulation_runtime(stop_check=0.01):
         q, stop = vce_api.Queue(), threading.Event()
-        scanner = threading.Thread(target=vce_api.add_messages_to_queue, args=(FakeState(), q, {1: 0, 2: 1}, stop))
+        scanner = threading.Thread(target=vce_api.add_messages_to_queue, args=(FakeState(), q, {1: 0, 2: 1}, stop),
+                                   daemon=True)
         scanner.start()
-        got = sorted(q.get(timeout=5) for _ in range(3))
-        stop.set()
-        scanner.join(timeout=5)
+        try:
+            # the plain Queue's read: this queue's own waits at most stop_check (10 ms), too short on a busy machine
+            got = sorted(queue.Queue.get(q, timeout=5) for _ in range(3))
+        finally:
+            stop.set()
+            scanner.join(timeout=5)
         assert not scanner.is_alive()
         with pytest.raises(queue.Empty):
             q.get(timeout=3600)  # returns after stop_check: the caller's loop then sees its stop event
