@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from common import write_block
+from octomil_sim.client_app import FULL_FLOAT32, float_modes
 from octomil_sim.cohort import cohort_sgd
 from octomil_sim.models import MLP, MLR, FemnistCNN
 from octomil_sim.training import BatchStream, sgd_epochs
@@ -159,8 +160,7 @@ def main_gpu(args) -> None:
 
     name = torch.cuda.get_device_name()
     if args.full_float32:  # what a GPU client runtime sets (client_app.client_device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        float_modes(FULL_FLOAT32)
     modes = (f"TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} for matrix products, "
              f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'} for cuDNN convolutions")
     rows = [f"GPU: {name}, torch {torch.__version__} ({modes}); CPU: {platform.processor() or platform.machine()} "

@@ -229,11 +229,10 @@ class ClientRuntime:
         if pid in self._on_device:
             self._on_device.move_to_end(pid)
             return self._on_device[pid]
-        moved = ClientData(*(t.to(self.device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
-        self._on_device[pid] = moved
-        self._on_device_bytes += _nbytes(moved)
+        moved = self._on_device[pid] = data.to(self.device)
+        self._on_device_bytes += moved.nbytes
         while self._on_device_bytes > DEVICE_DATA_BYTES and len(self._on_device) > 1:
-            self._on_device_bytes -= _nbytes(self._on_device.popitem(last=False)[1])
+            self._on_device_bytes -= self._on_device.popitem(last=False)[1].nbytes
         return moved
 
     def model_from(self, arrays: ArrayRecord, task: ClientTask, reuse: bool = False,
@@ -390,10 +389,6 @@ class ClientRuntime:
 DEVICE_DATA_BYTES = 2 * 2**30
 
 
-def _nbytes(data: ClientData) -> int:
-    return sum(t.numel() * t.element_size() for t in (data.x_train, data.y_train, data.x_test, data.y_test))
-
-
 #: torch threads of the process (a Ray actor) or the thread (the local backend) running a ClientApp
 CLIENT_THREADS = 1
 
@@ -441,10 +436,25 @@ def client_device(s) -> torch.device:
     if not torch.cuda.is_available():
         raise RuntimeError(f"simulation.num_gpus_per_client={s.num_gpus_per_client}: this client process sees no "
                            "CUDA device (torch.cuda.is_available() is False); allowed here: 0 (clients on the CPU)")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # a seed fixes a conv's numbers
+    float_modes(FULL_FLOAT32)
     return torch.device("cuda", torch.cuda.current_device())
+
+
+#: ``float_modes`` of a GPU client process: TF32 off for matrix products and cuDNN convolutions, cuDNN's
+#: deterministic algorithms (a seed fixes a convolution's numbers), no benchmarking among algorithms
+FULL_FLOAT32 = (False, False, True, False)
+
+
+def float_modes(new: tuple | None = None) -> tuple:
+    """torch's (``matmul.allow_tf32``, ``cudnn.allow_tf32``, ``cudnn.deterministic``, ``cudnn.benchmark``)
+    before the call; with ``new``, set to it (``client_device`` sets ``FULL_FLOAT32``, the local backend
+    gives the caller's back after a run)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+           torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if new is not None:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = new
+    return old
 
 
 #: stacked parameters (weights, gradients, starting points) one training cohort may hold, and at most

@@ -326,6 +326,17 @@ class ClientData:
     def num_test(self) -> int:
         return len(self.y_test)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.x_train, self.y_train, self.x_test, self.y_test
+
+    def to(self, device: torch.device) -> ClientData:
+        """A copy on ``device`` (e.g. a GPU client runtime's)."""
+        return ClientData(*(t.to(device) for t in self.tensors()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
 
 def _partitioner(spec: RunSpec) -> Partitioner:
     p = spec.partition

@@ -30,7 +30,7 @@ from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientA
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
-from octomil_sim.client_app import CLIENT_THREADS
+from octomil_sim.client_app import CLIENT_THREADS, float_modes
 
 __all__ = ["LocalBackend", "in_process_clients", "local_run_active"]
 
@@ -101,7 +101,7 @@ def in_process_clients() -> Iterator[None]:
         return run_api(app_fn, LocalBackend, *args, **kwargs)
 
     threads = torch.get_num_threads()
-    float_modes = _float_modes()  # a GPU client runtime sets them for its process: this one is the caller's
+    modes = float_modes()  # a GPU client runtime sets them for its process: this one is the caller's
     client_runtime.cache_clear()
     vce_api.run_api = local_run_api
     try:
@@ -112,14 +112,5 @@ def in_process_clients() -> Iterator[None]:
         forget_received()
         forget_data()  # a later run opens its data again (its files may have changed)
         torch.set_num_threads(threads)
-        _float_modes(float_modes)
+        float_modes(modes)
         _active.release()
-
-
-def _float_modes(restore: tuple | None = None) -> tuple:
-    """torch's TF32 and cuDNN settings (``client_app.client_device`` sets them), or set them to ``restore``."""
-    if restore is not None:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = restore
-    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)

@@ -46,6 +46,7 @@ def test_the_client_device_follows_the_gpu_share(make_spec):
     if CUDA:
         assert client_device(make_spec("simulation.num_gpus_per_client=0.5").simulation).type == "cuda"
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32  # full float32
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     else:
         with pytest.raises(RuntimeError, match="num_gpus_per_client=0.5: this client process sees no CUDA device"):
             client_device(make_spec("simulation.num_gpus_per_client=0.5").simulation)
@@ -72,7 +73,7 @@ def test_a_gpu_client_runtime_keeps_its_clients_data_within_a_budget(make_spec, 
     runtime = client_runtime(make_spec(*SMALL, "simulation.state_store=memory"))
     client_runtime.cache_clear()
     runtime.device = torch.device("meta")
-    size = [client_app._nbytes(runtime.data.client(pid)) for pid in range(3)]
+    size = [runtime.data.client(pid).nbytes for pid in range(3)]
     monkeypatch.setattr(client_app, "DEVICE_DATA_BYTES", size[0] + max(size[1], size[2]))  # two fit, not three
     first = runtime.client_data(0)
     assert first.x_train.device.type == "meta" and runtime.client_data(0) is first  # moved once
@@ -81,7 +82,7 @@ def test_a_gpu_client_runtime_keeps_its_clients_data_within_a_budget(make_spec, 
     runtime.client_data(0)  # now the most recent
     runtime.client_data(2)  # over budget: client 1 goes
     assert list(runtime._on_device) == [0, 2]
-    assert runtime._on_device_bytes == sum(client_app._nbytes(d) for d in runtime._on_device.values())
+    assert runtime._on_device_bytes == sum(d.nbytes for d in runtime._on_device.values())
 
 
 @pytest.mark.parametrize("gpus, actors", [(0.1, 10), (0.2, 5), (0.3, 3), (0.5, 2), (1, 1)])
@@ -98,14 +99,15 @@ def test_ray_starts_no_more_actors_than_the_gpu_shares_hold(make_spec, monkeypat
 
 
 def test_the_local_backend_gives_back_the_callers_float_modes():
-    from octomil_sim.local_backend import _float_modes, in_process_clients
+    from octomil_sim.client_app import float_modes
+    from octomil_sim.local_backend import in_process_clients
 
-    before = _float_modes()
+    before = float_modes()
     with in_process_clients():
         torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32  # as a GPU client runtime does
         torch.backends.cudnn.deterministic = not torch.backends.cudnn.deterministic
-        assert _float_modes() != before
-    assert _float_modes() == before
+        assert float_modes() != before
+    assert float_modes() == before
 
 
 # --- on a GPU -------------------------------------------------------------------------------------
