@@ -6,7 +6,9 @@
 Each side runs in a child process that times the two compute kernels every side shares
 (``training.sgd_epochs`` and ``training.evaluate``: wall time of every call) and reads the CPU
 time of each of its threads from ``/proc/self/task`` (sampled every 0.2 s and at exit, so a thread
-that ends between samples loses at most 0.2 s). Per round, in ms (medians over the repetitions):
+that ends between samples loses at most 0.2 s). Every repetition's numbers go to
+``results/bench_scale/mlr-synthetic11-eval/round_overhead.json``. Per round, in ms (medians over the
+repetitions):
 
 - the rounds' wall time (the plain loop's timer around each round; the framework's ``time_s`` rows);
 - compute: the two kernels;
@@ -138,6 +140,8 @@ def main() -> None:
                 row["loop"] = row["round"] - row["compute"]
             rows[side].append(row)
             print(rep, side, {k: round(v, 2) for k, v in row.items()}, flush=True)
+
+    (RESULTS / WORKLOAD / "round_overhead.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows}, indent=1))
 
     def med(side: str, key: str) -> str:
         return f"{statistics.median(r[key] for r in rows[side]):.1f}"
