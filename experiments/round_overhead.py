@@ -127,6 +127,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", side, str(out), *overrides],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE.parent)
             got = json.loads((out / "overhead.json").read_text())
+            subprocess.run(["rm", "-rf", str(out)], check=True)  # kept: round_overhead.json below
             ms = 1000 / args.rounds
             compute = sum(got["kernels"].values())
             cpu = got["cpu"]
