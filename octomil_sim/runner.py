@@ -163,7 +163,8 @@ class RunSession(Session):
         restore_strategy_state(strategy, saved["strategy"])
         restore_grid_counters(grid, saved["grid"])
         self.rows, self._bytes = saved["rows"], dict(grid.bytes)
-        self._row_texts = [json.dumps(row) for row in self.rows]  # (read from JSON: plain already)
+        if self.spec.simulation.checkpoint_every:  # only checkpoints write them
+            self._row_texts = [json.dumps(row) for row in self.rows]  # (read from JSON: plain already)
         self._counted = {key: sum(r.get(key, 0) for r in self.rows) for key in self._counted}
         for row in self.rows:  # the logger sees the whole run (the interrupted part first)
             self.logger.log_round(row)

@@ -57,6 +57,12 @@ def test_a_resumed_local_run_equals_one_run_straight_through(make_spec, tmp_path
     assert _numbers(resumed) == _numbers(straight)
     saved = json.loads((tmp_path / "resumed" / "checkpoint" / "round_000004" / "state.json").read_text())
     assert [r["round"] for r in saved["state"]["rows"]] == [1, 2, 3, 4]
+    # resumed with checkpoints off: the same numbers, and nothing written past the checkpoint it resumed from
+    run(make_spec(*common, "simulation.rounds=2"), tmp_path / "unsaved")
+    before = sorted(p.name for p in (tmp_path / "unsaved" / "checkpoint").iterdir())
+    unsaved = run(make_spec(*common[:-1], "simulation.checkpoint_every=0", "simulation.rounds=4"), tmp_path / "unsaved")
+    assert _numbers(unsaved) == _numbers(straight)
+    assert sorted(p.name for p in (tmp_path / "unsaved" / "checkpoint").iterdir()) == before
 
 
 @pytest.mark.slow
