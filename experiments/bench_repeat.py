@@ -5,6 +5,7 @@ ratio is taken against the plain loop of the same repetition; the table gives th
 the range, and the median wall times. Wall time only (memory: ``bench_scale.py``).
 
     python experiments/bench_repeat.py --repeat 3
+    python experiments/bench_repeat.py --workloads mlr-synthetic11-eval --repeat 6 --block bench_repeat_eval
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["mlr-synthetic11", "mlr-synthetic11-eval", "cnn-mnist5k"],
                         choices=sorted(WORKLOADS))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--block", default="bench_repeat",
+                        help="README block to write; its numbers go to results/bench_scale/<workload>/repeat.json "
+                             "(another block: <block>.json)")
     args = parser.parse_args()
     rows = ["| workload | repetitions | plain loop, median (s) | "
             + " | ".join(f"{s}: median s, ratio median (range)" for s, _, _ in SIDES[1:]) + " |",
@@ -60,8 +64,9 @@ def main() -> None:
             cells.append(f"{statistics.median(times[side]):.1f}, {statistics.median(ratios):.2f}x "
                          f"({min(ratios):.2f}-{max(ratios):.2f})")
         rows.append(f"| {name} | {args.repeat} | {statistics.median(plain):.1f} | " + " | ".join(cells) + " |")
-        (RESULTS / name / "repeat.json").write_text(json.dumps(times))
-    write_block("bench_repeat", rows)
+        kept = "repeat.json" if args.block == "bench_repeat" else f"{args.block}.json"
+        (RESULTS / name / kept).write_text(json.dumps(times))
+    write_block(args.block, rows)
 
 
 if __name__ == "__main__":
