@@ -47,9 +47,9 @@ def main() -> None:
         ov = [*COMMON, *WORKLOADS[name]]
         subprocess.run([sys.executable, str(HERE / "bench_scale.py"), "--warm", *ov], check=True)
         times: dict[str, list[float]] = {s: [] for s, _, _ in SIDES}
+        out = RESULTS / name / "repeat"  # each run's folder, emptied before it
         for rep in range(args.repeat):
             for side, backend, vectorize in SIDES:
-                out = RESULTS / name / "repeat"
                 if backend is None:
                     cmd = [sys.executable, str(HERE / "bench_scale.py"), "--plain", str(out), *ov]
                 else:
@@ -57,7 +57,7 @@ def main() -> None:
                            f"simulation.vectorize={vectorize}", f"hydra.run.dir={out}", "progress=false"]
                 times[side].append(wall(cmd, out))
                 print(name, rep, side, f"{times[side][-1]:.1f}s", flush=True)
-        subprocess.run(["rm", "-rf", str(RESULTS / name / "repeat")], check=True)  # the runs' folder (the times are kept below)
+        subprocess.run(["rm", "-rf", str(out)], check=True)  # the times are kept below
         plain = times["plain"]
         cells = []
         for side, _, _ in SIDES[1:]:

@@ -215,12 +215,10 @@ def main() -> None:
     global SIDES
     SIDES = [side for side in SIDES if side[1] in args.sides] + (GPU_SIDES if args.gpu else [])
     heads = " | ".join(f"{side} (s)" for side, _, _ in SIDES)
+    names = " / ".join(side for side, _, _ in SIDES)
+    memory = "" if args.no_memory else f" | peak PSS (MB): plain / {names}"
     rows = [f"| workload | clients | a round | rounds | plain loop (s) | {heads} | rounds 2 to last (s): plain / "
-            + " / ".join(side for side, _, _ in SIDES) + " | peak PSS (MB): plain / " + " / ".join(side for side, _, _ in SIDES)
-            + " | final model vs plain |", "|" + "---|" * (8 + len(SIDES))]
-    if args.no_memory:
-        rows = [rows[0].replace(" | peak PSS (MB): plain / " + " / ".join(side for side, _, _ in SIDES), ""),
-                "|" + "---|" * (7 + len(SIDES))]
+            f"{names}{memory} | final model vs plain |", "|" + "---|" * (7 + len(SIDES) + (not args.no_memory))]
     for name in args.workloads:
         ov = [*COMMON, *WORKLOADS[name]]
         rounds = int(next(o for o in ov if o.startswith("simulation.rounds=")).split("=")[1])

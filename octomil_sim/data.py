@@ -335,7 +335,7 @@ class ClientData:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(t.nbytes for t in self.tensors())
 
 
 def _partitioner(spec: RunSpec) -> Partitioner:
