@@ -461,14 +461,14 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict) -> None:
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    from octomil_sim.local_ray import without_autoscaler
+    from octomil_sim.local_ray import lean_head_node
 
     from octomil_sim.data import cache_source
 
     cache_source(spec)  # a generated dataset's first generation runs here, before any fork (see its docstring)
     with ThreadPoolExecutor(max_workers=1) as pool:
         checked = pool.submit(_count_clients, spec)
-        with without_autoscaler():
+        with lean_head_node():
             RayBackend(backend_config)
         try:
             checked.result()

@@ -194,19 +194,22 @@ def test_the_runtime_waits_on_pushes_and_announces_replies():
         assert not any(t.is_alive() for t in threads)
 
 
-def test_ray_started_without_autoscaler_has_no_monitor_and_works():
+def test_ray_started_as_a_lean_head_node_has_no_monitor_or_api_server_and_works():
     import ray
     from ray._private import ray_constants, worker
     from ray._private.node import Node
 
-    from octomil_sim.local_ray import without_autoscaler
+    from octomil_sim.local_ray import lean_head_node
 
-    start_monitor = Node.start_monitor
-    with without_autoscaler():  # how the runner starts Ray
+    methods = Node.start_monitor, Node.start_api_server
+    with lean_head_node():  # how the runner starts Ray
         ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
-    assert Node.start_monitor is start_monitor
+    assert (Node.start_monitor, Node.start_api_server) == methods
     try:
-        assert ray_constants.PROCESS_TYPE_MONITOR not in worker._global_node.all_processes
+        started = worker._global_node.all_processes
+        assert ray_constants.PROCESS_TYPE_MONITOR not in started
+        assert ray_constants.PROCESS_TYPE_DASHBOARD not in started
+        assert ray_constants.PROCESS_TYPE_RAYLET in started and ray_constants.PROCESS_TYPE_GCS_SERVER in started
         assert ray.get(ray.remote(lambda: 8).remote()) == 8
     finally:
         ray.shutdown()
