@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["lean_head_node"]
+__all__ = ["lean_client_actors", "lean_head_node"]
 
 
 @contextmanager
@@ -40,3 +40,19 @@ def lean_head_node() -> Iterator[None]:
     finally:
         for name, method in saved.items():
             setattr(Node, name, method)
+
+
+@contextmanager
+def lean_client_actors() -> Iterator[None]:
+    """Flower's Ray backend builds its client actors inside this block from ``octomil_sim.ray_actor``
+    (the same actor, without importing ``flwr.simulation`` in every actor; see that module)."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from octomil_sim.ray_actor import ClientAppActor
+
+    flower_actor = raybackend.ClientAppActor
+    raybackend.ClientAppActor = ClientAppActor
+    try:
+        yield
+    finally:
+        raybackend.ClientAppActor = flower_actor

@@ -568,6 +568,7 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
 
     from octomil_sim.arrays import fast_array_reads
     from octomil_sim.local_backend import in_process_clients, local_run_active
+    from octomil_sim.local_ray import lean_client_actors
     from octomil_sim.polling import prompt_simulation_runtime
 
     started = time.perf_counter()
@@ -605,7 +606,8 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
             log.info(ray_report(s) if on_ray else "Clients run in this process (simulation.backend=local)")
             session = RunSession(spec, output_dir, saved, started)
             if not stop.is_set():
-                with session.progress, prompt_simulation_runtime(), fast_array_reads():
+                with session.progress, prompt_simulation_runtime(), fast_array_reads(), \
+                        lean_client_actors() if on_ray else nullcontext():
                     # the name only gates Flower's "is Ray installed" exit: a local run needs no Ray
                     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                                    backend_config=backend_config, backend_name="ray" if on_ray else "local")

@@ -211,8 +211,40 @@ def test_ray_started_as_a_lean_head_node_has_no_monitor_or_api_server_and_works(
         assert ray_constants.PROCESS_TYPE_DASHBOARD not in started
         assert ray_constants.PROCESS_TYPE_RAYLET in started and ray_constants.PROCESS_TYPE_GCS_SERVER in started
         assert ray.get(ray.remote(lambda: 8).remote()) == 8
+        # the client actor the runner has Flower's Ray backend build (``lean_client_actors``)
+        from octomil_sim.ray_actor import ClientAppActor
+
+        actor = ClientAppActor.options(num_cpus=1).remote()
+        echo = ray.get(actor.run.remote(lambda: (lambda message, context: f"{message} seen in {context}"), "m", "7", "c"))
+        assert echo == ("7", "m seen in c", "c")
+        with pytest.raises(Exception, match="ClientAppException") as failed:
+            ray.get(actor.run.remote(lambda: (lambda message, context: 1 / 0), "m", "7", "c"))
+        assert "division by zero" in str(failed.value)
     finally:
         ray.shutdown()
+
+
+def test_lean_client_actors_swap_flowers_actor_for_one_that_skips_flwr_simulation():
+    import subprocess
+    import sys
+
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from octomil_sim.local_ray import lean_client_actors
+    from octomil_sim.ray_actor import ClientAppActor
+
+    flower_actor = raybackend.ClientAppActor
+    assert flower_actor is not ClientAppActor
+    with lean_client_actors():
+        assert raybackend.ClientAppActor is ClientAppActor
+    assert raybackend.ClientAppActor is flower_actor
+    # what a client actor imports to unpickle its class: not Flower's simulation side
+    code = "import sys, octomil_sim.ray_actor; print(sorted(m for m in sys.modules if m.startswith('flwr.simulation')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    code = "import sys, flwr.simulation.ray_transport.ray_actor; print('flwr.simulation.app' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() == "True"
 
 
 @pytest.mark.parametrize("busy_thread", [False, True])

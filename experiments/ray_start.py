@@ -1,13 +1,15 @@
-"""Benchmark (not a test): what leaving Ray's API server out of the head node saves (``octomil_sim.local_ray``).
+"""Benchmark (not a test): what the lean Ray start saves (``octomil_sim.local_ray``).
 
 Runs workloads of ``bench_scale.py`` on the Ray backend (default path: vectorized) two ways, interleaved
 repetition by repetition, each next to the plain loop of the same repetition:
-- ``lean head``: the runner as it is (no autoscaler monitor, no API server);
-- ``API server``: the head node Ray starts with ``include_dashboard=False`` (the API server runs, without
-  the dashboard's pages), the autoscaler monitor still left out: the runner before the change.
+- ``lean``: the runner as it is: a head node without the API server (``lean_head_node``) and client
+  actors that do not import ``flwr.simulation`` (``lean_client_actors``);
+- ``Ray's defaults``: the head node Ray starts with ``include_dashboard=False`` (its API server runs,
+  without the dashboard's pages) and Flower's own ``ClientAppActor``: the runner before both changes
+  (the autoscaler monitor stays out on both sides, as it has since an earlier change).
 Wall time from a run left alone; peak PSS of the whole process tree from a second run (``bench_scale.measure``).
 
-    python experiments/ray_head.py --repeat 3
+    python experiments/ray_start.py --repeat 3
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from pathlib import Path
 from bench_scale import COMMON, RESULTS, WORKLOADS, measure
 from common import write_block
 
-# the runner with Ray's API server back (the autoscaler monitor stays out, as before the change)
-WITH_API_SERVER = """
+# the runner with Ray's API server and Flower's client actor back (the autoscaler monitor stays out)
+RAY_DEFAULTS = """
 import runpy, sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import octomil_sim.local_ray as local_ray
 
 @contextmanager
@@ -39,6 +41,7 @@ def monitor_only():
         Node.start_monitor = start_monitor
 
 local_ray.lean_head_node = monitor_only
+local_ray.lean_client_actors = nullcontext
 sys.argv = ["octomil_sim", *sys.argv[1:]]  # every override stays in argv for Hydra
 runpy.run_module("octomil_sim", run_name="__main__", alter_sys=True)
 """
@@ -48,10 +51,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workloads", nargs="+", default=["cnn-mnist5k", "mlp-1000"], choices=sorted(WORKLOADS))
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--block", default="ray_head")
+    parser.add_argument("--block", default="ray_start")
     args = parser.parse_args()
     bench_scale = str(Path(__file__).with_name("bench_scale.py"))
-    rows = ["| workload | repetitions | plain loop: s, MB | Ray, API server: s (ratio), MB | Ray, lean head: s (ratio), MB |"
+    rows = ["| workload | repetitions | plain loop: s, MB | Ray's defaults: s (ratio), MB | lean: s (ratio), MB |"
             " wall saved (s), median (range) | memory saved (MB), median (range) |",
             "|---|---|---|---|---|---|---|"]
     for name in args.workloads:
@@ -60,27 +63,27 @@ def main() -> None:
         base = [*ov, "simulation.backend=ray", f"simulation.checkpoint_every={rounds}", "progress=false"]
         # generate the dataset into the cache first: every side then reads the same files
         subprocess.run([sys.executable, bench_scale, "--warm", *ov], check=True)
-        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "api": [], "lean": []}
+        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "defaults": [], "lean": []}
         for rep in range(args.repeat):
             for side in runs:
-                out = RESULTS / name / f"ray-head-{side}"
+                out = RESULTS / name / f"ray-start-{side}"
                 if side == "plain":
                     cmd = [sys.executable, bench_scale, "--plain", str(out), *ov]
                 else:
-                    prefix = [sys.executable, "-c", WITH_API_SERVER] if side == "api" else [sys.executable, "-m", "octomil_sim"]
+                    prefix = [sys.executable, "-c", RAY_DEFAULTS] if side == "defaults" else [sys.executable, "-m", "octomil_sim"]
                     cmd = [*prefix, *base, f"hydra.run.dir={out}"]
                 runs[side].append(measure(cmd, out))
                 print(f"{name} rep {rep} {side}: {runs[side][-1][0]:.1f} s, {runs[side][-1][1]:.0f} MB", flush=True)
                 subprocess.run(["rm", "-rf", str(out)], check=True)
         (RESULTS / name).mkdir(parents=True, exist_ok=True)
-        (RESULTS / name / "ray_head.json").write_text(json.dumps(runs, indent=1))
+        (RESULTS / name / "ray_start.json").write_text(json.dumps(runs, indent=1))
         med = {side: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for side, r in runs.items()}
-        saved_s = [a[0] - b[0] for a, b in zip(runs["api"], runs["lean"], strict=True)]
-        saved_mb = [a[1] - b[1] for a, b in zip(runs["api"], runs["lean"], strict=True)]
+        saved_s = [a[0] - b[0] for a, b in zip(runs["defaults"], runs["lean"], strict=True)]
+        saved_mb = [a[1] - b[1] for a, b in zip(runs["defaults"], runs["lean"], strict=True)]
         ratio = {side: statistics.median(w / p for (w, _), (p, _) in zip(runs[side], runs["plain"], strict=True))
-                 for side in ("api", "lean")}
+                 for side in ("defaults", "lean")}
         rows.append(f"| {name} | {args.repeat} | {med['plain'][0]:.1f}, {med['plain'][1]:.0f} | "
-                    f"{med['api'][0]:.1f} ({ratio['api']:.2f}x), {med['api'][1]:.0f} | "
+                    f"{med['defaults'][0]:.1f} ({ratio['defaults']:.2f}x), {med['defaults'][1]:.0f} | "
                     f"{med['lean'][0]:.1f} ({ratio['lean']:.2f}x), {med['lean'][1]:.0f} | "
                     f"{statistics.median(saved_s):.1f} ({min(saved_s):.1f} to {max(saved_s):.1f}) | "
                     f"{statistics.median(saved_mb):.0f} ({min(saved_mb):.0f} to {max(saved_mb):.0f}) |")
