@@ -1,11 +1,12 @@
 """Benchmark (not a test): the small-cohort and start-up workloads of ``bench_scale.py`` timed several
-times, the plain loop and the local backend's two paths interleaved (plain, by client, vectorized,
-plain, ...), so that a slow spell of this shared machine falls on every side alike. Each repetition's
+times, the plain loop and the two paths of one backend (the local backend; ``--backend ray``: Ray)
+interleaved (plain, by client, vectorized, plain, ...), so that a slow spell of this shared machine falls on every side alike. Each repetition's
 ratio is taken against the plain loop of the same repetition; the table gives the median ratio and
 the range, and the median wall times. Wall time only (memory: ``bench_scale.py``).
 
     python experiments/bench_repeat.py --repeat 3
     python experiments/bench_repeat.py --workloads mlr-synthetic11-eval --repeat 6 --block bench_repeat_eval
+    python experiments/bench_repeat.py --workloads mlr-synthetic11 --backend ray --block bench_repeat_ray
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from pathlib import Path
 from bench_scale import COMMON, RESULTS, WORKLOADS
 from common import HERE, write_block
 
-SIDES = [("plain", None, None), ("local, client by client", "local", "false"), ("local, vectorized", "local", "true")]
+#: the sides of ``--backend local`` (the default) and ``--backend ray``, each after the plain loop
+SIDES = {backend: [("plain", None, None), (f"{name}, client by client", backend, "false"),
+                   (f"{name}, vectorized", backend, "true")]
+         for backend, name in (("local", "local"), ("ray", "Ray"))}
 
 
 def wall(cmd: list[str], out: Path) -> float:
@@ -39,17 +43,19 @@ def main() -> None:
     parser.add_argument("--block", default="bench_repeat",
                         help="README block to write; its numbers go to results/bench_scale/<workload>/repeat.json "
                              "(another block: <block>.json)")
+    parser.add_argument("--backend", choices=sorted(SIDES), default="local", help="the framework's backend")
     args = parser.parse_args()
+    sides = SIDES[args.backend]
     rows = ["| workload | repetitions | plain loop, median (s) | "
-            + " | ".join(f"{s}: median s, ratio median (range)" for s, _, _ in SIDES[1:]) + " |",
-            "|" + "---|" * (3 + len(SIDES) - 1)]
+            + " | ".join(f"{s}: median s, ratio median (range)" for s, _, _ in sides[1:]) + " |",
+            "|" + "---|" * (3 + len(sides) - 1)]
     for name in args.workloads:
         ov = [*COMMON, *WORKLOADS[name]]
         subprocess.run([sys.executable, str(HERE / "bench_scale.py"), "--warm", *ov], check=True)
-        times: dict[str, list[float]] = {s: [] for s, _, _ in SIDES}
+        times: dict[str, list[float]] = {s: [] for s, _, _ in sides}
         out = RESULTS / name / "repeat"  # each run's folder, emptied before it
         for rep in range(args.repeat):
-            for side, backend, vectorize in SIDES:
+            for side, backend, vectorize in sides:
                 if backend is None:
                     cmd = [sys.executable, str(HERE / "bench_scale.py"), "--plain", str(out), *ov]
                 else:
@@ -60,7 +66,7 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)  # the times are kept below
         plain = times["plain"]
         cells = []
-        for side, _, _ in SIDES[1:]:
+        for side, _, _ in sides[1:]:
             ratios = [t / p for t, p in zip(times[side], plain)]
             cells.append(f"{statistics.median(times[side]):.1f}, {statistics.median(ratios):.2f}x "
                          f"({min(ratios):.2f}-{max(ratios):.2f})")

@@ -6,7 +6,8 @@ simulation and SuperLink side (FastAPI, SQLAlchemy with its PostgreSQL dialect, 
 0.65-0.9 s of a core in every client actor (``PYTHONPROFILEIMPORTTIME=1`` in the actors' logs, Ray's
 session folder), while the actors start in a run's first round. This module holds the same actor with
 the same ``run`` (Flower 1.42's ``VirtualClientEngineActor.run``: load the app, handle the message, wrap
-an app's exception in ``ClientAppException``) and ``terminate``, and needs only ``flwr.app`` and
+an app's exception in ``ClientAppException``) and ``terminate`` (without Flower's "Manually
+terminating" warning, noise at every normal end), and needs only ``flwr.app`` and
 ``flwr.clientapp``. ``lean_client_actors`` (``octomil_sim.local_ray``) makes Flower's Ray backend build
 its actor pool from it. The class keeps Flower's name: ``runner.client_actors_started`` counts actors by it.
 """
@@ -24,7 +25,8 @@ __all__ = ["ClientAppActor"]
 
 @ray.remote
 class ClientAppActor:
-    """Runs a ClientApp on the messages Flower's Ray backend sends it (one actor per Flower node)."""
+    """Runs a ClientApp on the messages Flower's Ray backend hands it (from its actor pool: any idle
+    actor serves the next message, whichever Flower node it is for)."""
 
     def __init__(self, on_actor_init_fn: Callable[[], None] | None = None) -> None:
         if on_actor_init_fn:
