@@ -1,8 +1,8 @@
 """Benchmark (not a test): the small-cohort and start-up workloads of ``bench_scale.py`` timed several
 times, the plain loop and the two paths of one backend (the local backend; ``--backend ray``: Ray)
-interleaved (plain, by client, vectorized, plain, ...), so that a slow spell of this shared machine falls on every side alike. Each repetition's
-ratio is taken against the plain loop of the same repetition; the table gives the median ratio and
-the range, and the median wall times. Wall time only (memory: ``bench_scale.py``).
+interleaved (plain, by client, vectorized, plain, ...), so that a slow spell of this shared machine
+falls on every side alike. Each repetition's ratio is taken against the plain loop of the same
+repetition; the table gives the median ratio and the range, and the median wall times. Wall time only (memory: ``bench_scale.py``).
 
     python experiments/bench_repeat.py --repeat 3
     python experiments/bench_repeat.py --workloads mlr-synthetic11-eval --repeat 6 --block bench_repeat_eval

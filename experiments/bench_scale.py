@@ -98,6 +98,11 @@ def tree_pss_mb(root: int) -> float:
     return total / 1024
 
 
+def simulation_value(overrides: list[str], key: str) -> str:
+    """The value of the first ``simulation.<key>=...`` among a workload's ``overrides``."""
+    return next(o for o in overrides if o.startswith(f"simulation.{key}=")).split("=", 1)[1]
+
+
 def measure(cmd: list[str], out: Path, memory: bool = True) -> tuple[float, float]:
     """Run ``cmd`` twice; return (wall seconds of a run left alone, peak PSS of its process tree in MB
     sampled during a second run). Reading smaps of a dozen large processes every 0.1 s takes a
@@ -221,9 +226,8 @@ def main() -> None:
             f"{names}{memory} | final model vs plain |", "|" + "---|" * (7 + len(SIDES) + (not args.no_memory))]
     for name in args.workloads:
         ov = [*COMMON, *WORKLOADS[name]]
-        rounds = int(next(o for o in ov if o.startswith("simulation.rounds=")).split("=")[1])
-        setting = {k: next(o for o in ov if o.startswith(f"simulation.{k}=")).split("=")[1]
-                   for k in ("num_clients", "clients_per_round")}
+        rounds = int(simulation_value(ov, "rounds"))
+        setting = {k: simulation_value(ov, k) for k in ("num_clients", "clients_per_round")}
         plain_dir = RESULTS / name / "plain"
         plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(plain_dir), *ov]
         # generate the dataset into the cache first: every side then reads the same memory-mapped files

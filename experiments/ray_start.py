@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_scale import COMMON, RESULTS, WORKLOADS, measure
+from bench_scale import COMMON, RESULTS, WORKLOADS, measure, simulation_value
 from common import write_block
 
 # the runner with Ray's API server and Flower's client actor back (the autoscaler monitor stays out)
@@ -59,7 +59,8 @@ def main() -> None:
             "|---|---|---|---|---|---|---|"]
     for name in args.workloads:
         ov = [*COMMON, *WORKLOADS[name]]
-        rounds = int(next(o for o in ov if o.startswith("simulation.rounds=")).split("=")[1])
+        # run as bench_scale runs the framework (its last round checkpointed), so the times compare with its tables
+        rounds = simulation_value(ov, "rounds")
         base = [*ov, "simulation.backend=ray", f"simulation.checkpoint_every={rounds}", "progress=false"]
         # generate the dataset into the cache first: every side then reads the same files
         subprocess.run([sys.executable, bench_scale, "--warm", *ov], check=True)
