@@ -45,14 +45,19 @@ def lean_head_node() -> Iterator[None]:
 @contextmanager
 def lean_client_actors() -> Iterator[None]:
     """Flower's Ray backend builds its client actors inside this block from ``octomil_sim.ray_actor``
-    (the same actor, without importing ``flwr.simulation`` in every actor; see that module)."""
+    (the same actor, without importing ``flwr.simulation`` in every actor) and sends them its ClientApp
+    loader pickled once (``PickledOnce``; see that module)."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    from octomil_sim.ray_actor import ClientAppActor
+    from octomil_sim.ray_actor import ClientAppActor, PickledOnce
 
-    flower_actor = raybackend.ClientAppActor
-    raybackend.ClientAppActor = ClientAppActor
+    flower_actor, flower_build = raybackend.ClientAppActor, raybackend.RayBackend.build
+
+    def build(self, app_fn) -> None:
+        flower_build(self, PickledOnce(app_fn))
+
+    raybackend.ClientAppActor, raybackend.RayBackend.build = ClientAppActor, build
     try:
         yield
     finally:
-        raybackend.ClientAppActor = flower_actor
+        raybackend.ClientAppActor, raybackend.RayBackend.build = flower_actor, flower_build

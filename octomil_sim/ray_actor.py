@@ -10,17 +10,29 @@ an app's exception in ``ClientAppException``) and ``terminate`` (without Flower'
 terminating" warning, noise at every normal end), and needs only ``flwr.app`` and
 ``flwr.clientapp``. ``lean_client_actors`` (``octomil_sim.local_ray``) makes Flower's Ray backend build
 its actor pool from it. The class keeps Flower's name: ``runner.client_actors_started`` counts actors by it.
+
+Flower's Ray backend passes the function that loads the ClientApp with every message
+(``a.run.remote(app_fn, message, cid, context)``), so Ray cloudpickles it, with the ClientApp and the
+run's spec its handlers close over (7 KB), in the driver for every message (0.2-0.5 ms holding the
+GIL, while the worker threads that submit a round's messages wait for it one after the other) and
+unpickles it in the actor (0.1-0.3 ms). ``PickledOnce`` wraps that function: it is pickled once per
+run, its bytes travel with each message as they are, and each actor unpickles them on its first
+message and then finds the loaded app by the run's key. Measured on 2 cores (``mlr-synthetic11-eval``,
+client by client, 400 rounds, three interleaved pairs): a round's median 25.3, 23.9 and 26.6 ms
+against 28.9, 28.6 and 27.5 ms; submitting a message 0.3-0.5 ms instead of 0.5-3.5 ms.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import ray
+from ray import cloudpickle
 from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
 
-__all__ = ["ClientAppActor"]
+__all__ = ["ClientAppActor", "PickledOnce"]
 
 
 @ray.remote
@@ -44,3 +56,31 @@ class ClientAppActor:
         except Exception as ex:
             raise ClientAppException(str(ex)) from ex
         return cid, out_message, context
+
+
+#: in an actor: run key -> the ClientApp loader unpickled from that run's first message
+_LOADED: dict[str, Callable[[], ClientApp]] = {}
+
+
+def _loaded(key: str, payload: bytes) -> Callable[[], ClientApp]:
+    """How a ``PickledOnce`` unpickles: the loader already unpickled for ``key``, else ``payload``'s."""
+    if key not in _LOADED:
+        _LOADED.clear()  # an actor serves one run; a key it has not seen is a new run
+        _LOADED[key] = cloudpickle.loads(payload)
+    return _LOADED[key]
+
+
+class PickledOnce:
+    """A ClientApp loader (``app_fn``) that pickles once: to ``app_fn``'s cloudpickled bytes under a
+    key of its own, which an actor unpickles only the first time it meets that key."""
+
+    def __init__(self, app_fn: Callable[[], ClientApp]) -> None:
+        self.app_fn = app_fn
+        self.key = uuid.uuid4().hex
+        self.payload = cloudpickle.dumps(app_fn)
+
+    def __call__(self) -> ClientApp:
+        return self.app_fn()
+
+    def __reduce__(self):
+        return _loaded, (self.key, self.payload)

@@ -220,8 +220,45 @@ def test_ray_started_as_a_lean_head_node_has_no_monitor_or_api_server_and_works(
         with pytest.raises(Exception, match="ClientAppException") as failed:
             ray.get(actor.run.remote(lambda: (lambda message, context: 1 / 0), "m", "7", "c"))
         assert "division by zero" in str(failed.value)
+        # a loader pickled once (``PickledOnce``): the actor unpickles it on its first message and
+        # keeps it, so the app's own state lives on from message to message
+        from octomil_sim.ray_actor import PickledOnce
+
+        def counting_app():
+            calls = []
+            return lambda: (lambda message, context: calls.append(message) or len(calls))
+
+        once = PickledOnce(counting_app())
+        assert [ray.get(actor.run.remote(once, "m", "7", "c"))[1] for _ in range(3)] == [1, 2, 3]
+        fresh = PickledOnce(counting_app())  # another run's loader: unpickled anew
+        assert ray.get(actor.run.remote(fresh, "m", "7", "c"))[1] == 1
+        assert ray.get(actor.run.remote(counting_app(), "m", "7", "c"))[1] == 1  # Flower's way: fresh every message
+        assert ray.get(actor.run.remote(counting_app(), "m", "7", "c"))[1] == 1
     finally:
         ray.shutdown()
+
+
+def test_pickled_once_pickles_its_loader_once_and_unpickles_it_once_per_process():
+    import pickle
+
+    from octomil_sim import ray_actor
+
+    pickled = []
+
+    class Loader:  # counts how often it is pickled
+        def __reduce__(self):
+            pickled.append(1)
+            return str, ("the app",)
+
+    once = ray_actor.PickledOnce(Loader())
+    assert len(pickled) == 1
+    messages = [pickle.dumps(once) for _ in range(3)]  # what travels with three messages
+    assert len(pickled) == 1 and len(set(messages)) == 1
+    ray_actor._LOADED.clear()
+    first, second = (pickle.loads(m) for m in messages[:2])
+    assert first == "the app" and second is first  # unpickled once, then found by its key
+    other = ray_actor.PickledOnce(Loader())
+    assert pickle.loads(pickle.dumps(other)) == "the app" and list(ray_actor._LOADED) == [other.key]
 
 
 def test_lean_client_actors_swap_flowers_actor_for_one_that_skips_flwr_simulation():
@@ -233,11 +270,12 @@ def test_lean_client_actors_swap_flowers_actor_for_one_that_skips_flwr_simulatio
     from octomil_sim.local_ray import lean_client_actors
     from octomil_sim.ray_actor import ClientAppActor
 
-    flower_actor = raybackend.ClientAppActor
+    flower_actor, flower_build = raybackend.ClientAppActor, raybackend.RayBackend.build
     assert flower_actor is not ClientAppActor
     with lean_client_actors():
         assert raybackend.ClientAppActor is ClientAppActor
-    assert raybackend.ClientAppActor is flower_actor
+        assert raybackend.RayBackend.build is not flower_build  # it wraps the app loader in ``PickledOnce``
+    assert (raybackend.ClientAppActor, raybackend.RayBackend.build) == (flower_actor, flower_build)
     # what a client actor imports to unpickle its class: not Flower's simulation side
     code = "import sys, octomil_sim.ray_actor; print(sorted(m for m in sys.modules if m.startswith('flwr.simulation')))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
