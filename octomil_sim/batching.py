@@ -8,6 +8,10 @@ per *client*; ``SimulationGrid`` packs the messages of a round into one message 
 A packed ``RecordDict`` holds each client's records under ``"<client>/<key>"``. A record that several
 clients share (FedAvg sends one ``ArrayRecord`` to all) travels once: later clients name it in the
 ``clients`` ConfigRecord (``ref-keys`` -> ``ref-targets``). Failed clients are listed with their reason.
+
+``pack_pair`` carries two lists of clients in one message (an evaluation and the next round's
+training, ``SimulationGrid.evaluate_then_train``): the evaluated clients under the ids ``-1 - client``,
+so that a client in both lists keeps both contents, and the model both lists share travels once.
 """
 
 from __future__ import annotations
@@ -51,6 +55,26 @@ def unpack(packed: RecordDict) -> tuple[dict[int, RecordDict], dict[int, str]]:
         records[int(client)][key] = packed[targets.get(name, name)]
     failures = {int(c): str(r) for c, r in zip(index["failed-ids"], index["failed-reasons"])}
     return {c: RecordDict(r) for c, r in records.items()}, failures
+
+
+def pack_pair(evaluate: Sequence[tuple[int, RecordDict]], train: Sequence[tuple[int, RecordDict]],
+              evaluate_failures: Sequence[tuple[int, str]] = (),
+              train_failures: Sequence[tuple[int, str]] = ()) -> RecordDict:
+    """``pack`` of two lists of clients (the first under ids ``-1 - client``); ``unpack_pair`` splits them."""
+    return pack([*[(-1 - c, x) for c, x in evaluate], *train],
+                [*[(-1 - c, r) for c, r in evaluate_failures], *train_failures])
+
+
+def unpack_pair(packed: RecordDict) -> tuple[tuple[dict[int, RecordDict], dict[int, str]],
+                                             tuple[dict[int, RecordDict], dict[int, str]]]:
+    """``((contents, failures), (contents, failures))`` of the two lists in a ``pack_pair``."""
+    contents, failures = unpack(packed)
+
+    def split(by_id: dict) -> tuple[dict, dict]:
+        return {-1 - c: v for c, v in by_id.items() if c < 0}, {c: v for c, v in by_id.items() if c >= 0}
+
+    (first, second), (first_failed, second_failed) = split(contents), split(failures)
+    return (first, first_failed), (second, second_failed)
 
 
 def split_by_work(items: Sequence, parts: int, work) -> list[list]:

@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from octomil_sim.arrays import state_dict, to_record
-from octomil_sim.batching import pack, unpack
+from octomil_sim.batching import pack, pack_pair, unpack, unpack_pair
 from octomil_sim.cohort import cohort_sgd, vectorizes
 from octomil_sim.data import ClientData, FederatedData, federated_data
 from octomil_sim.spec import RunSpec
@@ -485,6 +485,17 @@ def run_clients(handler, packed: RecordDict) -> RecordDict:
     return pack(done, failed)
 
 
+def evaluate_then_train(runtime: ClientRuntime, packed: RecordDict) -> RecordDict:
+    """A ``pack_pair`` of an evaluation and the next round's training (``SimulationGrid.evaluate_then_train``):
+    every evaluated client first, then the training, as two messages would run them; one ``pack_pair`` reply."""
+    (evaluate_contents, _), (train_contents, _) = unpack_pair(packed)
+    evaluated, evaluate_failed = unpack(run_clients(runtime.evaluate, pack(sorted(evaluate_contents.items()))))
+    trained, train_failed = unpack(runtime.train_message(pack(sorted(train_contents.items())))) \
+        if train_contents else ({}, {})
+    return pack_pair(sorted(evaluated.items()), sorted(trained.items()),
+                     sorted(evaluate_failed.items()), sorted(train_failed.items()))
+
+
 def build_client_app(spec: RunSpec) -> ClientApp:
     """A ClientApp for the run ``spec`` (which travels to the Ray actors with the app)."""
     app = ClientApp()
@@ -503,5 +514,9 @@ def build_client_app(spec: RunSpec) -> ClientApp:
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return Message(run_clients(runtime().evaluate, msg.content), reply_to=msg)
+
+    @app.train("evaluate_first")
+    def evaluate_first(msg: Message, context: Context) -> Message:
+        return Message(evaluate_then_train(runtime(), msg.content), reply_to=msg)
 
     return app

@@ -195,9 +195,12 @@ class RunSession(Session):
         latest = {k: row[k] for k in ("global_acc", "personalized_acc") if k in row}
         self.progress.update(self.task, advance=1, **({"latest": "  ".join(f"{k} {v:.3f}" for k, v in latest.items())}
                                                      if latest else {}))
-        every = self.spec.simulation.checkpoint_every
-        if every and (server_round % every == 0 or server_round == self.spec.simulation.rounds):
+        if self.checkpoints_after(server_round):
             self.checkpoint(server_round, arrays, strategy, grid)
+
+    def checkpoints_after(self, server_round: int) -> bool:
+        every = self.spec.simulation.checkpoint_every
+        return bool(every) and (server_round % every == 0 or server_round == self.spec.simulation.rounds)
 
     def checkpoint(self, server_round: int, arrays, strategy, grid: SimulationGrid) -> None:
         save_checkpoint(self.output_dir, server_round, {

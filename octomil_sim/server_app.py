@@ -27,13 +27,32 @@ from flwr.serverapp import Grid, ServerApp
 
 import numpy as np
 
-from octomil_sim.batching import pack, split_by_work, split_even, unpack
+from octomil_sim.batching import pack, pack_pair, split_by_work, split_even, unpack, unpack_pair
 from octomil_sim.errors import ConfigError, RunError
 from octomil_sim.metrics import client_rows
 from octomil_sim.polling import PUSHED, REPLIED
 
 NODE_TIMEOUT_S = 300.0  # seconds for all Flower nodes to register with the grid
 STARTUP_TIMEOUT_S = 300.0  # seconds the first exchange may wait with no client actor started
+
+
+#: the message type of ``SimulationGrid.evaluate_then_train`` (a custom train action, as Flower names them)
+EVALUATE_THEN_TRAIN = f"{MessageType.TRAIN}.evaluate_first"
+
+
+def _one_kind(messages: list[Message]) -> str:
+    kinds = {m.metadata.message_type for m in messages}
+    if len(kinds) > 1:
+        raise ValueError(f"one message type per exchange, got {sorted(kinds)}")
+    return kinds.pop()
+
+
+def _ids(chunk: list[Message]) -> list[int]:
+    return [m.metadata.dst_node_id for m in chunk]
+
+
+def _reason(reply: Message | None) -> str:
+    return "no reply from its node" if reply is None else reply.error.reason
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -140,27 +159,88 @@ class SimulationGrid(Grid):
         messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
         if not messages:
             return []
-        kinds = {m.metadata.message_type for m in messages}
-        if len(kinds) > 1:
-            raise ValueError(f"one message type per exchange, got {sorted(kinds)}")
-        kind = kinds.pop()
+        kind = _one_kind(messages)
         direction = kind.split(".")[0]
-        for m in messages:
-            self.bytes[f"{direction}_down"] += content_bytes(m.content)
-        parts = min(len(self.nodes), len(messages))
-        chunks = ([c for c in split_by_work(messages, parts, self._work_estimate()) if c] if direction == "train"
-                  else [c for c in split_even(messages, parts) if c])
+        self._count_down(direction, messages)
+        chunks = self._chunks(direction, messages)
         packed = [Message(content=pack([(m.metadata.dst_node_id, m.content) for m in chunk]),
                           message_type=kind, dst_node_id=node) for node, chunk in zip(self.nodes, chunks)]
         replies = {r.metadata.reply_to_message_id: r for r in self._exchange(packed, timeout)}
-        out: list[tuple[int, Message]] = []
+        outcomes = []
         for sent, chunk in zip(packed, chunks):
             reply = replies.get(sent.metadata.message_id)
             if reply is None or reply.has_error():
-                reason = "no reply from its node" if reply is None else reply.error.reason
-                contents, failures = {}, {m.metadata.dst_node_id: reason for m in chunk}
+                outcomes.append((chunk, {}, dict.fromkeys(_ids(chunk), _reason(reply))))
             else:
-                contents, failures = unpack(reply.content)
+                outcomes.append((chunk, *unpack(reply.content)))
+        return self._collect(direction, outcomes)
+
+    def evaluate_then_train(self, evaluate: Iterable[Message], train: Iterable[Message], *,
+                            timeout: float | None = None) -> tuple[list[Message], Callable[[], list[Message]]]:
+        """One exchange that carries an evaluation and the next round's training (``run_rounds``):
+        each node evaluates its share of the ``evaluate`` clients, then trains its share of ``train``.
+        The training clients go to the nodes ``send_and_receive`` would give them; an evaluated
+        client that also trains goes to its training node, so its evaluation reads its state before
+        its training writes it, as in two exchanges; the other evaluated clients then fill the nodes
+        with the fewest. Returns the evaluation's replies and a function that returns the training's: the
+        training's bytes, failures and stragglers are counted only when it is called, so that the
+        evaluated round's numbers (``RunSession.after_round``) do not include the next round's."""
+        evaluate = sorted(evaluate, key=lambda m: m.metadata.dst_node_id)
+        train = sorted(train, key=lambda m: m.metadata.dst_node_id)
+        if not evaluate or not train or _one_kind(evaluate) != MessageType.EVALUATE \
+                or _one_kind(train) != MessageType.TRAIN:
+            raise ValueError("evaluate_then_train takes evaluate messages, then train messages")
+        self._count_down("evaluate", evaluate)
+        train_chunks = self._chunks("train", train)
+        on_node = {m.metadata.dst_node_id: i for i, chunk in enumerate(train_chunks) for m in chunk}
+        evaluate_chunks: list[list[Message]] = [[] for _ in self.nodes[:max(len(train_chunks), len(evaluate))]]
+        rest = []
+        for m in evaluate:
+            node = on_node.get(m.metadata.dst_node_id)
+            (rest.append(m) if node is None else evaluate_chunks[node].append(m))
+        for m in rest:  # (in client order: the fill is deterministic)
+            min(evaluate_chunks, key=len).append(m)  # (the first of the emptiest)
+        for chunk in evaluate_chunks:
+            chunk.sort(key=lambda m: m.metadata.dst_node_id)
+        train_chunks += [[] for _ in range(len(evaluate_chunks) - len(train_chunks))]
+        pairs = [(node, e, t) for node, e, t in zip(self.nodes, evaluate_chunks, train_chunks) if e or t]
+        packed = [Message(content=pack_pair([(m.metadata.dst_node_id, m.content) for m in e],
+                                            [(m.metadata.dst_node_id, m.content) for m in t]),
+                          message_type=EVALUATE_THEN_TRAIN, dst_node_id=node) for node, e, t in pairs]
+        replies = {r.metadata.reply_to_message_id: r for r in self._exchange(packed, timeout)}
+        evaluated, trained = [], []
+        for sent, (_, e, t) in zip(packed, pairs):
+            reply = replies.get(sent.metadata.message_id)
+            if reply is None or reply.has_error():
+                reason = _reason(reply)
+                evaluated.append((e, {}, dict.fromkeys(_ids(e), reason)))
+                trained.append((t, {}, dict.fromkeys(_ids(t), reason)))
+            else:
+                (e_contents, e_failures), (t_contents, t_failures) = unpack_pair(reply.content)
+                evaluated.append((e, e_contents, e_failures))
+                trained.append((t, t_contents, t_failures))
+
+        def training() -> list[Message]:
+            self._count_down("train", train)
+            return self._collect("train", trained)
+
+        return self._collect("evaluate", evaluated), training
+
+    def _count_down(self, direction: str, messages: list[Message]) -> None:
+        for m in messages:
+            self.bytes[f"{direction}_down"] += content_bytes(m.content)
+
+    def _chunks(self, direction: str, messages: list[Message]) -> list[list[Message]]:
+        """The messages cut into one chunk per node: training by expected work, the rest evenly."""
+        parts = min(len(self.nodes), len(messages))
+        return ([c for c in split_by_work(messages, parts, self._work_estimate()) if c] if direction == "train"
+                else [c for c in split_even(messages, parts) if c])
+
+    def _collect(self, direction: str, outcomes: list[tuple[list[Message], dict, dict]]) -> list[Message]:
+        """One reply per client of each ``(chunk, contents, failures)`` (a node's unpacked reply), in
+        client order; counts failures, bytes up and stragglers, and keeps each trained client's work."""
+        out: list[tuple[int, Message]] = []
+        for chunk, contents, failures in outcomes:
             for m in chunk:
                 client = m.metadata.dst_node_id
                 if client in failures:
@@ -303,6 +383,11 @@ class Session:
                     evaluate_metrics: MetricRecord | None, strategy, grid: SimulationGrid) -> None:
         raise NotImplementedError
 
+    def checkpoints_after(self, server_round: int) -> bool:
+        """Whether ``after_round(server_round)`` saves a checkpoint (then that round's evaluation
+        cannot travel with the next round's training; see ``run_rounds``)."""
+        return False
+
     def stopped(self, last_round: int, arrays: ArrayRecord, strategy, grid: SimulationGrid) -> None:
         """The run was asked to stop after ``last_round`` (a signal): keep what it needs to resume."""
         raise NotImplementedError
@@ -319,22 +404,53 @@ class Session:
 
 
 def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round: int, last_round: int,
-               after_round: Callable[..., None],
-               should_stop: Callable[[], bool] = lambda: False) -> tuple[ArrayRecord, int]:
+               after_round: Callable[..., None], should_stop: Callable[[], bool] = lambda: False,
+               checkpoints_after: Callable[[int], bool] = lambda server_round: False) -> tuple[ArrayRecord, int]:
     """Flower's ``Strategy.start`` loop (train, aggregate, evaluate, aggregate) over rounds
     ``first_round..last_round``, so that a resumed run keeps its round numbers (which seed sampling
     and every client's SGD). Returns the arrays and the last round run: before ``last_round`` when
-    ``should_stop()`` turned true (checked after each round)."""
+    ``should_stop()`` turned true (checked after each round).
+
+    A round's evaluation travels with the next round's training, in one exchange instead of two
+    (``SimulationGrid.evaluate_then_train``): both go out with the same model, the clients run the
+    evaluation first, and the numbers are those of two exchanges. On Ray each exchange costs about
+    1-2 ms of transport beyond the clients' work, and small rounds have little work. Then the strategy
+    configures round t + 1's training before it aggregates round t's evaluation and ``after_round(t)``
+    runs; neither is Flower's contract to depend on (``configure_train`` builds messages, no exchange).
+    A round's evaluation goes alone when ``checkpoints_after(round)`` (the checkpoint keeps the
+    clients' state, which the next training would already have changed), after the last round, when
+    a stop was asked, or when the messages are not plain train and evaluate messages. A round's
+    ``time_s`` (``RunSession``) then also counts the next round's training: the sum stays the run's."""
+    pending: tuple | None = None  # (round, arrays, train metrics, evaluate messages) of an evaluation that waits
+
+    def finish(server_round, round_arrays, train_metrics, evaluate_replies) -> None:
+        evaluate_metrics = strategy.aggregate_evaluate(server_round, evaluate_replies)
+        after_round(server_round, round_arrays, train_metrics, evaluate_metrics, strategy, grid)
+
     for server_round in range(first_round, last_round + 1):
         if should_stop():
+            if pending is not None:
+                finish(*pending[:3], grid.send_and_receive(pending[3]))
             return arrays, server_round - 1
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        if pending is not None and messages and all(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            evaluated, training = grid.evaluate_then_train(pending[3], messages)
+            finish(*pending[:3], evaluated)
+            replies = training()
+        else:
+            if pending is not None:
+                finish(*pending[:3], grid.send_and_receive(pending[3]))
+            replies = grid.send_and_receive(messages)
+        pending = None
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
-        after_round(server_round, arrays, train_metrics, evaluate_metrics, strategy, grid)
+        evaluate = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        if evaluate and server_round < last_round and not checkpoints_after(server_round) \
+                and all(m.metadata.message_type == MessageType.EVALUATE for m in evaluate):
+            pending = (server_round, arrays, train_metrics, evaluate)
+        else:
+            finish(server_round, arrays, train_metrics, grid.send_and_receive(evaluate))
     return arrays, last_round
 
 
@@ -364,7 +480,8 @@ def build_server_app(make_strategy: Callable[[], object], session: Callable[[], 
         if not sim_grid.wait_for_nodes(num_nodes, should_stop=should_stop):
             return
         arrays, first_round = run.start(strategy, sim_grid)
-        arrays, last = run_rounds(strategy, sim_grid, arrays, first_round, num_rounds, run.after_round, should_stop)
+        arrays, last = run_rounds(strategy, sim_grid, arrays, first_round, num_rounds, run.after_round, should_stop,
+                                  run.checkpoints_after)
         if last < num_rounds:
             run.stopped(last, arrays, strategy, sim_grid)
             return

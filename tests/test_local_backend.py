@@ -260,3 +260,33 @@ def test_a_local_run_needs_no_ray_installed(make_spec, tmp_path, monkeypatch):
                         "simulation.checkpoint_every=0"), tmp_path)
     assert [r["round"] for r in out["rounds"]] == [1, 2]
 
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_an_evaluation_sent_with_the_next_training_gives_the_numbers_of_two_exchanges(make_spec, tmp_path,
+                                                                                   monkeypatch, nodes):
+    """``run_rounds`` sends round t's evaluation with round t + 1's training. Ditto's evaluation reads
+    each client's personal model and its training rewrites it, and a client may be both evaluated and
+    trained in one exchange: the numbers (bytes and failures per round included) must be those of a run
+    whose checkpoint after every round keeps each evaluation in its own exchange. A round's evaluation
+    goes alone before a checkpoint and after the last round."""
+    from octomil_sim.server_app import SimulationGrid
+
+    fused = []
+    evaluate_then_train = SimulationGrid.evaluate_then_train
+
+    def counted(self, evaluate, train, **kwargs):
+        fused.append(sorted({m.metadata.dst_node_id for m in evaluate} & {m.metadata.dst_node_id for m in train}))
+        return evaluate_then_train(self, evaluate, train, **kwargs)
+
+    monkeypatch.setattr(SimulationGrid, "evaluate_then_train", counted)
+    common = [*LOCAL, "strategy=ditto", "strategy.client.lam=0.5", "simulation.num_clients=8",
+              "simulation.clients_per_round=5", "simulation.rounds=6", "simulation.fraction_evaluate=0.5",
+              f"simulation.num_nodes={nodes}", "system=heterogeneous"]
+    separate = run(make_spec(*common, "simulation.checkpoint_every=1"), tmp_path / "separate")
+    assert fused == []
+    together = run(make_spec(*common, "simulation.checkpoint_every=4"), tmp_path / "together")
+    assert len(fused) == 4  # rounds 1, 2, 3 and 5 (4 checkpoints, 6 is the last)
+    assert any(fused)  # some client was evaluated and trained in one exchange
+    assert _numbers(together) == _numbers(separate)
+    assert any(r["failed_clients"] for r in separate["rounds"])  # the system model drops clients: counted per round

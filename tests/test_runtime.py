@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from octomil_sim.batching import pack, split_by_work, split_even, unpack
+from octomil_sim.batching import pack, pack_pair, split_by_work, split_even, unpack, unpack_pair
 from octomil_sim.checkpoint import load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.errors import ConfigError
 from octomil_sim.system import SystemModel
@@ -24,6 +24,80 @@ def test_pack_unpack_round_trip_sends_a_shared_record_once():
     assert sorted(back) == [4, 9] and failed == {5: "dropped"}
     np.testing.assert_array_equal(back[9]["arrays"].to_numpy_ndarrays()[0], np.arange(1000))
     assert back[9]["config"]["server-round"] == 3
+
+
+def test_pack_pair_keeps_a_client_in_both_lists_and_their_shared_model_once():
+    model = ArrayRecord([np.arange(1000, dtype=np.float32)])
+    evaluate = [(2, RecordDict({"arrays": model})), (4, RecordDict({"arrays": model}))]
+    train = [(4, RecordDict({"arrays": model, "config": ConfigRecord({"server-round": 5})}))]
+    packed = pack_pair(evaluate, train, evaluate_failures=[(7, "dropped")], train_failures=[(1, "error")])
+    assert len(packed.array_records) == 1  # one model for the three contents
+    (e, e_failed), (t, t_failed) = unpack_pair(packed)
+    assert sorted(e) == [2, 4] and sorted(t) == [4] and e_failed == {7: "dropped"} and t_failed == {1: "error"}
+    assert "config" not in e[4] and t[4]["config"]["server-round"] == 5  # client 4's two contents, each its own
+    assert unpack_pair(pack_pair([], train))[0] == ({}, {})
+
+
+def test_evaluate_then_train_places_each_client_with_its_training_and_counts_the_training_late(monkeypatch):
+    """One exchange for an evaluation and the next round's training (``run_rounds``): the training goes
+    to the nodes a training exchange would use, an evaluated client that trains goes to its training
+    node (its evaluation then runs before its training there), the others fill the emptier nodes, and
+    the training's bytes are counted only when its replies are taken."""
+    from flwr.app import Message, MessageType, MetricRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from octomil_sim.server_app import EVALUATE_THEN_TRAIN, SimulationGrid
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    model = ArrayRecord([np.zeros(10, dtype=np.float32)])
+    size = model.count_bytes()
+    seen: dict[int, tuple[list[int], list[int]]] = {}
+
+    class Nodes:  # serves every node's message at once, as a node's ClientApp would
+        def __init__(self):
+            self.replies = []
+
+        def push_messages(self, messages):
+            ids = []
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's grid names a pushed message
+                assert m.metadata.message_type == EVALUATE_THEN_TRAIN
+                (e, _), (t, _) = unpack_pair(m.content)
+                seen[m.metadata.dst_node_id] = (sorted(e), sorted(t))
+                reply = lambda c: RecordDict({"arrays": model, "metrics": MetricRecord({"local-steps": 10 * c})})  # noqa: E731
+                content = pack_pair([(c, reply(c)) for c in e if c != 6], [(c, reply(c)) for c in t],
+                                    evaluate_failures=[(6, "dropped")] if 6 in e else [])
+                self.replies.append(Message(content, reply_to=m))
+                ids.append(f"m{i}")
+            return ids
+
+        def pull_messages(self, ids):
+            out, self.replies = self.replies, []
+            return out
+
+    grid = SimulationGrid(Nodes(), num_clients=10)
+    grid.nodes = [101, 102]
+    grid.work = {1: 5.0, 3: 1.0, 5: 1.0, 7: 1.0}  # client 1 alone is as much work as the other three
+    content = RecordDict({"arrays": model})
+    message = lambda c, kind: Message(content, dst_node_id=c, message_type=kind)  # noqa: E731
+    evaluate = [message(c, MessageType.EVALUATE) for c in (0, 2, 3, 6, 8)]
+    train = [message(c, MessageType.TRAIN) for c in (1, 3, 5, 7)]
+    evaluated, training = grid.evaluate_then_train(evaluate, train)
+    # training as ``split_by_work``: [1] and [3, 5, 7]; evaluated client 3 with its training, the rest to the emptier
+    assert seen == {101: ([0, 2, 8], [1]), 102: ([3, 6], [3, 5, 7])}
+    assert [m.metadata.reply_to_message_id for m in evaluated] == [m.metadata.message_id for m in evaluate]
+    assert [m.has_error() for m in evaluated] == [False, False, False, True, False]
+    assert sum(grid.failed.values()) == 0 and grid.last_failure == {6: "dropped"}  # an evaluation's failure is no training's
+    assert dict(grid.bytes) == {"evaluate_down": 5 * size, "evaluate_up": 4 * size}
+    trained = training()
+    assert [m.content["metrics"]["local-steps"] for m in trained] == [10, 30, 50, 70]
+    assert dict(grid.bytes) == {"evaluate_down": 5 * size, "evaluate_up": 4 * size,
+                                "train_down": 4 * size, "train_up": 4 * size}
+    assert grid.work[5] == 50.0
+    with pytest.raises(ValueError, match="evaluate messages, then train messages"):
+        grid.evaluate_then_train(train, evaluate)
 
 
 def test_split_even_keeps_order_and_balances():
