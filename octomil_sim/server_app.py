@@ -9,6 +9,8 @@ strategy stays a plain Flower ``Strategy`` that addresses one message per client
 - it counts the bytes each client's message carries down and up, as a real federation would send them;
 - it returns replies in client order, so aggregation sums in the same order in every run;
 - it applies the system model's round deadline: a straggler's reply never reaches the strategy.
+- it can carry a round's evaluation and the next round's training in one exchange
+  (``evaluate_then_train``, used by ``run_rounds``), with the numbers of two.
 
 ``SeededSampling`` makes a strategy's client sampling a function of (seed, round).
 """
