@@ -2,11 +2,13 @@
 
 Runs workloads of ``bench_scale.py`` on the Ray backend (default path: vectorized) two ways, interleaved
 repetition by repetition, each next to the plain loop of the same repetition:
-- ``lean``: the runner as it is: a head node without the API server (``lean_head_node``) and client
-  actors that do not import ``flwr.simulation`` (``lean_client_actors``);
+- ``lean``: the runner as it is: a head node without the API server (``lean_head_node``); client
+  actors that do not import ``flwr.simulation``, started as soon as Ray is up and prepared while the
+  driver checks the data (``early_client_actors``), sent the ClientApp pickled once (``lean_client_actors``);
 - ``Ray's defaults``: the head node Ray starts with ``include_dashboard=False`` (its API server runs,
-  without the dashboard's pages) and Flower's own ``ClientAppActor``: the runner before both changes
-  (the autoscaler monitor stays out on both sides, as it has since an earlier change).
+  without the dashboard's pages) and Flower's own ``ClientAppActor``, started by Flower's backend and
+  sent the ClientApp with every message: the runner before these changes (the autoscaler monitor
+  stays out on both sides, as it has since an earlier change).
 Wall time from a run left alone; peak PSS of the whole process tree from a second run (``bench_scale.measure``).
 
     python experiments/ray_start.py --repeat 3
@@ -42,6 +44,7 @@ def monitor_only():
 
 local_ray.lean_head_node = monitor_only
 local_ray.lean_client_actors = nullcontext
+local_ray.early_client_actors = lambda backend, client_app: []  # Flower starts its actors itself
 sys.argv = ["octomil_sim", *sys.argv[1:]]  # every override stays in argv for Hydra
 runpy.run_module("octomil_sim", run_name="__main__", alter_sys=True)
 """

@@ -519,4 +519,6 @@ def build_client_app(spec: RunSpec) -> ClientApp:
     def evaluate_first(msg: Message, context: Context) -> Message:
         return Message(evaluate_then_train(runtime(), msg.content), reply_to=msg)
 
+    app.prepare = lambda: client_runtime(spec)  # an early Ray actor builds it before the first message
+
     return app

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["lean_client_actors", "lean_head_node"]
+__all__ = ["early_client_actors", "lean_client_actors", "lean_head_node"]
 
 
 @contextmanager
@@ -42,22 +42,54 @@ def lean_head_node() -> Iterator[None]:
             setattr(Node, name, method)
 
 
+def early_client_actors(backend, client_app) -> list:
+    """The client actors Flower's Ray ``backend`` will want (its pool's size, each with its
+    resources), started now and told to ``prepare`` ``client_app`` (``ClientAppActor.prepare``:
+    imports, data partitions, model), so that this work runs while the driver checks the data and
+    starts Flower's runtime, not in the first round. ``lean_client_actors(early)`` hands them to Flower."""
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    from octomil_sim.ray_actor import ClientAppActor, PickledOnce
+
+    loader = PickledOnce(lambda: client_app)
+    actors = [ClientAppActor.options(**backend.client_resources).remote(**backend.actor_kwargs)
+              for _ in range(pool_size_from_resources(backend.client_resources))]
+    for actor in actors:
+        actor.prepare.remote(loader)
+    return actors
+
+
 @contextmanager
-def lean_client_actors() -> Iterator[None]:
+def lean_client_actors(early: list | None = None) -> Iterator[None]:
     """Flower's Ray backend builds its client actors inside this block from ``octomil_sim.ray_actor``
-    (the same actor, without importing ``flwr.simulation`` in every actor) and sends them its ClientApp
-    loader pickled once (``PickledOnce``; see that module)."""
+    (the same actor, without importing ``flwr.simulation`` in every actor), taking the ``early``
+    ones first (``early_client_actors``), and sends them its ClientApp loader pickled once
+    (``PickledOnce``; see that module). Early actors its pool did not take end with the block."""
+    import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     from octomil_sim.ray_actor import ClientAppActor, PickledOnce
 
-    flower_actor, flower_build = raybackend.ClientAppActor, raybackend.RayBackend.build
+    early = list(early or [])
+    flower_actor, flower_build, flower_pool = raybackend.ClientAppActor, raybackend.RayBackend.build, raybackend.BasicActorPool
+
+    class Pool(flower_pool):
+        def add_actors_to_pool(self, num_actors: int) -> None:
+            taken = early[:num_actors]
+            del early[:num_actors]
+            self.pool.extend(taken)
+            self.num_actors += len(taken)
+            super().add_actors_to_pool(num_actors - len(taken))
 
     def build(self, app_fn) -> None:
         flower_build(self, PickledOnce(app_fn))
 
-    raybackend.ClientAppActor, raybackend.RayBackend.build = ClientAppActor, build
+    raybackend.ClientAppActor, raybackend.RayBackend.build, raybackend.BasicActorPool = ClientAppActor, build, Pool
     try:
         yield
     finally:
-        raybackend.ClientAppActor, raybackend.RayBackend.build = flower_actor, flower_build
+        raybackend.ClientAppActor, raybackend.RayBackend.build, raybackend.BasicActorPool = \
+            flower_actor, flower_build, flower_pool
+        if early and ray.is_initialized():
+            for actor in early:
+                ray.kill(actor)

@@ -47,6 +47,19 @@ class ClientAppActor:
     def terminate(self) -> None:
         ray.actor.exit_actor()
 
+    def prepare(self, client_app_fn: Callable[[], ClientApp]) -> str | None:
+        """Load the ClientApp and run its ``prepare`` (when it has one) before the first message: an
+        actor started early (``octomil_sim.local_ray.early_client_actors``) imports the client side
+        and builds the run's client runtime while the driver is still busy. An error is returned,
+        not raised: the first message meets it again and reports it as every message does."""
+        try:
+            prepare = getattr(client_app_fn(), "prepare", None)
+            if prepare is not None:
+                prepare()
+        except Exception as ex:  # noqa: BLE001
+            return f"{type(ex).__name__}: {ex}"
+        return None
+
     def run(self, client_app_fn: Callable[[], ClientApp], message: Message, cid: str,
             context: Context) -> tuple[str, Message, Context]:
         try:

@@ -448,7 +448,7 @@ def _count_clients(spec: RunSpec) -> int:
         return FederatedData(spec).num_clients
 
 
-def check_data_while_ray_starts(spec: RunSpec, backend_config: dict) -> None:
+def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=None) -> list:
     """Fail fast (missing dataset, impossible partition) before any client runs. The check opens the
     data in a thread of this process (the data module is imported here already; partitions are
     memory-mapped Arrow and are dropped once counted) while Ray starts through Flower's own backend
@@ -464,20 +464,21 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict) -> None:
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    from octomil_sim.local_ray import lean_head_node
-
     from octomil_sim.data import cache_source
+    from octomil_sim.local_ray import early_client_actors, lean_head_node
 
     cache_source(spec)  # a generated dataset's first generation runs here, before any fork (see its docstring)
     with ThreadPoolExecutor(max_workers=1) as pool:
         checked = pool.submit(_count_clients, spec)
-        with lean_head_node():
-            RayBackend(backend_config)
         try:
+            with lean_head_node():
+                backend = RayBackend(backend_config)
+            early = [] if client_app is None else early_client_actors(backend, client_app)
             checked.result()
         except BaseException:
             ray.shutdown()
             raise
+    return early
 
 
 def check_data(spec: RunSpec) -> None:
@@ -601,8 +602,9 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     reaper = Reaper() if on_ray and s.ray_address is None else None  # a killed driver leaves no Ray process behind
     try:
         with nullcontext() if on_ray else in_process_clients():  # (local: one such run per process, from here)
+            early = []
             if on_ray:
-                check_data_while_ray_starts(spec, backend_config)
+                early = check_data_while_ray_starts(spec, backend_config, client_app)
             else:
                 check_data(spec)
             stop.rearm()
@@ -610,7 +612,7 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
             session = RunSession(spec, output_dir, saved, started)
             if not stop.is_set():
                 with session.progress, prompt_simulation_runtime(), fast_array_reads(), \
-                        lean_client_actors() if on_ray else nullcontext():
+                        lean_client_actors(early) if on_ray else nullcontext():
                     # the name only gates Flower's "is Ray installed" exit: a local run needs no Ray
                     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                                    backend_config=backend_config, backend_name="ray" if on_ray else "local")

@@ -312,6 +312,50 @@ def test_ray_started_as_a_lean_head_node_has_no_monitor_or_api_server_and_works(
         ray.shutdown()
 
 
+def test_early_client_actors_prepare_the_app_and_fill_flowers_pool_first(tmp_path):
+    """``early_client_actors`` starts the actors Flower's pool will want as soon as Ray is up and has
+    each prepare the app (imports, data, model) while the driver still checks the data; the pool
+    built under ``lean_client_actors(early)`` takes them instead of starting its own, and early
+    actors it does not take end with the block."""
+    import os
+    import types
+
+    import ray
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from octomil_sim.local_ray import early_client_actors, lean_client_actors, lean_head_node
+
+    class App:  # pickled by value into the actors (a class local to the test)
+        def __init__(self, folder):
+            self.folder = folder
+
+        def prepare(self):
+            with open(os.path.join(self.folder, f"prepared-{os.getpid()}"), "w"):
+                pass
+
+        def __call__(self, message, context):
+            return f"{message} in {os.getpid()}"
+
+    with lean_head_node():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        backend = types.SimpleNamespace(client_resources={"num_cpus": 1}, actor_kwargs={})
+        early = early_client_actors(backend, App(str(tmp_path)))
+        assert len(early) == 2  # two CPUs, one each: Flower's pool size
+        with lean_client_actors(early):
+            pool = raybackend.BasicActorPool(actor_type=raybackend.ClientAppActor, client_resources={"num_cpus": 1},
+                                             actor_kwargs={})
+            pool.add_actors_to_pool(1)
+            assert pool.pool == [early[0]] and pool.num_actors == 1
+        reply = ray.get(early[0].run.remote(lambda: App(str(tmp_path)), "m", "7", "c"), timeout=60)
+        pid = int(reply[1].split(" in ")[1])
+        assert (tmp_path / f"prepared-{pid}").exists()  # prepared before its first message
+        with pytest.raises(ray.exceptions.RayActorError):  # the one the pool did not take was ended
+            ray.get(early[1].run.remote(lambda: App(str(tmp_path)), "m", "7", "c"), timeout=60)
+    finally:
+        ray.shutdown()
+
+
 def test_pickled_once_pickles_its_loader_once_and_unpickles_it_once_per_process():
     import pickle
 
