@@ -294,7 +294,11 @@ class ClientRuntime:
         return self.train_reply(pid, task, *self.algorithm.train(model, task), content["arrays"])
 
     def train_message(self, packed: RecordDict) -> RecordDict:
-        """All clients of a train message: with ``vectorize``, in cohorts that train together
+        """``train_clients`` of a packed train message, packed."""
+        return pack(*self.train_clients(unpack(packed)[0]))
+
+    def train_clients(self, contents: dict[int, RecordDict]) -> tuple[list, list]:
+        """All clients of a train message, as ``(done, failed)`` lists: with ``vectorize``, in cohorts that train together
         (``ClientAlgorithm.train_cohort``), each cohort as many clients as ``COHORT_BYTES`` of stacked
         parameters allow; client by client otherwise, or when the algorithm or model cannot. A client
         the system model drops is reported failed either way. Before the first cohort, one step of
@@ -307,8 +311,7 @@ class ClientRuntime:
             self._cohort_works = self._probe_cohort()
         if not self.vectorize or not self._cohort_works or (self.private is not None and self.private.trains) \
                 or not vectorizes(self.template):  # (every train_cohort declines such a model: one model at a time)
-            return run_clients(self.train, packed)
-        contents, _ = unpack(packed)
+            return each_client(self.train, contents)
         items = sorted(contents.items())
         model_bytes = sum(p.numel() * p.element_size() for p in self.template.parameters())
         size = min(COHORT_CLIENTS, max(2, COHORT_BYTES // max(1, 3 * model_bytes)))  # weights, gradients, starts
@@ -333,7 +336,7 @@ class ClientRuntime:
             else:
                 for pid, task, result in zip(pids, tasks, results, strict=True):
                     guarded(pid, lambda: self.train_reply(pid, task, *result, contents[pid]["arrays"]), done, failed)
-        return pack(done, failed)
+        return done, failed
 
     def _probe_cohort(self) -> bool:
         """Whether ``cohort_sgd`` runs on this run's model: one step of two dummy clients (nothing of
@@ -476,24 +479,34 @@ def guarded(pid: int, work: Callable, done: list, failed: list) -> None:
 
 
 def run_clients(handler, packed: RecordDict) -> RecordDict:
-    """``handler(client, content)`` for every client packed in a message; failures are reported
-    per client (``guarded``) and the other clients go on."""
-    contents, _ = unpack(packed)
+    """``each_client`` of a packed message, packed."""
+    return pack(*each_client(handler, unpack(packed)[0]))
+
+
+def each_client(handler, contents: dict[int, RecordDict]) -> tuple[list, list]:
+    """``handler(client, content)`` for every client, in client order, as ``(done, failed)`` lists;
+    failures are reported per client (``guarded``) and the other clients go on."""
     done, failed = [], []
     for pid, content in sorted(contents.items()):
         guarded(pid, lambda: handler(pid, content), done, failed)
-    return pack(done, failed)
+    return done, failed
 
 
 def evaluate_then_train(runtime: ClientRuntime, packed: RecordDict) -> RecordDict:
     """A ``pack_pair`` of an evaluation and the next round's training (``SimulationGrid.evaluate_then_train``):
-    every evaluated client first, then the training, as two messages would run them; one ``pack_pair`` reply."""
+    every evaluated client first, then the training, as two messages would run them; one ``pack_pair`` reply.
+    A training that fails as a whole (the train message would have failed) fails its clients, and the
+    evaluation's replies still go back."""
     (evaluate_contents, _), (train_contents, _) = unpack_pair(packed)
-    evaluated, evaluate_failed = unpack(run_clients(runtime.evaluate, pack(sorted(evaluate_contents.items()))))
-    trained, train_failed = unpack(runtime.train_message(pack(sorted(train_contents.items())))) \
-        if train_contents else ({}, {})
-    return pack_pair(sorted(evaluated.items()), sorted(trained.items()),
-                     sorted(evaluate_failed.items()), sorted(train_failed.items()))
+    evaluated, evaluate_failed = each_client(runtime.evaluate, evaluate_contents)
+    trained, train_failed = [], []
+    if train_contents:
+        try:
+            trained, train_failed = runtime.train_clients(train_contents)
+        except Exception as err:  # noqa: BLE001 - as a failed train message would: every client failed, the evaluation kept
+            traceback.print_exc()
+            train_failed = [(pid, f"{type(err).__name__}: {err}") for pid in sorted(train_contents)]
+    return pack_pair(evaluated, trained, evaluate_failed, train_failed)
 
 
 def build_client_app(spec: RunSpec) -> ClientApp:

@@ -52,8 +52,11 @@ def early_client_actors(backend, client_app) -> list:
     from octomil_sim.ray_actor import ClientAppActor, PickledOnce
 
     loader = PickledOnce(lambda: client_app)
-    actors = [ClientAppActor.options(**backend.client_resources).remote(**backend.actor_kwargs)
-              for _ in range(pool_size_from_resources(backend.client_resources))]
+    try:
+        size = pool_size_from_resources(backend.client_resources)
+    except ValueError:  # no room for one actor: Flower's backend says so when it builds its pool
+        return []
+    actors = [ClientAppActor.options(**backend.client_resources).remote(**backend.actor_kwargs) for _ in range(size)]
     for actor in actors:
         actor.prepare.remote(loader)
     return actors
@@ -64,7 +67,8 @@ def lean_client_actors(early: list | None = None) -> Iterator[None]:
     """Flower's Ray backend builds its client actors inside this block from ``octomil_sim.ray_actor``
     (the same actor, without importing ``flwr.simulation`` in every actor), taking the ``early``
     ones first (``early_client_actors``), and sends them its ClientApp loader pickled once
-    (``PickledOnce``; see that module). Early actors its pool did not take end with the block."""
+    (``PickledOnce``; see that module). Early actors its pool did not take end once it is built (or
+    with the block)."""
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
@@ -83,6 +87,8 @@ def lean_client_actors(early: list | None = None) -> Iterator[None]:
 
     def build(self, app_fn) -> None:
         flower_build(self, PickledOnce(app_fn))
+        while early:  # more than the pool took (a cluster that shrank since): their resources go back now
+            ray.kill(early.pop())
 
     raybackend.ClientAppActor, raybackend.RayBackend.build, raybackend.BasicActorPool = ClientAppActor, build, Pool
     try:

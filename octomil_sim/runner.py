@@ -473,12 +473,19 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=
         try:
             with lean_head_node():
                 backend = RayBackend(backend_config)
-            early = [] if client_app is None else early_client_actors(backend, client_app)
+            early = [] if client_app is None or downloads(spec) else early_client_actors(backend, client_app)
             checked.result()
         except BaseException:
             ray.shutdown()
             raise
     return early
+
+
+def downloads(spec: RunSpec) -> bool:
+    """Whether opening the data may download it (a hub dataset not at a local path): then the client
+    actors start once the driver's check has it in the local cache, not beside the check."""
+    source = spec.dataset.source
+    return source.target.endswith("HubDataset") and not Path(str(source.get("path", ""))).expanduser().exists()
 
 
 def check_data(spec: RunSpec) -> None:

@@ -73,6 +73,7 @@ class SimulationGrid(Grid):
         self.unseen = frozenset(unseen)  # held-out clients: never trained, evaluated only at the end
         self.actors_started, self.startup_timeout = actors_started, startup_timeout
         self.pull_interval = pull_interval
+        self.exchanges = 0  # exchanges so far (``run_rounds`` checks that ``configure_train`` makes none)
         self.answered = False  # whether any node has replied yet
         self.nodes: list[int] = []
         self.bytes: Counter[str] = Counter()
@@ -132,6 +133,7 @@ class SimulationGrid(Grid):
         none a ``RunError`` ends the run. Flower registers its nodes before Ray starts the actors that
         serve them (``wait_for_nodes`` cannot see this), and ``ray.get`` on an actor that never starts
         waits without limit; ``actors_started`` returning None (unknown) keeps waiting."""
+        self.exchanges += 1
         REPLIED.clear()
         waiting = set(self.push_messages(messages))
         now = time.monotonic()
@@ -418,7 +420,8 @@ def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round:
     evaluation first, and the numbers are those of two exchanges. On Ray each exchange costs about
     1-2 ms of transport beyond the clients' work, and small rounds have little work. Then the strategy
     configures round t + 1's training before it aggregates round t's evaluation and ``after_round(t)``
-    runs; neither is Flower's contract to depend on (``configure_train`` builds messages, no exchange).
+    runs; neither is Flower's contract to depend on (``configure_train`` builds messages; one that
+    exchanges messages while an evaluation waits stops the run with a ``RuntimeError``).
     A round's evaluation goes alone when ``checkpoints_after(round)`` (the checkpoint keeps the
     clients' state, which the next training would already have changed), after the last round, when
     a stop was asked, or when the messages are not plain train and evaluate messages. A round's
@@ -434,7 +437,12 @@ def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round:
             if pending is not None:
                 finish(*pending[:3], grid.send_and_receive(pending[3]))
             return arrays, server_round - 1
+        exchanges = grid.exchanges
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        if pending is not None and grid.exchanges != exchanges:
+            raise RuntimeError(f"{type(strategy).__name__}.configure_train exchanged messages with the clients while "
+                               f"round {pending[0]}'s evaluation waited to go with round {server_round}'s training; "
+                               "configure_train must only build messages (exchange in aggregate_train instead)")
         if pending is not None and messages and all(m.metadata.message_type == MessageType.TRAIN for m in messages):
             evaluated, training = grid.evaluate_then_train(pending[3], messages)
             finish(*pending[:3], evaluated)

@@ -100,6 +100,78 @@ def test_evaluate_then_train_places_each_client_with_its_training_and_counts_the
         grid.evaluate_then_train(train, evaluate)
 
 
+def test_a_training_that_fails_whole_keeps_the_evaluation_of_its_message():
+    """``client_app.evaluate_then_train``: a train message that fails as a whole fails its clients,
+    and the evaluation sent with it still replies (two exchanges would have kept it too)."""
+    from flwr.app import MetricRecord
+
+    from octomil_sim.client_app import evaluate_then_train
+
+    class Runtime:
+        order = []
+
+        def evaluate(self, pid, content):
+            self.order.append(("evaluate", pid))
+            return RecordDict({"metrics": MetricRecord({"acc": float(pid)})})
+
+        def train_clients(self, contents):
+            self.order.append(("train", sorted(contents)))
+            raise RuntimeError("out of memory")
+
+    model = ArrayRecord([np.zeros(3, dtype=np.float32)])
+    reply = evaluate_then_train(Runtime(), pack_pair([(1, RecordDict({"arrays": model})), (2, RecordDict({"arrays": model}))],
+                                                     [(2, RecordDict({"arrays": model}))]))
+    (evaluated, evaluate_failed), (trained, train_failed) = unpack_pair(reply)
+    assert Runtime.order == [("evaluate", 1), ("evaluate", 2), ("train", [2])]  # the evaluation first
+    assert {c: r["metrics"]["acc"] for c, r in evaluated.items()} == {1: 1.0, 2: 2.0} and evaluate_failed == {}
+    assert trained == {} and train_failed == {2: "RuntimeError: out of memory"}
+
+
+def test_run_rounds_refuses_a_configure_train_that_exchanges_while_an_evaluation_waits(task_identity):
+    from flwr.app import Message, MessageType
+
+    from octomil_sim.server_app import run_rounds
+
+    class Grid:
+        exchanges = 0
+
+        def send_and_receive(self, messages):
+            self.exchanges += 1
+            return []
+
+    class Strategy:
+        def configure_train(self, server_round, arrays, config, grid):
+            if server_round == 2:
+                grid.send_and_receive([])  # e.g. a control message before training
+            return [Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)]
+
+        def aggregate_train(self, server_round, replies):
+            return None, None
+
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            return [Message(RecordDict(), dst_node_id=0, message_type=MessageType.EVALUATE)]
+
+        def aggregate_evaluate(self, server_round, replies):
+            return None
+
+    rounds = []
+    with pytest.raises(RuntimeError, match=r"^Strategy.configure_train exchanged messages with the clients while "
+                                           r"round 1's evaluation waited to go with round 2's training"):
+        run_rounds(Strategy(), Grid(), ArrayRecord(), 1, 3, lambda r, *args: rounds.append(r))
+    assert rounds == []
+    # with a checkpoint after every round nothing waits, and the same strategy runs
+    assert run_rounds(Strategy(), Grid(), ArrayRecord(), 1, 3, lambda r, *args: rounds.append(r),
+                      checkpoints_after=lambda r: True)[1] == 3 and rounds == [1, 2, 3]
+
+
+def test_early_actors_wait_for_a_dataset_that_may_download(make_spec, tmp_path):
+    from octomil_sim.runner import downloads
+
+    assert downloads(make_spec("dataset=femnist"))  # a hub id: the driver's check downloads it first
+    assert not downloads(make_spec("dataset=femnist", f"dataset.source.path={tmp_path}"))  # local parquet files
+    assert not downloads(make_spec())  # generated, cached before Ray starts
+
+
 def test_split_even_keeps_order_and_balances():
     assert split_even(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split_even([1], 3) == [[1], [], []]
