@@ -382,6 +382,13 @@ def _source(spec: RunSpec):
     return datasets.load_from_disk(str(path))
 
 
+def may_download(spec: RunSpec) -> bool:
+    """Whether opening the configured data may download it: a hub dataset whose path is not a local
+    directory (``_load_partitions`` then asks the hub, or reads Hugging Face's cache)."""
+    source = spec.dataset.source
+    return source.target.endswith("HubDataset") and not Path(str(source.get("path", ""))).expanduser().exists()
+
+
 def cache_source(spec: RunSpec) -> None:
     """Generate the configured dataset into the cache now, in the calling thread, if it is a generated
     one not cached yet. The runner calls it before Ray starts: generating in the data-check thread

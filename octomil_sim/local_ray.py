@@ -51,11 +51,11 @@ def early_client_actors(backend, client_app) -> list:
 
     from octomil_sim.ray_actor import ClientAppActor, PickledOnce
 
-    loader = PickledOnce(lambda: client_app)
     try:
         size = pool_size_from_resources(backend.client_resources)
     except ValueError:  # no room for one actor: Flower's backend says so when it builds its pool
         return []
+    loader = PickledOnce(lambda: client_app)
     actors = [ClientAppActor.options(**backend.client_resources).remote(**backend.actor_kwargs) for _ in range(size)]
     for actor in actors:
         actor.prepare.remote(loader)

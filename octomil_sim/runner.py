@@ -452,8 +452,9 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=
     """Fail fast (missing dataset, impossible partition) before any client runs. The check opens the
     data in a thread of this process (the data module is imported here already; partitions are
     memory-mapped Arrow and are dropped once counted) while Ray starts through Flower's own backend
-    code (which then finds it running), so the two start-up costs overlap. A failed check stops
-    Ray again.
+    code (which then finds it running), so the two start-up costs overlap. With ``client_app``, the
+    client actors start as soon as Ray is up and prepare it beside the check (``early_client_actors``);
+    they are returned for ``lean_client_actors``. A failed check stops Ray again.
 
     The check runs with BLAS limited to one thread: OpenBLAS shuts its thread pool down in a fork
     handler, and ``ray.init`` forks (its ``Popen`` calls pass a ``preexec_fn``) while this thread
@@ -464,7 +465,7 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    from octomil_sim.data import cache_source
+    from octomil_sim.data import cache_source, may_download
     from octomil_sim.local_ray import early_client_actors, lean_head_node
 
     cache_source(spec)  # a generated dataset's first generation runs here, before any fork (see its docstring)
@@ -473,19 +474,13 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=
         try:
             with lean_head_node():
                 backend = RayBackend(backend_config)
-            early = [] if client_app is None or downloads(spec) else early_client_actors(backend, client_app)
+            # a dataset the check may download: the actors start after it, once it is in the local cache
+            early = [] if client_app is None or may_download(spec) else early_client_actors(backend, client_app)
             checked.result()
         except BaseException:
             ray.shutdown()
             raise
     return early
-
-
-def downloads(spec: RunSpec) -> bool:
-    """Whether opening the data may download it (a hub dataset not at a local path): then the client
-    actors start once the driver's check has it in the local cache, not beside the check."""
-    source = spec.dataset.source
-    return source.target.endswith("HubDataset") and not Path(str(source.get("path", ""))).expanduser().exists()
 
 
 def check_data(spec: RunSpec) -> None:

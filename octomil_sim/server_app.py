@@ -432,10 +432,13 @@ def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round:
         evaluate_metrics = strategy.aggregate_evaluate(server_round, evaluate_replies)
         after_round(server_round, round_arrays, train_metrics, evaluate_metrics, strategy, grid)
 
+    def evaluate_alone(server_round, round_arrays, train_metrics, evaluate) -> None:
+        finish(server_round, round_arrays, train_metrics, grid.send_and_receive(evaluate))
+
     for server_round in range(first_round, last_round + 1):
         if should_stop():
             if pending is not None:
-                finish(*pending[:3], grid.send_and_receive(pending[3]))
+                evaluate_alone(*pending)
             return arrays, server_round - 1
         exchanges = grid.exchanges
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
@@ -449,7 +452,7 @@ def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round:
             replies = training()
         else:
             if pending is not None:
-                finish(*pending[:3], grid.send_and_receive(pending[3]))
+                evaluate_alone(*pending)
             replies = grid.send_and_receive(messages)
         pending = None
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
@@ -460,7 +463,7 @@ def run_rounds(strategy, grid: SimulationGrid, arrays: ArrayRecord, first_round:
                 and all(m.metadata.message_type == MessageType.EVALUATE for m in evaluate):
             pending = (server_round, arrays, train_metrics, evaluate)
         else:
-            finish(server_round, arrays, train_metrics, grid.send_and_receive(evaluate))
+            evaluate_alone(server_round, arrays, train_metrics, evaluate)
     return arrays, last_round
 
 

@@ -165,11 +165,11 @@ def test_run_rounds_refuses_a_configure_train_that_exchanges_while_an_evaluation
 
 
 def test_early_actors_wait_for_a_dataset_that_may_download(make_spec, tmp_path):
-    from octomil_sim.runner import downloads
+    from octomil_sim.data import may_download
 
-    assert downloads(make_spec("dataset=femnist"))  # a hub id: the driver's check downloads it first
-    assert not downloads(make_spec("dataset=femnist", f"dataset.source.path={tmp_path}"))  # local parquet files
-    assert not downloads(make_spec())  # generated, cached before Ray starts
+    assert may_download(make_spec("dataset=femnist"))  # a hub id: the driver's check downloads it first
+    assert not may_download(make_spec("dataset=femnist", f"dataset.source.path={tmp_path}"))  # local parquet files
+    assert not may_download(make_spec())  # generated, cached before Ray starts
 
 
 def test_split_even_keeps_order_and_balances():
