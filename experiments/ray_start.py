@@ -1,14 +1,17 @@
 """Benchmark (not a test): what the lean Ray start saves (``octomil_sim.local_ray``).
 
-Runs workloads of ``bench_scale.py`` on the Ray backend (default path: vectorized) two ways, interleaved
+Runs workloads of ``bench_scale.py`` on the Ray backend (default path: vectorized) three ways, interleaved
 repetition by repetition, each next to the plain loop of the same repetition:
 - ``lean``: the runner as it is: a head node without the API server (``lean_head_node``); client
   actors that do not import ``flwr.simulation``, started as soon as Ray is up and prepared while the
-  driver checks the data (``early_client_actors``), sent the ClientApp pickled once (``lean_client_actors``);
+  driver checks the data (``early_client_actors``), sent the ClientApp pickled once (``lean_client_actors``),
+  reading their clients' tensors from the clients file an earlier run wrote (``octomil_sim.client_data``);
+- ``lean, first run``: the same with no clients file to find: the driver writes it during its data
+  check, and the actors wait for it;
 - ``Ray's defaults``: the head node Ray starts with ``include_dashboard=False`` (its API server runs,
   without the dashboard's pages) and Flower's own ``ClientAppActor``, started by Flower's backend and
-  sent the ClientApp with every message: the runner before these changes (the autoscaler monitor
-  stays out on both sides, as it has since an earlier change).
+  sent the ClientApp with every message, each actor reading the partitions itself: the runner before
+  these changes (the autoscaler monitor stays out on all sides, as it has since an earlier change).
 Wall time from a run left alone; peak PSS of the whole process tree from a second run (``bench_scale.measure``).
 
     python experiments/ray_start.py --repeat 3
@@ -45,7 +48,18 @@ def monitor_only():
 local_ray.lean_head_node = monitor_only
 local_ray.lean_client_actors = nullcontext
 local_ray.early_client_actors = lambda backend, client_app: []  # Flower starts its actors itself
+import octomil_sim.runner as runner
+runner.clients_file = lambda spec: None  # the actors read the partitions themselves
 sys.argv = ["octomil_sim", *sys.argv[1:]]  # every override stays in argv for Hydra
+runpy.run_module("octomil_sim", run_name="__main__", alter_sys=True)
+"""
+
+# the runner as it is, on a first run: no clients file of an earlier run to find (the driver writes it)
+FIRST_RUN = """
+import runpy, shutil, sys
+from octomil_sim.client_data import cache_root
+shutil.rmtree(cache_root() / "clients", ignore_errors=True)
+sys.argv = ["octomil_sim", *sys.argv[1:]]
 runpy.run_module("octomil_sim", run_name="__main__", alter_sys=True)
 """
 
@@ -58,8 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     bench_scale = str(Path(__file__).with_name("bench_scale.py"))
     rows = ["| workload | repetitions | plain loop: s, MB | Ray's defaults: s (ratio), MB | lean: s (ratio), MB |"
-            " wall saved (s), median (range) | memory saved (MB), median (range) |",
-            "|---|---|---|---|---|---|---|"]
+            " wall saved (s), median (range) | memory saved (MB), median (range) | lean, first run: s (ratio), MB |",
+            "|---|---|---|---|---|---|---|---|"]
     for name in args.workloads:
         ov = [*COMMON, *WORKLOADS[name]]
         # run as bench_scale runs the framework (its last round checkpointed), so the times compare with its tables
@@ -67,14 +81,15 @@ def main() -> None:
         base = [*ov, "simulation.backend=ray", f"simulation.checkpoint_every={rounds}", "progress=false"]
         # generate the dataset into the cache first: every side then reads the same files
         subprocess.run([sys.executable, bench_scale, "--warm", *ov], check=True)
-        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "defaults": [], "lean": []}
+        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "defaults": [], "lean": [], "first": []}
         for rep in range(args.repeat):
             for side in runs:
                 out = RESULTS / name / f"ray-start-{side}"
                 if side == "plain":
                     cmd = [sys.executable, bench_scale, "--plain", str(out), *ov]
                 else:
-                    prefix = [sys.executable, "-c", RAY_DEFAULTS] if side == "defaults" else [sys.executable, "-m", "octomil_sim"]
+                    wrapper = {"defaults": RAY_DEFAULTS, "first": FIRST_RUN}.get(side)
+                    prefix = [sys.executable, "-c", wrapper] if wrapper else [sys.executable, "-m", "octomil_sim"]
                     cmd = [*prefix, *base, f"hydra.run.dir={out}"]
                 runs[side].append(measure(cmd, out))
                 print(f"{name} rep {rep} {side}: {runs[side][-1][0]:.1f} s, {runs[side][-1][1]:.0f} MB", flush=True)
@@ -85,12 +100,13 @@ def main() -> None:
         saved_s = [a[0] - b[0] for a, b in zip(runs["defaults"], runs["lean"], strict=True)]
         saved_mb = [a[1] - b[1] for a, b in zip(runs["defaults"], runs["lean"], strict=True)]
         ratio = {side: statistics.median(w / p for (w, _), (p, _) in zip(runs[side], runs["plain"], strict=True))
-                 for side in ("defaults", "lean")}
+                 for side in ("defaults", "lean", "first")}
         rows.append(f"| {name} | {args.repeat} | {med['plain'][0]:.1f}, {med['plain'][1]:.0f} | "
                     f"{med['defaults'][0]:.1f} ({ratio['defaults']:.2f}x), {med['defaults'][1]:.0f} | "
                     f"{med['lean'][0]:.1f} ({ratio['lean']:.2f}x), {med['lean'][1]:.0f} | "
                     f"{statistics.median(saved_s):.1f} ({min(saved_s):.1f} to {max(saved_s):.1f}) | "
-                    f"{statistics.median(saved_mb):.0f} ({min(saved_mb):.0f} to {max(saved_mb):.0f}) |")
+                    f"{statistics.median(saved_mb):.0f} ({min(saved_mb):.0f} to {max(saved_mb):.0f}) | "
+                    f"{med['first'][0]:.1f} ({ratio['first']:.2f}x), {med['first'][1]:.0f} |")
     write_block(args.block, rows)
 
 

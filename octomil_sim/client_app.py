@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -28,11 +29,14 @@ from torch import nn
 from octomil_sim.arrays import state_dict, to_record
 from octomil_sim.batching import pack, pack_pair, unpack, unpack_pair
 from octomil_sim.cohort import cohort_sgd, vectorizes
-from octomil_sim.data import ClientData, FederatedData, federated_data
+from octomil_sim.client_data import ClientData, ClientsFile, open_clients_file
 from octomil_sim.spec import RunSpec
 from octomil_sim.state import ClientState, ClientStateStore, make_store
 from octomil_sim.system import ClientDropout, SystemModel
 from octomil_sim.training import BatchStream, LocalTraining, StepBudget, client_seed, evaluate
+
+if TYPE_CHECKING:
+    from octomil_sim.data import FederatedData
 
 Tensors = dict[str, torch.Tensor]
 
@@ -190,7 +194,7 @@ class ClientRuntime:
     """What one process (a Ray actor) keeps between messages: data, model shape, algorithm."""
 
     spec: RunSpec
-    data: FederatedData
+    data: FederatedData | ClientsFile  # (FederatedData: octomil_sim.data, imported where it is used)
     algorithm: ClientAlgorithm
     hp: LocalTraining
     store: ClientStateStore
@@ -397,8 +401,10 @@ CLIENT_THREADS = 1
 
 
 @lru_cache(maxsize=2)
-def client_runtime(spec: RunSpec) -> ClientRuntime:
-    """The runtime of ``spec``'s clients in this process, built on its first message and kept."""
+def client_runtime(spec: RunSpec, data_file: str | None = None) -> ClientRuntime:
+    """The runtime of ``spec``'s clients in this process, built on its first message and kept. Its
+    clients' tensors come from the clients file at ``data_file`` (a local Ray node's actors:
+    ``octomil_sim.client_data``) or, without one, from the partitions (``data.federated_data``)."""
     torch.set_num_threads(CLIENT_THREADS)  # one core per simulated client; Ray runs several side by side
     # in the actor's process: Flower's "Manually terminating ClientAppActor" at a normal shutdown is noise
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -406,7 +412,7 @@ def client_runtime(spec: RunSpec) -> ClientRuntime:
     device = client_device(s)
     return ClientRuntime(
         spec=spec,
-        data=federated_data(spec),
+        data=client_tensors(spec, data_file),
         algorithm=spec.strategy.client.build(),
         hp=LocalTraining(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
                          local_steps=s.local_steps),
@@ -419,6 +425,22 @@ def client_runtime(spec: RunSpec) -> ClientRuntime:
         vectorize=s.vectorize,
         device=device,
     )
+
+
+def client_tensors(spec: RunSpec, data_file: str | None):
+    """``spec``'s clients' tensors: from ``data_file`` once the driver has written it, else (none
+    given, or none written in time) from the partitions."""
+    data = open_clients_file(spec, data_file) if data_file else None
+    if data is None:
+        if data_file:
+            from octomil_sim.client_data import CLIENTS_FILE_WAIT_S
+
+            logging.getLogger(__name__).warning("no clients file %s after %.0f s: reading the partitions",
+                                                data_file, CLIENTS_FILE_WAIT_S)
+        from octomil_sim.data import federated_data
+
+        data = federated_data(spec)
+    return data
 
 
 def client_device(s) -> torch.device:
@@ -509,12 +531,13 @@ def evaluate_then_train(runtime: ClientRuntime, packed: RecordDict) -> RecordDic
     return pack_pair(evaluated, trained, evaluate_failed, train_failed)
 
 
-def build_client_app(spec: RunSpec) -> ClientApp:
-    """A ClientApp for the run ``spec`` (which travels to the Ray actors with the app)."""
+def build_client_app(spec: RunSpec, data_file: str | None = None) -> ClientApp:
+    """A ClientApp for the run ``spec`` (which travels to the Ray actors with the app), its clients'
+    tensors read from the clients file ``data_file`` when given (``client_runtime``)."""
     app = ClientApp()
 
     def runtime() -> ClientRuntime:
-        return client_runtime(spec).begin_message()
+        return client_runtime(spec, data_file).begin_message()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -532,6 +555,6 @@ def build_client_app(spec: RunSpec) -> ClientApp:
     def evaluate_first(msg: Message, context: Context) -> Message:
         return Message(evaluate_then_train(runtime(), msg.content), reply_to=msg)
 
-    app.prepare = lambda: client_runtime(spec)  # an early Ray actor builds it before the first message
+    app.prepare = lambda: client_runtime(spec, data_file)  # an early Ray actor builds it before the first message
 
     return app

@@ -7,6 +7,9 @@ partitions; each partition is split once more into the client's train and held-o
 FEMNIST is loaded the way flwr-datasets loads it (``FederatedDataset`` over ``flwrlabs/femnist``,
 split per writer); ``dataset.source.path`` may instead point at a local directory of parquet files
 with the same schema (``image``, ``writer_id``, ``character``), which is what the tests do.
+
+On a local Ray node the driver writes every client's tensors of a generated dataset to one clients
+file (``write_clients_file``), which the client actors read without this module (``client_data``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import shutil
 import warnings
@@ -32,6 +34,8 @@ defer_flwr_datasets_plots()
 from flwr_datasets import FederatedDataset  # noqa: E402
 from flwr_datasets.partitioner import Partitioner  # noqa: E402
 
+from octomil_sim.client_data import (ClientData, cache_root, client_split, clients_file_name,  # noqa: E402
+                                     num_test_rows, save_clients_file)
 from octomil_sim.errors import ConfigError  # noqa: E402
 from octomil_sim.spec import DatasetSpec, RunSpec  # noqa: E402
 
@@ -309,35 +313,6 @@ class HubDataset:
 # --------------------------------------------------------------------------------------------------
 # Partitioning
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class ClientData:
-    """One client's tensors: its training split and its held-out test split."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    @property
-    def num_train(self) -> int:
-        return len(self.y_train)
-
-    @property
-    def num_test(self) -> int:
-        return len(self.y_test)
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.x_train, self.y_train, self.x_test, self.y_test
-
-    def to(self, device: torch.device) -> ClientData:
-        """A copy on ``device`` (e.g. a GPU client runtime's)."""
-        return ClientData(*(t.to(device) for t in self.tensors()))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
-
-
 def _partitioner(spec: RunSpec) -> Partitioner:
     p = spec.partition
     if "partition_by" in p.partitioner.kwargs and p.partitioner.get("partition_by") is None:
@@ -348,25 +323,27 @@ def _partitioner(spec: RunSpec) -> Partitioner:
     return p.partitioner.build()
 
 
-def cache_root() -> Path:
-    """Where generated datasets are kept (``OCTOMIL_SIM_CACHE``, default ``~/.cache/octomil_sim``)."""
-    return Path(os.environ.get("OCTOMIL_SIM_CACHE", Path.home() / ".cache" / "octomil_sim")) / "datasets"
-
-
-def _source(spec: RunSpec):
-    """The configured source. A dataset generated in memory (synthetic, digits, mnist5k) is written
-    once to the cache as Arrow files and memory-mapped from there: every Ray actor then shares the
-    same pages instead of holding its own copy, so memory does not grow with actors x clients."""
+def _source_path(spec: RunSpec) -> Path | None:
+    """Where ``_source`` caches the configured generated dataset; None for a hub dataset."""
     source = spec.dataset.source
     if source.target.endswith("HubDataset"):
-        return source.build()
+        return None
     generator = source.obj  # its code is part of the key: a fix makes new data
     read = Path(str(source.get("path", ""))).expanduser()
     files = ([read] if read.is_file() else sorted(p for p in read.rglob("*") if p.is_file())) if source.get("path") else []
     stamp = "".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha256((json.dumps(source.as_node(), sort_keys=True) + inspect.getsource(generator) + stamp)
                          .encode()).hexdigest()[:16]  # a file's size and time too: an edited file is read anew
-    path = cache_root() / f"{spec.dataset.name}-{key}"
+    return cache_root() / f"{spec.dataset.name}-{key}"
+
+
+def _source(spec: RunSpec):
+    """The configured source. A dataset generated in memory (synthetic, digits, mnist5k) is written
+    once to the cache as Arrow files and memory-mapped from there: every Ray actor then shares the
+    same pages instead of holding its own copy, so memory does not grow with actors x clients."""
+    source, path = spec.dataset.source, _source_path(spec)
+    if path is None:
+        return source.build()
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         datasets.disable_progress_bars()
@@ -422,9 +399,10 @@ def go_offline() -> None:
     datasets.config.HF_HUB_OFFLINE = True
 
 
-def _load_partitions(spec: RunSpec):
-    """Return a function ``partition_id -> datasets.Dataset`` and the number of partitions."""
-    source = _source(spec)
+def _load_partitions(spec: RunSpec, source=None):
+    """Return a function ``partition_id -> datasets.Dataset`` and the number of partitions (of
+    ``source``, the configured source with a column added, when given)."""
+    source = _source(spec) if source is None else source
     partitioner = _partitioner(spec)
     d = spec.dataset
     if isinstance(source, HubDataset):
@@ -484,38 +462,23 @@ def _to_tensors(ds: datasets.Dataset, d: DatasetSpec) -> tuple[torch.Tensor, tor
     return x, torch.from_numpy(np.asarray(batch[d.label_key], dtype=np.int64))
 
 
-def num_test_rows(n: int, test_fraction: float) -> int:
-    """How many of a client's ``n`` rows are held out: ``ceil(test_fraction n)``, leaving at least one
-    for training."""
-    n_test = math.ceil(test_fraction * n)
-    if n - n_test < 1:
-        raise ConfigError(f"simulation.test_fraction={test_fraction}: a client with {n} examples keeps none for "
-                          "training; allowed: a smaller fraction, or a partition with larger clients")
-    return n_test
-
-
-def train_test_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of an ``n``-row partition in its train and test split: exactly those of HF's
-    ``Dataset.train_test_split(test_size=test_fraction, seed=seed)`` (ceil(test_fraction n) test rows
-    first in ``default_rng(seed).permutation(n)``), without building two more datasets."""
-    n_test = num_test_rows(n, test_fraction)
-    permutation = np.random.default_rng(seed).permutation(n)
-    return permutation[n_test:], permutation[:n_test]
+def _wanted_clients(spec: RunSpec, available: int) -> int:
+    wanted = spec.simulation.num_clients
+    if wanted > available:
+        raise ConfigError(
+            f"simulation.num_clients={wanted}: partition={spec.partition.name} of "
+            f"dataset={spec.dataset.name} yields only {available} clients; allowed: 1..{available}"
+        )
+    return wanted
 
 
 class FederatedData:
     """All clients' data of one run; a client's tensors are built on first use and then kept."""
 
     def __init__(self, spec: RunSpec):
-        self.dataset, self.simulation = spec.dataset, spec.simulation
+        self.spec, self.dataset, self.simulation = spec, spec.dataset, spec.simulation
         self._load, available = _load_partitions(spec)
-        wanted = spec.simulation.num_clients
-        if wanted > available:
-            raise ConfigError(
-                f"simulation.num_clients={wanted}: partition={spec.partition.name} of "
-                f"dataset={spec.dataset.name} yields only {available} clients; allowed: 1..{available}"
-            )
-        self.num_clients = wanted
+        self.num_clients = _wanted_clients(spec, available)
         self._clients: dict[int, ClientData] = {}
 
     def num_train(self, partition_id: int) -> int:
@@ -526,11 +489,8 @@ class FederatedData:
 
     def client(self, partition_id: int) -> ClientData:
         if partition_id not in self._clients:
-            d, s = self.dataset, self.simulation
-            x, y = _to_tensors(self._load(partition_id), d)
-            split_seed = s.seed if d.split_seed is None else d.split_seed
-            train, test = (torch.from_numpy(i) for i in train_test_indices(len(y), s.test_fraction, split_seed + partition_id))
-            self._clients[partition_id] = ClientData(x[train], y[train], x[test], y[test])
+            x, y = _to_tensors(self._load(partition_id), self.dataset)
+            self._clients[partition_id] = client_split(x, y, partition_id, self.spec)
         return self._clients[partition_id]
 
 
@@ -553,3 +513,49 @@ def federated_data(spec: RunSpec) -> FederatedData:
             _built.pop(next(iter(_built)))
         _built[key] = FederatedData(spec)
     return _built[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# The clients file (``octomil_sim.client_data``): every client's tensors for a local Ray node's actors
+# --------------------------------------------------------------------------------------------------
+#: the source row number that rides along through the partitioner (``write_clients_file``)
+_ROW = "__octomil_sim_row"
+
+
+def clients_file(spec: RunSpec) -> Path | None:
+    """Where the driver writes ``spec``'s clients file for its Ray actors (``write_clients_file``), or
+    None where they read the partitions themselves: a hub dataset, a generated one the cache could not
+    keep, a run joining a Ray cluster (its actors may not see this disk). Call after ``cache_source``."""
+    source = _source_path(spec)
+    if spec.simulation.ray_address is not None or source is None or not source.exists():
+        return None
+    from importlib.metadata import version
+
+    versions = f"flwr-datasets {version('flwr-datasets')}, datasets {version('datasets')}"  # partitioning, formatting
+    return cache_root() / "clients" / clients_file_name(spec, source.name, versions)
+
+
+def write_clients_file(spec: RunSpec, path: Path) -> int:
+    """Write every client's tensors to ``path`` (``client_data.save_clients_file``), unless a readable
+    file is there already (a run with the same data wrote it); returns the number of clients. It is
+    also the driver's data check: the same errors as ``FederatedData``.
+
+    The tensors are those ``FederatedData`` builds, partition by partition, bit for bit: the partitioner
+    splits the source with its row numbers as one more column, and the rows of all partitions, in client
+    order, are converted in one pass (``_to_tensors`` works element by element). One pass costs 0.2 s
+    at 1,000 clients, where partition after partition it took 1.7 ms a client."""
+    from octomil_sim.client_data import ClientsFile
+
+    if path.exists():
+        try:
+            return ClientsFile(spec, path).num_clients
+        except Exception as exc:  # noqa: BLE001  (a broken file is written again)
+            log.warning("rewriting the unreadable clients file %s (%s)", path, exc)
+    source = _source(spec)
+    load, available = _load_partitions(spec, source.add_column(_ROW, np.arange(len(source), dtype=np.int64)))
+    wanted = _wanted_clients(spec, available)
+    rows = [load(k).with_format("numpy", columns=[_ROW])[:][_ROW] for k in range(wanted)]  # ([:]: an array, not a lazy column)
+    order = torch.from_numpy(np.concatenate(rows).astype(np.int64))
+    x, y = _to_tensors(source, spec.dataset)  # (``source.select(order)`` first took 6.5 s at 1,000 clients)
+    save_clients_file(path, x[order], y[order], [len(r) for r in rows])
+    return wanted

@@ -234,7 +234,7 @@ def _pretrained(base: nn.Module, settings: dict) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from octomil_sim.data import cache_root
+    from octomil_sim.client_data import cache_root
     from octomil_sim.errors import ConfigError
 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]

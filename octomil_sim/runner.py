@@ -28,7 +28,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from octomil_sim.checkpoint import RawJSON, encode, load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
 from octomil_sim.config import fairness_kwargs, ray_actors, validate
-from octomil_sim.data import FederatedData, federated_data
+from octomil_sim.client_data import ClientsFile
+from octomil_sim.data import FederatedData, cache_source, clients_file, federated_data
 from octomil_sim.errors import ConfigError
 from octomil_sim.interrupt import Interrupted, StopRequest, stop_on_signals
 from octomil_sim.loggers import make_logger
@@ -103,7 +104,11 @@ def client_sizes(spec: RunSpec) -> dict:
     by size (``strategy.server.sampling=size_proportional``), else nothing."""
     if spec.strategy.server.get("sampling") != "size_proportional":
         return {}
-    data = federated_data(spec) if spec.simulation.backend == "local" else FederatedData(spec)  # (local: kept)
+    written = clients_file(spec) if spec.simulation.backend == "ray" else None  # (the data check wrote it)
+    if spec.simulation.backend == "local":
+        data = federated_data(spec)  # (kept for the clients in this process)
+    else:  # every partition's row count: 8 s at 10,000 clients from the partitions, none from the clients file
+        data = ClientsFile(spec, written) if written is not None and written.exists() else FederatedData(spec)
     unseen = set(unseen_clients(spec))  # a held-out client is never drawn
     return {"client_sizes": [0 if k in unseen else data.num_train(k) for k in range(data.num_clients)]}
 
@@ -441,20 +446,26 @@ def fairness_report(spec: RunSpec, clients: list[dict]) -> dict:
     return out
 
 
-def _count_clients(spec: RunSpec) -> int:
+def _count_clients(spec: RunSpec, data_file: Path | None = None) -> int:
+    """Open the data (the check), writing the actors' clients file to ``data_file`` if given."""
     from threadpoolctl import threadpool_limits
 
+    from octomil_sim.data import write_clients_file
+
     with threadpool_limits(limits=1):
-        return FederatedData(spec).num_clients
+        return FederatedData(spec).num_clients if data_file is None else write_clients_file(spec, data_file)
 
 
-def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=None) -> list:
+def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=None,
+                                data_file: Path | None = None) -> list:
     """Fail fast (missing dataset, impossible partition) before any client runs. The check opens the
     data in a thread of this process (the data module is imported here already; partitions are
     memory-mapped Arrow and are dropped once counted) while Ray starts through Flower's own backend
     code (which then finds it running), so the two start-up costs overlap. With ``client_app``, the
     client actors start as soon as Ray is up and prepare it beside the check (``early_client_actors``);
-    they are returned for ``lean_client_actors``. A failed check stops Ray again.
+    they are returned for ``lean_client_actors``. With ``data_file`` (``data.clients_file``), the
+    check writes the actors' clients file there. A failed check stops Ray again. Call ``cache_source``
+    first.
 
     The check runs with BLAS limited to one thread: OpenBLAS shuts its thread pool down in a fork
     handler, and ``ray.init`` forks (its ``Popen`` calls pass a ``preexec_fn``) while this thread
@@ -465,12 +476,11 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    from octomil_sim.data import cache_source, may_download
+    from octomil_sim.data import may_download
     from octomil_sim.local_ray import early_client_actors, lean_head_node
 
-    cache_source(spec)  # a generated dataset's first generation runs here, before any fork (see its docstring)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        checked = pool.submit(_count_clients, spec)
+        checked = pool.submit(_count_clients, spec, data_file)
         try:
             with lean_head_node():
                 backend = RayBackend(backend_config)
@@ -592,7 +602,11 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
         actors_started=client_actors_started if s.backend == "ray" else lambda: None,
         startup_timeout=s.startup_timeout_s, unseen=unseen_clients(spec),
     )
-    client_app = build_client_app(spec)
+    data_file = None
+    if s.backend == "ray":
+        cache_source(spec)  # a generated dataset's first generation runs here, before Ray forks (see its docstring)
+        data_file = clients_file(spec)  # its actors' tensors, written by the data check (octomil_sim.client_data)
+    client_app = build_client_app(spec, None if data_file is None else str(data_file))
     backend_config = {
         "client_resources": {"num_cpus": s.num_cpus_per_client, "num_gpus": s.num_gpus_per_client},
         "init_args": ray_init_args(s),
@@ -606,7 +620,7 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
         with nullcontext() if on_ray else in_process_clients():  # (local: one such run per process, from here)
             early = []
             if on_ray:
-                early = check_data_while_ray_starts(spec, backend_config, client_app)
+                early = check_data_while_ray_starts(spec, backend_config, client_app, data_file)
             else:
                 check_data(spec)
             stop.rearm()

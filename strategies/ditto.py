@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from octomil_sim.client_app import ClientTask, Tensors
 from octomil_sim.cohort import vectorizes
-from octomil_sim.data import ClientData
+from octomil_sim.client_data import ClientData
 from octomil_sim.errors import ConfigError, number_list
 from octomil_sim.training import evaluate, minibatch_passes, prox_grad_step
 from strategies.fedavg import FedAvg, FedAvgClient, cohort_local_sgd, local_sgd

@@ -4,7 +4,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from octomil_sim.client_app import ClientTask
-from octomil_sim.data import ClientData
+from octomil_sim.client_data import ClientData
 from octomil_sim.models import MLR
 from octomil_sim.state import MemoryStateStore
 from octomil_sim.training import LocalTraining

@@ -100,7 +100,7 @@ def test_train_test_indices_are_hf_train_test_split():
     fast path and after it are the same)."""
     import datasets
 
-    from octomil_sim.data import train_test_indices
+    from octomil_sim.client_data import train_test_indices
 
     for n, fraction, seed in ((10, 0.2, 0), (57, 0.2, 3), (5, 0.5, 11)):
         ds = datasets.Dataset.from_dict({"i": list(range(n))})

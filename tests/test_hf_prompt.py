@@ -75,7 +75,7 @@ def test_pretraining_the_tiny_base_is_cached_and_teaches_the_task(tmp_path, monk
 
 def test_ditto_trains_a_personal_prompt_with_a_frozen_base():
     """Ditto's lambda-selecting personal steps skip parameters the model freezes."""
-    from octomil_sim.data import ClientData
+    from octomil_sim.client_data import ClientData
     from strategies.ditto import DittoClient
 
     torch.manual_seed(0)

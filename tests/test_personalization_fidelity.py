@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import GRAD_B, GRAD_W, constant_mlr, one_example_task
-from octomil_sim.data import ClientData
+from octomil_sim.client_data import ClientData
 from octomil_sim.errors import ConfigError
 from octomil_sim.models import MLP
 from octomil_sim.state import MemoryStateStore
