@@ -183,13 +183,21 @@ def plain_loop(out: Path, args: list[str]) -> None:
 
 
 def warm_cache(args: list[str]) -> None:
+    """The generated dataset into the cache, and the clients file a Ray run's actors read (both as a
+    run finds them once an earlier run with the same data wrote them; ``ray_start.py`` also times a
+    first run, which writes the clients file)."""
     from hydra import compose, initialize_config_module
 
-    from octomil_sim.data import FederatedData
+    from octomil_sim.data import FederatedData, cache_source, clients_file, write_clients_file
     from octomil_sim.spec import RunSpec
 
     with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):
-        FederatedData(RunSpec.from_config(compose("config", overrides=args)))
+        spec = RunSpec.from_config(compose("config", overrides=[*args, "simulation.backend=ray"]))
+    cache_source(spec)
+    FederatedData(spec)
+    path = clients_file(spec)
+    if path is not None:
+        write_clients_file(spec, path)
 
 
 def flower_final_weights(run_dir: Path) -> dict:
