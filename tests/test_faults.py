@@ -83,21 +83,24 @@ def test_kill_9_of_the_driver_leaves_no_ray_process_behind(tmp_path):
     proc = subprocess.Popen([*ARGS, "simulation.rounds=100000", f"hydra.run.dir={tmp_path / 'run'}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     tree: dict[int, str] = {}
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            tree.update(descendants(proc.pid))
+            names = [_cmdline(pid) for pid in tree]
+            if any(n.startswith(b"ray::DashboardAgent") for n in names) and any(n.startswith(b"ray::ClientAppActor")
+                                                                               for n in names):
+                break  # the agents and an actor (an agent takes its name once its imports are done: counting
+                # ray:: processes found two actors and the other agent first on a loaded machine)
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(1)
         tree.update(descendants(proc.pid))
-        names = [_cmdline(pid) for pid in tree]
-        if any(n.startswith(b"ray::DashboardAgent") for n in names) and any(n.startswith(b"ray::ClientAppActor")
-                                                                           for n in names):
-            break  # the agents and an actor (an agent takes its name once its imports are done: counting
-            # ray:: processes found two actors and the other agent first on a loaded machine)
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    time.sleep(1)
-    tree.update(descendants(proc.pid))
-    assert any(_cmdline(pid).startswith(b"ray::DashboardAgent") for pid in tree), tree
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+        assert any(_cmdline(pid).startswith(b"ray::DashboardAgent") for pid in tree), tree
+    finally:  # also when an assertion above fails: a run of 100,000 rounds must not outlive the test
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)  # the run's reaper ends its Ray processes
+        proc.wait()
     ends = time.time() + 20
     while alive(tree) and time.time() < ends:
         time.sleep(0.5)
