@@ -263,7 +263,10 @@ def test_a_normal_run_says_each_thing_once(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "octomil_sim", "strategy=fedavg", "dataset=digits", "partition=dirichlet",
                            "partition.alpha=0.1", "model=mlp", "simulation.num_clients=20", "simulation.rounds=2",
                            "simulation.fraction_evaluate=0", "progress=false", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          # a cache of its own, so the data is partitioned here: a run that finds the clients
+                          # file of an earlier run with the same data partitions nothing and draws nothing
+                          env={**os.environ, "OCTOMIL_SIM_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
     lines = [line.split("] - ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert len(lines) == len(set(lines)), lines
