@@ -29,7 +29,7 @@ import torch
 
 from octomil_sim.errors import ConfigError
 
-__all__ = ["CLIENTS_FILE_WAIT_S", "ClientData", "ClientsFile", "cache_root", "client_split", "num_test_rows", "open_clients_file",
+__all__ = ["CLIENTS_FILE_WAIT_S", "ClientData", "ClientsFile", "cache_root", "client_split", "num_test_rows", "num_train_rows", "open_clients_file",
            "train_test_indices"]
 
 #: how long an actor waits for the driver's clients file before it reads the partitions itself
@@ -91,6 +91,11 @@ def train_test_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndar
     return permutation[n_test:], permutation[:n_test]
 
 
+def num_train_rows(n: int, test_fraction: float) -> int:
+    """How many of a client's ``n`` rows it trains on (the rest are held out: ``num_test_rows``)."""
+    return n - num_test_rows(n, test_fraction)
+
+
 def client_split(x: torch.Tensor, y: torch.Tensor, partition_id: int, spec) -> ClientData:
     """Partition ``partition_id``'s rows ``x``, ``y`` split into the client's train and test tensors
     (``train_test_indices``, seeded by ``dataset.split_seed``, else ``simulation.seed``, plus the id)."""
@@ -138,8 +143,8 @@ class ClientsFile:
         self._clients: dict[int, ClientData] = {}
 
     def num_train(self, partition_id: int) -> int:
-        n = self._offsets[partition_id + 1] - self._offsets[partition_id]
-        return n - num_test_rows(n, self.spec.simulation.test_fraction)
+        return num_train_rows(self._offsets[partition_id + 1] - self._offsets[partition_id],
+                              self.spec.simulation.test_fraction)
 
     def client(self, partition_id: int) -> ClientData:
         if partition_id not in self._clients:

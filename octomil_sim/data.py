@@ -35,7 +35,7 @@ from flwr_datasets import FederatedDataset  # noqa: E402
 from flwr_datasets.partitioner import Partitioner  # noqa: E402
 
 from octomil_sim.client_data import (ClientData, cache_root, client_split, clients_file_name,  # noqa: E402
-                                     num_test_rows, save_clients_file)
+                                     num_train_rows, save_clients_file)
 from octomil_sim.errors import ConfigError  # noqa: E402
 from octomil_sim.spec import DatasetSpec, RunSpec  # noqa: E402
 
@@ -484,8 +484,7 @@ class FederatedData:
     def num_train(self, partition_id: int) -> int:
         """The size of a client's training split, from its partition's row count alone (no tensors
         built or kept: the driver asks this of every client for size-proportional sampling)."""
-        n = len(self._load(partition_id))
-        return n - num_test_rows(n, self.simulation.test_fraction)
+        return num_train_rows(len(self._load(partition_id)), self.simulation.test_fraction)
 
     def client(self, partition_id: int) -> ClientData:
         if partition_id not in self._clients:

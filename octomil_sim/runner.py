@@ -104,10 +104,10 @@ def client_sizes(spec: RunSpec) -> dict:
     by size (``strategy.server.sampling=size_proportional``), else nothing."""
     if spec.strategy.server.get("sampling") != "size_proportional":
         return {}
-    written = clients_file(spec) if spec.simulation.backend == "ray" else None  # (the data check wrote it)
     if spec.simulation.backend == "local":
         data = federated_data(spec)  # (kept for the clients in this process)
     else:  # every partition's row count: 8 s at 10,000 clients from the partitions, none from the clients file
+        written = clients_file(spec)  # (the data check wrote it)
         data = ClientsFile(spec, written) if written is not None and written.exists() else FederatedData(spec)
     unseen = set(unseen_clients(spec))  # a held-out client is never drawn
     return {"client_sizes": [0 if k in unseen else data.num_train(k) for k in range(data.num_clients)]}
