@@ -67,21 +67,79 @@ def supports(model: nn.Module) -> bool:
     return len(dict(model.named_parameters(remove_duplicate=False))) == len(dict(model.named_parameters()))
 
 
+#: The CPU cost estimate (``pays_off``, ``cohort_pays``); False: every cohort of a model ``supports``
+#: and the architecture rule accept trains together whatever its size and steps (tests of the cohort
+#: path, the kernel's benchmark).
+CHOOSE_BY_COST = True
+#: On the CPU (one torch thread), in steps of one client in the loop (``sgd_epochs``): what a cohort
+#: step costs with two or more clients stepping, and with one client left (its own step, plus the
+#: cohort's gather and update). Fitted on 100 random cohorts of 2, 3, 5 and 10 clients of the
+#: repository's Synthetic sizes (batch 20, one epoch) for each of MLR and the 60-200-10 MLP
+#: (``experiments/cohort_choice.py``; three runs): a shared step 3.2-3.3 loop steps, a lone one
+#: 1.3-1.5. Choosing by these came within 0.1-0.3% of always picking the faster path, against 6-9%
+#: slower for the loop always and 10-16% slower for the cohort always.
+CPU_SHARED_STEP = 3.3
+CPU_LONE_STEP = 1.4
+#: On the CPU a cohort's stacked parameters outgrow the cache: in ``cohort_choice``'s runs (cohorts
+#: of 5, 10 and 30 clients) the MLP 784-1000-200-10 (987k parameters) trained at 0.48-0.69x the loop
+#: as a cohort and 784-200-10 (159k) at 0.89-1.16x, while 60-1000-10 (71k) gained up to 1.45x.
+CPU_MAX_PARAMETERS = 100_000
+
+
 def pays_off(model: nn.Module) -> bool:
-    """True when every module holding parameters is a ``Linear`` or an ``Embedding``: then a cohort
-    step is a few batched matrix products and beats the per-client loop (MLR and the MLP: 1.8x at 5
-    clients, 2-12x at 50-100 on one thread, ``experiments/bench_vectorize.py``). A convolution under
-    ``vmap`` runs as a grouped convolution, slower on CPU than the clients one by one (FemnistCNN, 5
-    clients of 80 rows: 0.55x), and attention falls back to a slow path; such models train client by
-    client."""
+    """True when a cohort of ``model``'s clients can be faster than the per-client loop: every module
+    holding parameters is a ``Linear`` or an ``Embedding`` (a cohort step is a few batched matrix
+    products), and, on the CPU, the model has at most ``CPU_MAX_PARAMETERS`` parameters. A
+    convolution under ``vmap`` runs as a grouped convolution, slower on CPU than the clients one by
+    one (FemnistCNN, 5 clients of 80 rows: 0.55x), and attention falls back to a slow path; such
+    models train client by client. On a GPU the size does not count: the cohort of 100 clients ran
+    4.5x-33x faster than the GPU loop (``experiments/bench_vectorize.py --device cuda``). Whether a
+    given cohort pays depends on its steps too: ``cohort_pays``."""
     holders = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
-    return bool(holders) and all(isinstance(m, (nn.Linear, nn.Embedding)) for m in holders)
+    if not holders or not all(isinstance(m, (nn.Linear, nn.Embedding)) for m in holders):
+        return False
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return not (CHOOSE_BY_COST and on_cpu and sum(p.numel() for p in model.parameters()) > CPU_MAX_PARAMETERS)
 
 
 def vectorizes(model: nn.Module) -> bool:
     """Whether a cohort of ``model``'s clients trains together: ``supports`` (same results) and
     ``pays_off`` (faster)."""
     return supports(model) and pays_off(model)
+
+
+def step_counts(sizes: list[int], batch_size: int, epochs: int, budgets: list[StepBudget | None] | None = None,
+                batches: list[list[Tensor]] | None = None) -> list[int]:
+    """The steps each client of ``cohort_sgd`` (or ``sgd_epochs``) takes: its minibatches (``epochs``
+    passes of ``ceil(n / batch_size)``, or its listed ones), at most its budget left. Known before any
+    draw, so the choice between cohort and loop consumes nothing."""
+    counts = []
+    for k, n in enumerate(sizes):
+        count = len(batches[k]) if batches is not None else epochs * -(-n // batch_size)
+        budget = budgets[k] if budgets is not None else None
+        if budget is not None and budget.limit is not None:
+            count = min(count, max(budget.limit - budget.used, 0))
+        counts.append(count)
+    return counts
+
+
+def cohort_pays(counts: list[int], device: torch.device | str) -> bool:
+    """Whether clients taking ``counts`` steps train faster as one cohort than one by one. A cohort
+    steps as long as its longest client: ``shared`` steps with two or more clients stepping (the
+    second-longest count) and ``lone`` steps of the longest client alone. On the CPU it pays when the
+    loop's steps, ``sum(counts)``, cost more than ``CPU_SHARED_STEP * shared + CPU_LONE_STEP * lone``
+    of them: about four clients stepping together on average. Five clients of the Synthetic sizes, one
+    epoch of batch 20 (a Ray actor's share of ten a round) trained at 0.76-1.11x the loop as a cohort
+    (MLR, median 0.88x), ten at 0.96-1.59x (median 1.15x). Deterministic (counts, not timings), so
+    fixed seeds still give identical numbers. Off the CPU (a GPU) a cohort of two or more always
+    trains together."""
+    if len(counts) < 2:
+        return False
+    if not CHOOSE_BY_COST or torch.device(device).type != "cpu":
+        return True
+    ranked = sorted(counts, reverse=True)
+    shared, lone = ranked[1], ranked[0] - ranked[1]
+    return sum(ranked) > CPU_SHARED_STEP * shared + CPU_LONE_STEP * lone
 
 
 class _Plan:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from octomil_sim.client_app import ClientAlgorithm, ClientTask, Tensors
-from octomil_sim.cohort import cohort_sgd, vectorizes
+from octomil_sim.cohort import cohort_pays, cohort_sgd, step_counts, vectorizes
 from octomil_sim.errors import ConfigError
 from octomil_sim.server_app import SeededSampling
 from octomil_sim.training import evaluate, sgd_epochs
@@ -231,21 +231,29 @@ def cohort_local_sgd(models: list[nn.Module], tasks: list[ClientTask], *, epochs
     ends with its client's trained weights; returns the clients' losses. ``anchors``/``lam``: the
     proximal term (one anchor list per client); ``batches``: listed minibatches per client. With
     ``simulation.local_steps`` and no ``epochs`` given, each client's ``BatchStream`` gives its steps,
-    as in ``local_sgd``. The caller checks ``cohort.vectorizes`` (``ClientAlgorithm.train_cohort``)."""
+    as in ``local_sgd``. The caller checks ``cohort.vectorizes`` (``ClientAlgorithm.train_cohort``). Where
+    the clients' step counts say the loop is faster (``cohort.cohort_pays``: on the CPU, a few clients or
+    one long client), they take ``local_sgd``'s own steps one by one: the client-by-client numbers exactly."""
     hp = tasks[0].hp
     streams = []
     if hp.local_steps is not None and epochs is None and batches is None:
         streams = [task.batch_stream() for task in tasks]
         batches = [stream.take(hp.local_steps) for stream in streams]
-    states, losses = cohort_sgd(
-        models[0], [m.state_dict() for m in models], [t.data.x_train for t in tasks], [t.data.y_train for t in tasks],
-        epochs=hp.epochs if epochs is None else epochs, batch_size=hp.batch_size, lr=hp.lr if lr is None else lr,
-        generators=[t.generator for t in tasks], anchors=anchors, lam=lam, budgets=[t.budget for t in tasks],
-        batches=batches)
+    epochs, lr = hp.epochs if epochs is None else epochs, hp.lr if lr is None else lr
+    xs, ys, budgets = [t.data.x_train for t in tasks], [t.data.y_train for t in tasks], [t.budget for t in tasks]
+    if cohort_pays(step_counts([len(y) for y in ys], hp.batch_size, epochs, budgets, batches), xs[0].device):
+        states, losses = cohort_sgd(
+            models[0], [m.state_dict() for m in models], xs, ys, epochs=epochs, batch_size=hp.batch_size, lr=lr,
+            generators=[t.generator for t in tasks], anchors=anchors, lam=lam, budgets=budgets, batches=batches)
+        for model, state in zip(models, states):
+            model.load_state_dict(state)  # copies out of the cohort's stacked tensors
+    else:  # the loop is the faster here (cohort.cohort_pays): local_sgd's own steps, client by client
+        losses = [sgd_epochs(model, x, y, epochs, hp.batch_size, lr, t.generator,
+                             anchor=None if anchors is None else anchors[k], lam=lam, budget=t.budget,
+                             batches=None if batches is None else batches[k])
+                  for k, (model, t, x, y) in enumerate(zip(models, tasks, xs, ys))]
     for stream in streams:  # saved once the steps are done: a failed cohort leaves the streams as they were
         stream.save()
-    for model, state in zip(models, states):
-        model.load_state_dict(state)  # copies out of the cohort's stacked tensors
     return losses
 
 

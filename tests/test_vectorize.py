@@ -12,6 +12,15 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from octomil_sim.batching import pack, unpack
 from octomil_sim.client_app import ClientRuntime, client_runtime
 
+@pytest.fixture(autouse=True)
+def every_cohort_trains_together(monkeypatch):
+    """These tests compare the cohort path with the loop, so they take it wherever the model allows,
+    whatever the CPU cost estimate says (``cohort.CHOOSE_BY_COST``); the estimate's own tests turn it back on."""
+    from octomil_sim import cohort
+
+    monkeypatch.setattr(cohort, "CHOOSE_BY_COST", False)
+
+
 SMALL = ["simulation.num_clients=12", "simulation.clients_per_round=6", "simulation.rounds=3",
          "simulation.checkpoint_every=0", "progress=false"]
 
@@ -154,13 +163,92 @@ def test_a_vectorized_run_matches_the_client_by_client_run(make_spec, tmp_path):
     assert loop["final"]["global_acc"] == pytest.approx(vec["final"]["global_acc"], abs=1e-9)
 
 
-def test_models_it_would_slow_down_train_client_by_client():
-    """A convolution under vmap is slower than the loop on CPU (cohort.pays_off): the CNN falls back."""
-    from octomil_sim.cohort import vectorizes
+def test_models_it_would_slow_down_train_client_by_client(monkeypatch):
+    """A convolution under vmap is slower than the loop on CPU (cohort.pays_off): the CNN falls back.
+    So does, on the CPU, a model of more than ``CPU_MAX_PARAMETERS`` parameters (its stacked copies leave
+    the cache), but not off the CPU (here the ``meta`` device) or with the estimate off."""
+    from octomil_sim import cohort
     from octomil_sim.models import MLP, MLR, FemnistCNN
 
-    assert vectorizes(MLR((60,), 10)) and vectorizes(MLP((60,), 10))
-    assert not vectorizes(FemnistCNN((1, 28, 28), 10))
+    assert cohort.vectorizes(MLR((60,), 10)) and cohort.vectorizes(MLP((60,), 10))
+    assert not cohort.vectorizes(FemnistCNN((1, 28, 28), 10))
+    big = MLP((784,), 10, (200,))  # 159,010 parameters
+    at_the_cap, over = MLR((cohort.CPU_MAX_PARAMETERS - 1,), 1), MLR((cohort.CPU_MAX_PARAMETERS,), 1)  # n + 1
+    assert sum(p.numel() for p in at_the_cap.parameters()) == cohort.CPU_MAX_PARAMETERS
+    assert cohort.vectorizes(big) and cohort.vectorizes(over)  # the estimate is off in this module
+    monkeypatch.setattr(cohort, "CHOOSE_BY_COST", True)
+    assert not cohort.vectorizes(big) and not cohort.vectorizes(over)
+    assert cohort.vectorizes(at_the_cap) and cohort.vectorizes(MLP((60,), 10, (200,)))
+    assert cohort.vectorizes(big.to("meta"))
+
+
+def test_the_cost_estimate_by_hand(monkeypatch):
+    """``cohort_pays`` on counts worked out by hand: the loop costs sum(counts) steps, the cohort 3.3 per
+    step shared by two or more clients and 1.4 per step of the longest client alone."""
+    from octomil_sim import cohort
+
+    monkeypatch.setattr(cohort, "CHOOSE_BY_COST", True)
+    assert not cohort.cohort_pays([40], "cpu")  # one client: nothing to share
+    assert not cohort.cohort_pays([10, 10], "cpu")  # 20 < 33
+    assert not cohort.cohort_pays([10, 10, 10], "cpu")  # 30 < 33
+    assert cohort.cohort_pays([10, 10, 10, 10], "cpu")  # 40 > 33
+    assert not cohort.cohort_pays([40, 5, 5, 5, 5], "cpu")  # 60 < 3.3 * 5 + 1.4 * 35 = 65.5
+    assert cohort.cohort_pays([40, 10, 10, 10, 10], "cpu")  # 80 > 3.3 * 10 + 1.4 * 30 = 75
+    assert cohort.cohort_pays([40] * 10, "cpu")  # 400 > 132
+    assert cohort.cohort_pays([10, 10], "meta")  # off the CPU any cohort of two or more
+    monkeypatch.setattr(cohort, "CHOOSE_BY_COST", False)
+    assert cohort.cohort_pays([10, 10], "cpu") and not cohort.cohort_pays([10], "cpu")
+
+
+@pytest.mark.parametrize("limit", [None, 7])
+@pytest.mark.parametrize("listed", [False, True])
+def test_step_counts_are_the_steps_taken(limit, listed):
+    """``step_counts`` (known before any draw) is what ``cohort_sgd`` then counts into each budget."""
+    from octomil_sim.cohort import cohort_sgd, step_counts
+    from octomil_sim.models import MLR
+    from octomil_sim.training import BatchStream, StepBudget
+
+    sizes = [3, 20, 41, 9]
+    xs, ys = [torch.randn(n, 4) for n in sizes], [torch.randint(0, 3, (n,)) for n in sizes]
+    budgets = [StepBudget(limit) for _ in sizes]
+    for b, used in zip(budgets, (0, 2, 5, 9)):
+        b.used = used if limit is not None else 0
+    batches = [BatchStream(n, 4).take(6) for n in sizes] if listed else None
+    counts = step_counts(sizes, 4, 2, budgets, batches)
+    expected = [6] * 4 if listed else [2, 10, 22, 6]  # 2 epochs of ceil(n / 4) minibatches
+    if limit is not None:
+        expected = [min(e, max(limit - used, 0)) for e, used in zip(expected, (0, 2, 5, 9))]
+    assert counts == expected
+    before = [b.used for b in budgets]
+    model = MLR((4,), 3)
+    cohort_sgd(model, [model.state_dict()] * 4, xs, ys, epochs=2, batch_size=4, lr=0.1,
+               generators=[torch.Generator().manual_seed(k) for k in range(4)], budgets=budgets, batches=batches)
+    assert [b.used - u for b, u in zip(budgets, before)] == counts
+
+
+@pytest.mark.parametrize("overrides", [
+    ["strategy=fedavg"],
+    ["personalization=fedavg", "fairness=qffl", "system=heterogeneous"],  # budgets and dropouts
+    ["strategy=ditto", "strategy.client.lam=1.0", "simulation.local_steps=5", "system=heterogeneous"],
+], ids=["fedavg", "qffl-heterogeneous", "ditto-steps-hetero"])
+def test_a_cohort_the_loop_beats_trains_client_by_client_bit_for_bit(make_spec, tmp_path, monkeypatch, overrides):
+    """With the estimate on, messages of three clients (never worth a cohort on the CPU: 3 n < 3.3 n)
+    take the loop: no cohort_sgd call, and every reply and stored state equals vectorize=false exactly."""
+    from octomil_sim import cohort
+    import strategies.fedavg as fedavg
+
+    monkeypatch.setattr(cohort, "CHOOSE_BY_COST", True)
+    calls = []
+    real = fedavg.cohort_sgd
+    monkeypatch.setattr(fedavg, "cohort_sgd", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    loop = _runtime(make_spec, tmp_path / "loop", False, *overrides)
+    loop_replies = _replies(loop, pids=[2, 5, 9])
+    vec = _runtime(make_spec, tmp_path / "vec", True, *overrides)
+    _assert_same(_replies(vec, pids=[2, 5, 9]), loop_replies, exact=True)
+    assert not calls
+    for key, state in loop.store._states.items():
+        for name, value in state.items():
+            assert torch.equal(vec.store._states[key][name], value), (key, name)
 
 
 @pytest.mark.parametrize("overrides", [["strategy=maxfl", "strategy.client.local_epochs_rho=3"],
