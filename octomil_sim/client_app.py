@@ -403,8 +403,9 @@ CLIENT_THREADS = 1
 @lru_cache(maxsize=2)
 def client_runtime(spec: RunSpec, data_file: str | None = None) -> ClientRuntime:
     """The runtime of ``spec``'s clients in this process, built on its first message and kept. Its
-    clients' tensors come from the clients file at ``data_file`` (a local Ray node's actors:
-    ``octomil_sim.client_data``) or, without one, from the partitions (``data.federated_data``)."""
+    clients' tensors come from the clients file at ``data_file`` (``octomil_sim.client_data``: a
+    generated dataset, Ray actors on this machine or the local backend) or, without one, from the
+    partitions (``data.federated_data``)."""
     torch.set_num_threads(CLIENT_THREADS)  # one core per simulated client; Ray runs several side by side
     # in the actor's process: Flower's "Manually terminating ClientAppActor" at a normal shutdown is noise
     logging.getLogger("flwr").setLevel(logging.ERROR)

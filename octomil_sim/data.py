@@ -8,8 +8,10 @@ FEMNIST is loaded the way flwr-datasets loads it (``FederatedDataset`` over ``fl
 split per writer); ``dataset.source.path`` may instead point at a local directory of parquet files
 with the same schema (``image``, ``writer_id``, ``character``), which is what the tests do.
 
-On a local Ray node the driver writes every client's tensors of a generated dataset to one clients
-file (``write_clients_file``), which the client actors read without this module (``client_data``).
+For a generated dataset the driver writes every client's tensors to one clients file
+(``write_clients_file``), which the clients (Ray actors on this machine, or the driver's own process
+with the local backend) read without this module (``client_data``); HF ``datasets`` and flwr-datasets
+are imported only when data is opened (``hf_datasets``).
 """
 
 from __future__ import annotations
@@ -538,9 +540,10 @@ _ROW = "__octomil_sim_row"
 
 
 def clients_file(spec: RunSpec) -> Path | None:
-    """Where the driver writes ``spec``'s clients file for its Ray actors (``write_clients_file``), or
-    None where they read the partitions themselves: a hub dataset, a generated one the cache could not
-    keep, a run joining a Ray cluster (its actors may not see this disk). Call after ``cache_source``."""
+    """Where the driver writes ``spec``'s clients file (``write_clients_file``) for its clients (Ray
+    actors on this machine, or its own process with ``simulation.backend=local``), or None where they
+    read the partitions themselves: a hub dataset, a generated one the cache could not keep, a run
+    joining a Ray cluster (its actors may not see this disk). Call after ``cache_source``."""
     source = _source_path(spec)
     if spec.simulation.ray_address is not None or source is None or not source.exists():
         return None

@@ -290,3 +290,26 @@ def test_an_evaluation_sent_with_the_next_training_gives_the_numbers_of_two_exch
     assert any(fused)  # some client was evaluated and trained in one exchange
     assert _numbers(together) == _numbers(separate)
     assert any(r["failed_clients"] for r in separate["rounds"])  # the system model drops clients: counted per round
+
+
+def test_a_local_run_maps_the_clients_file_and_a_later_run_opens_no_partition(make_spec, tmp_path, monkeypatch):
+    """A generated dataset's clients come from the clients file on the local backend too: the first run
+    writes it in its data check, a second run with the same data finds it and never opens the partitions
+    (``FederatedData`` is not even built), with the same numbers; without the file (``clients_file`` None,
+    as for a hub dataset) the partitions give them too."""
+    from octomil_sim import client_data, data, runner
+
+    monkeypatch.setenv("OCTOMIL_SIM_CACHE", str(tmp_path / "cache"))
+    overrides = [*LOCAL, "strategy=qffl", "simulation.num_clients=8", "simulation.clients_per_round=4",
+                 "simulation.rounds=2", "simulation.checkpoint_every=0"]  # q-FFL: client sizes for its sampling
+    first = run(make_spec(*overrides), tmp_path / "a")
+    assert len(list((client_data.cache_root() / "clients").iterdir())) == 1
+    with monkeypatch.context() as patched:
+        def refused(*args, **kwargs):
+            raise AssertionError("the partitions were opened")
+
+        patched.setattr(data.FederatedData, "__init__", refused)
+        second = run(make_spec(*overrides), tmp_path / "b")
+    assert _numbers(second) == _numbers(first)
+    monkeypatch.setattr(runner, "clients_file", lambda spec: None)
+    assert _numbers(run(make_spec(*overrides), tmp_path / "c")) == _numbers(first)
