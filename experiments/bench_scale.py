@@ -183,9 +183,9 @@ def plain_loop(out: Path, args: list[str]) -> None:
 
 
 def warm_cache(args: list[str]) -> None:
-    """The generated dataset into the cache, and the clients file a Ray run's actors read (both as a
-    run finds them once an earlier run with the same data wrote them; ``ray_start.py`` also times a
-    first run, which writes the clients file)."""
+    """The generated dataset into the cache, and the clients file the framework's clients read (Ray
+    actors and the local backend; both as a run finds them once an earlier run with the same data wrote
+    them; ``ray_start.py`` also times a first run, which writes the clients file)."""
     from hydra import compose, initialize_config_module
 
     from octomil_sim.data import FederatedData, cache_source, clients_file, write_clients_file
