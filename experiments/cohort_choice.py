@@ -84,7 +84,6 @@ def step_rule(draws: int) -> list[str]:
 def size_cap() -> list[str]:
     lines = ["| model | parameters | cohort vs loop at 5 / 10 / 30 clients | `pays_off` on the CPU |", "|---|---|---|---|"]
     for features, hidden in ((60, (200,)), (60, (1000,)), (784, (200,)), (784, (1000, 200))):
-        model = MLP((features,), 10, hidden)
         ratios = []
         for k in (5, 10, 30):
             sizes = np.random.default_rng(k).integers(100, 800, k).tolist()

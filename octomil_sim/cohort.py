@@ -68,8 +68,8 @@ def supports(model: nn.Module) -> bool:
 
 
 #: The CPU cost estimate (``pays_off``, ``cohort_pays``); False: every cohort of a model ``supports``
-#: and the architecture rule accept trains together whatever its size and steps (tests of the cohort
-#: path, the kernel's benchmark).
+#: and the architecture rule accept trains together whatever its size and steps (the tests of the
+#: cohort path).
 CHOOSE_BY_COST = True
 #: On the CPU (one torch thread), in steps of one client in the loop (``sgd_epochs``): what a cohort
 #: step costs with two or more clients stepping, and with one client left (its own step, plus the

@@ -54,6 +54,10 @@ def target_parameters(target: str) -> set[str] | None:
     classes it passes them on to (the MRO, for a class); None when it takes any keyword at all."""
     from hydra.utils import get_object
 
+    if target.startswith("flwr_datasets"):  # (its plotting subpackage stays unimported: data.hf_datasets)
+        from octomil_sim.lazy_imports import defer_flwr_datasets_plots
+
+        defer_flwr_datasets_plots()
     obj = get_object(target)
     functions = ([c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__ and c is not object]
                  if inspect.isclass(obj) else [obj])

@@ -25,7 +25,6 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np

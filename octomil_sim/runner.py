@@ -449,7 +449,7 @@ def fairness_report(spec: RunSpec, clients: list[dict]) -> dict:
 
 
 def _count_clients(spec: RunSpec, data_file: Path | None = None) -> int:
-    """Open the data (the check), writing the actors' clients file to ``data_file`` if given."""
+    """Open the data (the check), writing the clients file to ``data_file`` if given."""
     from threadpoolctl import threadpool_limits
 
     from octomil_sim.data import write_clients_file
@@ -461,8 +461,9 @@ def _count_clients(spec: RunSpec, data_file: Path | None = None) -> int:
 def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=None,
                                 data_file: Path | None = None) -> list:
     """Fail fast (missing dataset, impossible partition) before any client runs. The check opens the
-    data in a thread of this process (the data module is imported here already; partitions are
-    memory-mapped Arrow and are dropped once counted) while Ray starts through Flower's own backend
+    data in a thread of this process (HF ``datasets`` is imported there when the data is opened, not
+    when an earlier run's clients file is found; partitions are memory-mapped Arrow and are dropped once
+    counted) while Ray starts through Flower's own backend
     code (which then finds it running), so the two start-up costs overlap. With ``client_app``, the
     client actors start as soon as Ray is up and prepare it beside the check (``early_client_actors``);
     they are returned for ``lean_client_actors``. With ``data_file`` (``data.clients_file``), the
@@ -521,6 +522,9 @@ def _runtime_environment() -> None:
     # so those would only compete for the cores while Ray, the data check and the actors start
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # HF datasets is imported on first use (``data.hf_datasets``), after this, and its import resets its
+    # logger to this variable's level (default: warning)
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     for name in ("flwr", "alembic", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

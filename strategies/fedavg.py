@@ -247,7 +247,7 @@ def cohort_local_sgd(models: list[nn.Module], tasks: list[ClientTask], *, epochs
             generators=[t.generator for t in tasks], anchors=anchors, lam=lam, budgets=budgets, batches=batches)
         for model, state in zip(models, states):
             model.load_state_dict(state)  # copies out of the cohort's stacked tensors
-    else:  # the loop is the faster here (cohort.cohort_pays): local_sgd's own steps, client by client
+    else:  # the loop is faster here (cohort.cohort_pays): local_sgd's own steps, client by client
         losses = [sgd_epochs(model, x, y, epochs, hp.batch_size, lr, t.generator,
                              anchor=None if anchors is None else anchors[k], lam=lam, budget=t.budget,
                              batches=None if batches is None else batches[k])

@@ -502,8 +502,10 @@ def test_flwr_datasets_plots_load_only_when_used():
     import sys
 
     code = ("import sys, octomil_sim.data\n"
-            "assert 'seaborn' not in sys.modules and 'scipy.stats' not in sys.modules\n"
+            "assert 'datasets' not in sys.modules and 'flwr_datasets' not in sys.modules\n"  # imported on first use
+            "octomil_sim.data.hf_datasets()\n"
             "from flwr_datasets.partitioner import DirichletPartitioner\n"
+            "assert 'seaborn' not in sys.modules and 'scipy.stats' not in sys.modules\n"
             "from flwr_datasets.visualization import plot_label_distributions\n"
             "assert callable(plot_label_distributions) and 'seaborn' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
