@@ -151,10 +151,23 @@ def test_cohorts_are_cut_to_the_memory_budget(make_spec, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_vectorized_run_matches_the_client_by_client_run(make_spec, tmp_path):
-    """Through Flower and Ray: the same accuracies and, up to float rounding, the same losses."""
+    """Through Flower and Ray: the same accuracies and, up to float rounding, the same losses. One
+    node, so each round's 12 clients travel in one message, whose step counts make it a cohort even
+    with the CPU cost estimate on (checked first: the Ray actors do not see this module's fixture)."""
+    from octomil_sim.cohort import cohort_pays, step_counts
+    from octomil_sim.data import FederatedData, cache_source
     from octomil_sim.runner import run
 
-    common = ["strategy=fedavg", *SMALL, "simulation.fraction_evaluate=1"]
+    common = ["strategy=fedavg", *SMALL, "simulation.fraction_evaluate=1", "simulation.clients_per_round=12",
+              "simulation.num_nodes=1"]
+    spec = make_spec(*common)
+    cache_source(spec)
+    data = FederatedData(spec)
+    sizes = [data.num_train(k) for k in range(12)]
+    s = spec.simulation
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr("octomil_sim.cohort.CHOOSE_BY_COST", True)
+        assert cohort_pays(step_counts(sizes, s.batch_size, s.local_epochs), "cpu"), sizes
     loop = run(make_spec(*common, "simulation.vectorize=false"), tmp_path / "loop")
     vec = run(make_spec(*common, "simulation.vectorize=true"), tmp_path / "vec")
     for a, b in zip(loop["rounds"], vec["rounds"]):
