@@ -188,13 +188,12 @@ def warm_cache(args: list[str]) -> None:
     them; ``ray_start.py`` also times a first run, which writes the clients file)."""
     from hydra import compose, initialize_config_module
 
-    from octomil_sim.data import FederatedData, cache_source, clients_file, write_clients_file
+    from octomil_sim.data import cache_source, clients_file, write_clients_file
     from octomil_sim.spec import RunSpec
 
     with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):
         spec = RunSpec.from_config(compose("config", overrides=[*args, "simulation.backend=ray"]))
     cache_source(spec)
-    FederatedData(spec)
     path = clients_file(spec)
     if path is not None:
         write_clients_file(spec, path)

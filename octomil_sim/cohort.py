@@ -116,10 +116,8 @@ def step_counts(sizes: list[int], batch_size: int, epochs: int, budgets: list[St
     counts = []
     for k, n in enumerate(sizes):
         count = len(batches[k]) if batches is not None else epochs * -(-n // batch_size)
-        budget = budgets[k] if budgets is not None else None
-        if budget is not None and budget.limit is not None:
-            count = min(count, max(budget.limit - budget.used, 0))
-        counts.append(count)
+        left = None if budgets is None or budgets[k] is None else budgets[k].left()
+        counts.append(count if left is None else min(count, left))
     return counts
 
 
@@ -253,7 +251,7 @@ def cohort_sgd(
         return [], []
 
     # every client's first T_k minibatches (T_k: its budget left), drawn before training
-    left = [None if b is None or b.limit is None else max(b.limit - b.used, 0) for b in budgets or [None] * k_clients]
+    left = [None if b is None else b.left() for b in budgets or [None] * k_clients]
     if batches is None:
         per_pass = [-(-n // batch_size) for n in sizes]
         steps = [_epoch_steps(n, batch_size, epochs, g)[:lim] for n, g, lim in zip(sizes, generators, left)]

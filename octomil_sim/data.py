@@ -24,6 +24,7 @@ import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,18 +52,19 @@ def hf_datasets():
     of seconds)."""
     import datasets
 
-    if not _hf_ready:
-        from octomil_sim.lazy_imports import defer_flwr_datasets_plots
-
-        defer_flwr_datasets_plots()
-        from flwr_datasets.partitioner import natural_id_partitioner
-
-        natural_id_partitioner.tqdm = lambda iterable, **_: iterable
-        _hf_ready.append(True)
+    _ready_flwr_datasets()
     return datasets
 
 
-_hf_ready: list[bool] = []
+@cache
+def _ready_flwr_datasets() -> None:
+    """Once per process, before flwr-datasets is first imported (``hf_datasets``)."""
+    from octomil_sim.lazy_imports import defer_flwr_datasets_plots
+
+    defer_flwr_datasets_plots()
+    from flwr_datasets.partitioner import natural_id_partitioner
+
+    natural_id_partitioner.tqdm = lambda iterable, **_: iterable
 
 
 # --------------------------------------------------------------------------------------------------

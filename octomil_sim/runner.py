@@ -502,10 +502,10 @@ def check_data(spec: RunSpec, data_file: Path | None = None) -> None:
     earlier run with the same data did, and this process's ClientApp maps it: a later run opens no
     partition (at 10,000 clients, 1.6 s to every client's tensors against 24 s from the partitions).
     Without one (a hub dataset), the partitions are opened once, into the process's data cache
-    (``federated_data``) that the ClientApp then uses; ``in_process_clients`` empties it at the end."""
-    from octomil_sim.data import cache_source, federated_data
+    (``federated_data``) that the ClientApp then uses; ``in_process_clients`` empties it at the end.
+    Call ``cache_source`` first."""
+    from octomil_sim.data import federated_data
 
-    cache_source(spec)
     if data_file is not None:
         _count_clients(spec, data_file)
     else:

@@ -34,6 +34,10 @@ class StepBudget:
         self.used += 1
         return True
 
+    def left(self) -> int | None:
+        """The steps ``take`` still grants (None: no limit)."""
+        return None if self.limit is None else max(self.limit - self.used, 0)
+
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """A seed that is a function of (run seed, round, client) alone, whatever actor runs it."""
