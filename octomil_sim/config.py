@@ -202,18 +202,34 @@ def _require(key: str, value, ok: bool, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r}: allowed: {allowed}")
 
 
-def ray_actors(s) -> int:
-    """The client actors a run starts on this machine: ``simulation.ray_num_cpus`` (or all CPUs) over
-    ``num_cpus_per_client`` and, with a GPU share, no more than this machine's GPUs hold (dividing as
-    Flower's ``pool_size_from_resources`` does: 1 GPU / 0.1 is 10 actors); 1 for the local backend."""
+def client_slots(s) -> int:
+    """The processes that run a run's clients on this machine at once: ``simulation.ray_num_cpus`` (or
+    all CPUs) over ``num_cpus_per_client`` and, with a GPU share, no more than this machine's GPUs hold
+    (dividing as Flower's ``pool_size_from_resources`` does: 1 GPU / 0.1 is 10); 1 for the local
+    backend. The client actors and, with ``driver_runs_node``, the driver (``ray_actors``)."""
     if s.backend != "ray":
         return 1
-    actors = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client))
+    slots = max(1, int((s.ray_num_cpus or os.cpu_count() or 1) // s.num_cpus_per_client))
     if s.num_gpus_per_client and s.ray_address is None:  # a cluster's GPUs are its nodes' business
         import torch
 
-        actors = max(1, min(actors, int(torch.cuda.device_count() / s.num_gpus_per_client)))
-    return actors
+        slots = max(1, min(slots, int(torch.cuda.device_count() / s.num_gpus_per_client)))
+    return slots
+
+
+def driver_runs_node(s) -> bool:
+    """Whether the driver runs one Flower node's clients itself, in place of one client actor
+    (``simulation.driver_node``; ``octomil_sim.local_ray.DriverNodeBackend``): on a private local Ray
+    instance (a cluster's driver may sit on a login node), with CPU clients (the driver is given no
+    GPU share), and with room for at least one actor beside it."""
+    return (s.backend == "ray" and bool(s.driver_node) and s.ray_address is None and not s.num_gpus_per_client
+            and client_slots(s) >= 2)
+
+
+def ray_actors(s) -> int:
+    """The client actors a run starts on this machine: ``client_slots``, less the driver's own node
+    (``driver_runs_node``); 1 for the local backend."""
+    return client_slots(s) - driver_runs_node(s)
 
 
 def validate(spec: RunSpec) -> None:
@@ -267,10 +283,12 @@ def validate(spec: RunSpec) -> None:
     _require("simulation.num_cpus_per_client", s.num_cpus_per_client, s.ray_num_cpus is None
              or s.num_cpus_per_client <= s.ray_num_cpus,
              f"at most simulation.ray_num_cpus ({s.ray_num_cpus}): no client actor could start otherwise")
-    actors = ray_actors(s)
-    _require("simulation.state_store", s.state_store, s.state_store == "disk" or actors <= 1,
-             f"disk with {actors} Ray actors (memory only with one: simulation.ray_num_cpus="
-             "simulation.num_cpus_per_client, or with simulation.backend=local)")
+    _require("simulation.driver_node", s.driver_node, isinstance(s.driver_node, bool), "true, false")
+    slots, actors = client_slots(s), ray_actors(s)
+    _require("simulation.state_store", s.state_store, s.state_store == "disk" or slots <= 1,
+             f"disk with {slots} client processes ({actors} Ray actor{'s' * (actors != 1)}"
+             f"{' and the driver' if driver_runs_node(s) else ''}; memory only with one: "
+             "simulation.ray_num_cpus=simulation.num_cpus_per_client, or with simulation.backend=local)")
     _require("simulation.state_store", s.state_store, s.state_store == "disk" or not s.checkpoint_every,
              "disk when checkpointing (checkpoints do not hold the memory store; set simulation.checkpoint_every=0)")
     check_partition(spec)

@@ -85,10 +85,11 @@ def local_run_active() -> bool:
 
 
 @contextmanager
-def in_process_clients() -> Iterator[None]:
-    """Simulations started in this block run their ClientApp in this process (``LocalBackend``). One
-    such run at a time per process (the block changes process-wide state); a second one, e.g. from
-    another thread, is refused."""
+def in_process_clients(make_backend: Callable[[], Backend] = LocalBackend) -> Iterator[None]:
+    """Simulations started in this block run their ClientApp in this process (``LocalBackend``), or
+    some of it (``make_backend``: ``local_ray.DriverNodeBackend``, the driver's node beside Ray
+    actors). One such run at a time per process (the block changes process-wide state); a second
+    one, e.g. from another thread, is refused."""
     from octomil_sim.client_app import client_runtime, forget_received
     from octomil_sim.data import forget_data
 
@@ -98,7 +99,7 @@ def in_process_clients() -> Iterator[None]:
     run_api = vce_api.run_api
 
     def local_run_api(app_fn, backend_fn, *args, **kwargs):
-        return run_api(app_fn, LocalBackend, *args, **kwargs)
+        return run_api(app_fn, make_backend, *args, **kwargs)
 
     threads = torch.get_num_threads()
     modes = float_modes()  # a GPU client runtime sets them for its process: this one is the caller's

@@ -19,10 +19,11 @@ the log monitor, which brings the clients' prints and warnings to the driver's t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["early_client_actors", "lean_client_actors", "lean_head_node"]
+__all__ = ["driver_node_backend", "early_client_actors", "lean_client_actors", "lean_head_node"]
 
 
 @contextmanager
@@ -42,17 +43,71 @@ def lean_head_node() -> Iterator[None]:
             setattr(Node, name, method)
 
 
-def early_client_actors(backend, client_app) -> list:
-    """The client actors Flower's Ray ``backend`` will want (its pool's size, each with its
-    resources), started now and told to ``prepare`` ``client_app`` (``ClientAppActor.prepare``:
-    imports, data partitions, model), so that this work runs while the driver checks the data and
-    starts Flower's runtime, not in the first round. ``lean_client_actors(early)`` hands them to Flower."""
+def driver_node_backend(backend_config: dict) -> Callable:
+    """A factory (for ``local_backend.in_process_clients``) of Flower's Ray backend with one more
+    worker: the driver's own process (``simulation.driver_node``; ``config.driver_runs_node``).
+
+    Flower's runtime runs as many worker threads as its backend has workers, each taking the next
+    message and handing it to ``process_message``. Here a message goes to the driver's ClientApp
+    (``LocalBackend``: the calling thread, one message at a time) when it is free, else to the actor
+    pool as before; the pool starts one actor fewer than Ray's CPUs hold (``lean_client_actors(spare=1)``).
+    So a run on a 2-core machine has the driver and one actor where it had two actors: one process
+    importing torch and Flower less (about 270 MB of proportional set size), and half of each
+    round's messages with no Ray serialisation. Which process serves a node does not change its
+    numbers: the ClientApp is the same, and a client's state lives in the store, its randomness in
+    its seeds (the local backend gives the Ray run's numbers, ``tests/test_local_backend.py``).
+    While the driver's node trains, its worker thread holds the GIL except inside torch's kernels;
+    the other threads only wait for Ray."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from octomil_sim.local_backend import LocalBackend
+
+    class DriverNodeBackend(RayBackend):
+        def __init__(self, config: dict) -> None:
+            super().__init__(config)
+            self.local = LocalBackend(config)
+            self.local_busy = threading.Lock()
+
+        def build(self, app_fn) -> None:
+            super().build(app_fn)
+            self.local.build(app_fn)
+
+        @property
+        def num_workers(self) -> int:
+            return super().num_workers + 1
+
+        def is_worker_idle(self) -> bool:
+            return not self.local_busy.locked() or super().is_worker_idle()
+
+        def process_message(self, message, context):
+            if self.local_busy.acquire(blocking=False):
+                try:
+                    return self.local.process_message(message, context)
+                finally:
+                    self.local_busy.release()
+            return super().process_message(message, context)
+
+        def terminate(self) -> None:
+            try:
+                super().terminate()
+            finally:
+                self.local.terminate()
+
+    return lambda: DriverNodeBackend(backend_config)
+
+
+def early_client_actors(backend, client_app, spare: int = 0) -> list:
+    """The client actors Flower's Ray ``backend`` will want (its pool's size less ``spare``, the
+    driver's own node, but at least one; each with its resources), started now and told to
+    ``prepare`` ``client_app`` (``ClientAppActor.prepare``: imports, data partitions, model), so that
+    this work runs while the driver checks the data and starts Flower's runtime, not in the first
+    round. ``lean_client_actors(early, spare)`` hands them to Flower."""
     from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
     from octomil_sim.ray_actor import ClientAppActor, PickledOnce
 
     try:
-        size = pool_size_from_resources(backend.client_resources)
+        size = max(1, pool_size_from_resources(backend.client_resources) - spare)
     except ValueError:  # no room for one actor: Flower's backend says so when it builds its pool
         return []
     loader = PickledOnce(lambda: client_app)
@@ -63,12 +118,13 @@ def early_client_actors(backend, client_app) -> list:
 
 
 @contextmanager
-def lean_client_actors(early: list | None = None) -> Iterator[None]:
+def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[None]:
     """Flower's Ray backend builds its client actors inside this block from ``octomil_sim.ray_actor``
     (the same actor, without importing ``flwr.simulation`` in every actor), taking the ``early``
     ones first (``early_client_actors``), and sends them its ClientApp loader pickled once
-    (``PickledOnce``; see that module). Early actors its pool did not take end once it is built (or
-    with the block)."""
+    (``PickledOnce``; see that module). Its pool holds ``spare`` actors fewer than Ray's resources
+    fit, but at least one (``driver_node_backend``: the driver serves one node). Early actors its
+    pool did not take end once it is built (or with the block)."""
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
@@ -78,6 +134,10 @@ def lean_client_actors(early: list | None = None) -> Iterator[None]:
     flower_actor, flower_build, flower_pool = raybackend.ClientAppActor, raybackend.RayBackend.build, raybackend.BasicActorPool
 
     class Pool(flower_pool):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.actors_capacity = max(1, self.actors_capacity - spare)
+
         def add_actors_to_pool(self, num_actors: int) -> None:
             taken = early[:num_actors]
             del early[:num_actors]

@@ -27,7 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from octomil_sim.checkpoint import RawJSON, encode, load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
-from octomil_sim.config import fairness_kwargs, ray_actors, validate
+from octomil_sim.config import client_slots, driver_runs_node, fairness_kwargs, validate
 from octomil_sim.client_data import ClientsFile
 from octomil_sim.data import FederatedData, cache_source, clients_file, federated_data
 from octomil_sim.errors import ConfigError
@@ -43,7 +43,6 @@ from octomil_sim.metrics import (
     train_aggregation,
     worst_group_improvement,
 )
-from octomil_sim.plots import plot_run
 from octomil_sim.reaper import Reaper
 from octomil_sim.server_app import Session, SimulationGrid, build_server_app
 from octomil_sim.spec import RunSpec, SimulationSpec
@@ -333,7 +332,8 @@ def client_state_dir(spec: RunSpec) -> Path | None:
 #: keys that may differ between a checkpointed run and its resumption
 RESUMABLE_CHANGES = {"simulation.rounds", "simulation.checkpoint_every", "simulation.ray_address", "progress", "logger",
                      "simulation.startup_timeout_s", "simulation.vectorize",
-                     "simulation.ray_num_cpus", "simulation.backend", "simulation.num_gpus_per_client"}  # resources: a --jobs sweep resumed with another N or alone
+                     "simulation.ray_num_cpus", "simulation.backend", "simulation.num_gpus_per_client",
+                     "simulation.driver_node"}  # resources: a --jobs sweep resumed with another N or alone
 #: keys added since checkpoints were first written, with the value that means what their absence meant
 ADDED_KEYS = {"simulation.unseen_clients": 0.0, "simulation.backend": "ray", "fairness.name": "none", "fairness.policy": None,
               "fairness.client": None, "privacy.name": "none"}
@@ -459,14 +459,15 @@ def _count_clients(spec: RunSpec, data_file: Path | None = None) -> int:
 
 
 def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=None,
-                                data_file: Path | None = None) -> list:
+                                data_file: Path | None = None, spare: int = 0) -> list:
     """Fail fast (missing dataset, impossible partition) before any client runs. The check opens the
     data in a thread of this process (HF ``datasets`` is imported there when the data is opened, not
     when an earlier run's clients file is found; partitions are memory-mapped Arrow and are dropped once
     counted) while Ray starts through Flower's own backend
     code (which then finds it running), so the two start-up costs overlap. With ``client_app``, the
     client actors start as soon as Ray is up and prepare it beside the check (``early_client_actors``);
-    they are returned for ``lean_client_actors``. With ``data_file`` (``data.clients_file``), the
+    they are returned for ``lean_client_actors`` (``spare`` fewer than Ray's CPUs hold: the driver's
+    own node, ``simulation.driver_node``). With ``data_file`` (``data.clients_file``), the
     check writes the actors' clients file there. A failed check stops Ray again. Call ``cache_source``
     first.
 
@@ -488,7 +489,7 @@ def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=
             with lean_head_node():
                 backend = RayBackend(backend_config)
             # a dataset the check may download: the actors start after it, once it is in the local cache
-            early = [] if client_app is None or may_download(spec) else early_client_actors(backend, client_app)
+            early = [] if client_app is None or may_download(spec) else early_client_actors(backend, client_app, spare)
             checked.result()
         except BaseException:
             ray.shutdown()
@@ -530,10 +531,11 @@ def _runtime_environment() -> None:
 
 
 def num_nodes(spec: RunSpec) -> int:
-    """Flower nodes to simulate: ``simulation.num_nodes``, or one per Ray actor (one for the local
-    backend, which runs one message at a time); never more than clients."""
+    """Flower nodes to simulate: ``simulation.num_nodes``, or one per client process (``client_slots``:
+    the Ray actors and, with ``simulation.driver_node``, the driver; one for the local backend, which
+    runs one message at a time); never more than clients."""
     s = spec.simulation
-    return min(s.num_nodes or ray_actors(s), s.num_clients)
+    return min(s.num_nodes or client_slots(s), s.num_clients)
 
 
 def run(spec: RunSpec, output_dir: str | Path) -> dict:
@@ -596,7 +598,7 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
 
     from octomil_sim.arrays import fast_array_reads
     from octomil_sim.local_backend import in_process_clients, local_run_active
-    from octomil_sim.local_ray import lean_client_actors
+    from octomil_sim.local_ray import driver_node_backend, lean_client_actors
     from octomil_sim.polling import prompt_simulation_runtime
 
     started = time.perf_counter()
@@ -622,23 +624,27 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
         "init_args": ray_init_args(s),
     }
     on_ray = s.backend == "ray"
+    driver_node = int(driver_runs_node(s))  # the driver serves one node, in place of one actor (local_ray.driver_node_backend)
     if on_ray and local_run_active():
         raise RuntimeError("a run with simulation.backend=local is running in this process; a Ray run started "
                            "beside it would run its clients here: run them one after the other")
     reaper = Reaper() if on_ray and s.ray_address is None else None  # a killed driver leaves no Ray process behind
+    here = in_process_clients(driver_node_backend(backend_config)) if driver_node else in_process_clients()
     try:
-        with nullcontext() if on_ray else in_process_clients():  # (local: one such run per process, from here)
+        with here if driver_node or not on_ray else nullcontext():  # (one such run per process, from here)
             early = []
             if on_ray:
-                early = check_data_while_ray_starts(spec, backend_config, client_app, data_file)
+                early = check_data_while_ray_starts(spec, backend_config, client_app, data_file, driver_node)
             else:
                 check_data(spec, data_file)
             stop.rearm()
-            log.info(ray_report(s) if on_ray else "Clients run in this process (simulation.backend=local)")
+            log.info(ray_report(s) + ("; the driver runs one node's clients itself (simulation.driver_node)"
+                                      if driver_node else "")
+                     if on_ray else "Clients run in this process (simulation.backend=local)")
             session = RunSession(spec, output_dir, saved, started)
             if not stop.is_set():
                 with session.progress, prompt_simulation_runtime(), fast_array_reads(), \
-                        lean_client_actors(early) if on_ray else nullcontext():
+                        lean_client_actors(early, driver_node) if on_ray else nullcontext():
                     # the name only gates Flower's "is Ray installed" exit: a local run needs no Ray
                     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                                    backend_config=backend_config, backend_name="ray" if on_ray else "local")
@@ -663,6 +669,8 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     try:
         results["wall_time_s"] = time.perf_counter() - started
         (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+        from octomil_sim.plots import plot_run  # matplotlib: 25-30 MB and 0.15 s, only once the run is over
+
         plot_run(results, output_dir / "results.png")
         session.end_logging(results["final"])
     finally:

@@ -143,6 +143,7 @@ class SimulationSpec:
     num_cpus_per_client: float = 1
     num_gpus_per_client: float = 0.0
     backend: str = "ray"  # ray: ClientApps in Ray actors; local: in the driver's process (octomil_sim.local_backend)
+    driver_node: bool = True  # ray, private instance, CPU clients: the driver runs one node in place of one actor
     ray_num_cpus: int | None = None
     ray_address: str | None = None
     startup_timeout_s: float = 300

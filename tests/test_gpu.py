@@ -88,13 +88,16 @@ def test_a_gpu_client_runtime_keeps_its_clients_data_within_a_budget(make_spec, 
 @pytest.mark.parametrize("gpus, actors", [(0.1, 10), (0.2, 5), (0.3, 3), (0.5, 2), (1, 1)])
 def test_ray_starts_no_more_actors_than_the_gpu_shares_hold(make_spec, monkeypatch, gpus, actors):
     """As Flower's ``pool_size_from_resources`` divides (1 / 0.1 is 10, where 1 // 0.1 is 9.0)."""
-    from octomil_sim.config import ray_actors
+    from octomil_sim.config import client_slots, ray_actors
     from octomil_sim.runner import num_nodes
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     spec = make_spec("simulation.ray_num_cpus=16", "simulation.num_clients=50", f"simulation.num_gpus_per_client={gpus}")
     assert ray_actors(spec.simulation) == actors == num_nodes(spec)
-    assert ray_actors(make_spec("simulation.ray_num_cpus=16").simulation) == 16  # no GPU share: the CPUs
+    cpu = make_spec("simulation.ray_num_cpus=16", "simulation.num_clients=50")  # no GPU share: the CPUs ...
+    assert client_slots(cpu.simulation) == 16 == num_nodes(cpu)
+    assert ray_actors(cpu.simulation) == 15  # ... one of them the driver's own node (simulation.driver_node)
+    assert ray_actors(make_spec("simulation.ray_num_cpus=16", "simulation.driver_node=false").simulation) == 16
     assert ray_actors(make_spec("simulation.backend=local", f"simulation.num_gpus_per_client={gpus}").simulation) == 1
 
 

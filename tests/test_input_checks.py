@@ -101,7 +101,38 @@ def test_ray_init_args_private_by_default_and_join_on_request(make_spec):
     assert joined["address"] == "auto" and "num_cpus" not in joined  # the cluster's nodes set their CPUs
 
 
+@pytest.mark.parametrize("overrides, runs_node, actors", [
+    (["simulation.ray_num_cpus=2"], True, 1),  # the default: the driver and one actor
+    (["simulation.ray_num_cpus=8", "simulation.num_cpus_per_client=2"], True, 3),
+    (["simulation.ray_num_cpus=2", "simulation.driver_node=false"], False, 2),
+    (["simulation.ray_num_cpus=1"], False, 1),  # no room for an actor beside it
+    (["simulation.ray_num_cpus=3", "simulation.num_cpus_per_client=2"], False, 1),
+    (["simulation.ray_address=auto"], False, None),  # a cluster's driver may sit on a login node
+    (["simulation.backend=local"], False, 1),
+])
+def test_when_the_driver_runs_a_node_itself(make_spec, overrides, runs_node, actors):
+    from octomil_sim.config import client_slots, driver_runs_node, ray_actors
+    from octomil_sim.runner import num_nodes
+
+    s = make_spec("simulation.num_clients=50", *overrides).simulation
+    assert driver_runs_node(s) == runs_node
+    if actors is not None:
+        assert ray_actors(s) == actors and ray_actors(s) + runs_node == client_slots(s)
+    assert num_nodes(make_spec("simulation.num_clients=50", *overrides)) == client_slots(s)  # as before: one a process
+
+
+def test_the_driver_runs_no_node_for_gpu_clients(make_spec, monkeypatch):
+    import torch
+
+    from octomil_sim.config import driver_runs_node, ray_actors
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    s = make_spec("simulation.ray_num_cpus=4", "simulation.num_gpus_per_client=0.5").simulation
+    assert not driver_runs_node(s) and ray_actors(s) == 2  # the driver is given no GPU share
+
+
 @pytest.mark.parametrize("overrides, expected", [
+    (["simulation.driver_node=maybe"], "simulation.driver_node='maybe': allowed: true, false"),
     (["simulation.ray_address=auto", "simulation.ray_num_cpus=2"],
      "simulation.ray_num_cpus=2: allowed: null when joining a cluster (simulation.ray_address): its nodes set "
      "their own CPUs"),

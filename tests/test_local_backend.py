@@ -80,6 +80,46 @@ def test_the_local_backend_gives_the_ray_backends_numbers(make_spec, tmp_path, s
     assert _numbers(local) == _numbers(ray_run)
 
 
+@pytest.mark.slow
+def test_the_drivers_own_node_gives_the_numbers_of_an_actor_in_its_place(make_spec, tmp_path, monkeypatch):
+    """``simulation.driver_node`` (the default): on 2 CPUs the driver serves one of the two nodes and
+    Ray starts one actor; the numbers are those of two actors (``driver_node=false``). Ditto's
+    personal models live in the disk store, which both processes read and write."""
+    from octomil_sim import local_ray
+
+    seen = {"here": 0}
+    make_backend = local_ray.driver_node_backend
+
+    def recording(config):
+        make = make_backend(config)
+
+        def backend():
+            b = make()
+            build, local = b.build, b.local.process_message
+
+            def built(app_fn):
+                build(app_fn)
+                seen["actors"], seen["workers"] = b.pool.num_actors, b.num_workers
+
+            def here(message, context):
+                seen["here"] += 1
+                return local(message, context)
+
+            b.build, b.local.process_message = built, here
+            return b
+        return backend
+
+    monkeypatch.setattr(local_ray, "driver_node_backend", recording)
+    common = ["strategy=ditto", "strategy.client.lam=0.5", "simulation.num_clients=10",
+              "simulation.clients_per_round=6", "simulation.rounds=3", "simulation.fraction_evaluate=0.5",
+              "simulation.ray_num_cpus=2", "progress=false"]
+    actors = run(make_spec(*common, "simulation.driver_node=false"), tmp_path / "actors")
+    assert seen == {"here": 0}  # no driver node: the backend is Flower's own
+    driver = run(make_spec(*common), tmp_path / "driver")
+    assert seen["actors"] == 1 and seen["workers"] == 2 and seen["here"] >= 1
+    assert _numbers(driver) == _numbers(actors)
+
+
 def test_local_backend_runs_the_app_here_and_reports_its_errors_as_flower_does():
     seen = []
 

@@ -428,6 +428,46 @@ def test_early_client_actors_prepare_the_app_and_fill_flowers_pool_first(tmp_pat
         ray.shutdown()
 
 
+def test_the_driver_node_backend_runs_a_message_here_when_free_and_in_its_one_actor_else():
+    """``driver_node_backend``: Ray's 2 CPUs hold two actors, the pool starts one (``spare=1``), and the
+    driver is the second worker. A message goes to the driver's process when its node is free, to the
+    actor when it is busy; errors come back as Flower's ``ClientAppException`` either way."""
+    import os
+    import types
+
+    import ray
+    from flwr.clientapp.client_app import ClientAppException
+
+    from octomil_sim.local_ray import driver_node_backend, lean_client_actors, lean_head_node
+
+    class App:  # pickled by value into the actor
+        def __call__(self, message, context):
+            if message == "bad":
+                raise ValueError("boom")
+            return f"{message} in {os.getpid()}"
+
+    with lean_head_node():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        with lean_client_actors([], spare=1):
+            backend = driver_node_backend({"client_resources": {"num_cpus": 1}})()
+            backend.build(lambda: App())
+        assert backend.pool.num_actors == 1 and backend.num_workers == 2 and backend.is_worker_idle()
+        context = types.SimpleNamespace(node_config={"partition-id": 0})
+        assert backend.process_message("a", context) == (f"a in {os.getpid()}", context)
+        with pytest.raises(ClientAppException, match="boom"):
+            backend.process_message("bad", context)
+        with backend.local_busy:  # the driver's node is serving a message: the next goes to the actor
+            assert backend.is_worker_idle()
+            reply, _ = backend.process_message("b", context)
+            assert reply.startswith("b in ") and int(reply.split(" in ")[1]) != os.getpid()
+            with pytest.raises(ClientAppException, match="boom"):
+                backend.process_message("bad", context)
+        backend.terminate()
+    finally:
+        ray.shutdown()
+
+
 def test_pickled_once_pickles_its_loader_once_and_unpickles_it_once_per_process():
     import pickle
 

@@ -42,6 +42,6 @@ def test_disk_store_persists_and_leaves_no_partial_files(tmp_path):
 def test_memory_store_needs_a_single_actor(make_spec):
     from octomil_sim.config import validate
 
-    with pytest.raises(ConfigError, match=r"simulation.state_store='memory': allowed: disk with 2 Ray actors"):
+    with pytest.raises(ConfigError, match=r"simulation.state_store='memory': allowed: disk with 2 client processes \(1 Ray actor and the driver"):
         validate(make_spec("simulation.state_store=memory", "simulation.ray_num_cpus=2"))
     validate(make_spec("simulation.state_store=memory", "simulation.ray_num_cpus=1", "simulation.checkpoint_every=0"))
