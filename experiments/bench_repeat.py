@@ -7,6 +7,10 @@ repetition; the table gives the median ratio and the range, and the median wall 
     python experiments/bench_repeat.py --repeat 3
     python experiments/bench_repeat.py --workloads mlr-synthetic11-eval --repeat 6 --block bench_repeat_eval
     python experiments/bench_repeat.py --workloads mlr-synthetic11 --backend ray --block bench_repeat_ray
+    python experiments/bench_repeat.py --backend ray-nodes --block bench_driver_node
+
+``--backend ray-nodes``: Ray, vectorized (the default path), with an actor per node
+(``simulation.driver_node=false``) against the driver serving one node itself (the default).
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ from pathlib import Path
 from bench_scale import COMMON, RESULTS, WORKLOADS
 from common import HERE, write_block
 
-#: the sides of ``--backend local`` (the default) and ``--backend ray``, each after the plain loop
-SIDES = {backend: [("plain", None, None), (f"{name}, client by client", backend, "false"),
-                   (f"{name}, vectorized", backend, "true")]
+#: the sides (name, config overrides; None: the plain loop) of each ``--backend``, the plain loop first
+SIDES = {backend: [("plain", None),
+                   (f"{name}, client by client", [f"simulation.backend={backend}", "simulation.vectorize=false"]),
+                   (f"{name}, vectorized", [f"simulation.backend={backend}", "simulation.vectorize=true"])]
          for backend, name in (("local", "local"), ("ray", "Ray"))}
+SIDES["ray-nodes"] = [("plain", None),
+                      ("Ray, an actor per node (driver_node=false)", ["simulation.backend=ray", "simulation.driver_node=false"]),
+                      ("Ray, the driver's own node (the default)", ["simulation.backend=ray", "simulation.driver_node=true"])]
 
 
 def wall(cmd: list[str], out: Path) -> float:
@@ -47,26 +55,25 @@ def main() -> None:
     args = parser.parse_args()
     sides = SIDES[args.backend]
     rows = ["| workload | repetitions | plain loop, median (s) | "
-            + " | ".join(f"{s}: median s, ratio median (range)" for s, _, _ in sides[1:]) + " |",
+            + " | ".join(f"{s}: median s, ratio median (range)" for s, _ in sides[1:]) + " |",
             "|" + "---|" * (3 + len(sides) - 1)]
     for name in args.workloads:
         ov = [*COMMON, *WORKLOADS[name]]
         subprocess.run([sys.executable, str(HERE / "bench_scale.py"), "--warm", *ov], check=True)
-        times: dict[str, list[float]] = {s: [] for s, _, _ in sides}
+        times: dict[str, list[float]] = {s: [] for s, _ in sides}
         out = RESULTS / name / "repeat"  # each run's folder, emptied before it
         for rep in range(args.repeat):
-            for side, backend, vectorize in sides:
-                if backend is None:
+            for side, overrides in sides:
+                if overrides is None:
                     cmd = [sys.executable, str(HERE / "bench_scale.py"), "--plain", str(out), *ov]
                 else:
-                    cmd = [sys.executable, "-m", "octomil_sim", *ov, f"simulation.backend={backend}",
-                           f"simulation.vectorize={vectorize}", f"hydra.run.dir={out}", "progress=false"]
+                    cmd = [sys.executable, "-m", "octomil_sim", *ov, *overrides, f"hydra.run.dir={out}", "progress=false"]
                 times[side].append(wall(cmd, out))
                 print(name, rep, side, f"{times[side][-1]:.1f}s", flush=True)
         subprocess.run(["rm", "-rf", str(out)], check=True)  # the times are kept below
         plain = times["plain"]
         cells = []
-        for side, _, _ in sides[1:]:
+        for side, _ in sides[1:]:
             ratios = [t / p for t, p in zip(times[side], plain)]
             cells.append(f"{statistics.median(times[side]):.1f}, {statistics.median(ratios):.2f}x "
                          f"({min(ratios):.2f}-{max(ratios):.2f})")

@@ -5,13 +5,16 @@ repetition by repetition, each next to the plain loop of the same repetition:
 - ``lean``: the runner as it is: a head node without the API server (``lean_head_node``); client
   actors that do not import ``flwr.simulation``, started as soon as Ray is up and prepared while the
   driver checks the data (``early_client_actors``), sent the ClientApp pickled once (``lean_client_actors``),
-  reading their clients' tensors from the clients file an earlier run wrote (``octomil_sim.client_data``);
+  reading their clients' tensors from the clients file an earlier run wrote (``octomil_sim.client_data``),
+  and the driver serving one node itself in place of one actor (``simulation.driver_node``, since the
+  session of 2026-11-27);
 - ``lean, first run``: the same with no clients file to find: the driver writes it during its data
   check, and the actors wait for it;
 - ``Ray's defaults``: the head node Ray starts with ``include_dashboard=False`` (its API server runs,
   without the dashboard's pages) and Flower's own ``ClientAppActor``, started by Flower's backend and
-  sent the ClientApp with every message, each actor reading the partitions itself: the runner before
-  these changes (the autoscaler monitor stays out on all sides, as it has since an earlier change).
+  sent the ClientApp with every message, each actor reading the partitions itself, an actor for every
+  node (``simulation.driver_node=false``): the runner before these changes (the autoscaler monitor
+  stays out on all sides, as it has since an earlier change).
 Wall time from a run left alone; peak PSS of the whole process tree from a second run (``bench_scale.measure``).
 
     python experiments/ray_start.py --repeat 3
@@ -46,11 +49,11 @@ def monitor_only():
         Node.start_monitor = start_monitor
 
 local_ray.lean_head_node = monitor_only
-local_ray.lean_client_actors = nullcontext
-local_ray.early_client_actors = lambda backend, client_app: []  # Flower starts its actors itself
+local_ray.lean_client_actors = lambda *args: nullcontext()
+local_ray.early_client_actors = lambda *args: []  # Flower starts its actors itself
 import octomil_sim.runner as runner
 runner.clients_file = lambda spec: None  # the actors read the partitions themselves
-sys.argv = ["octomil_sim", *sys.argv[1:]]  # every override stays in argv for Hydra
+sys.argv = ["octomil_sim", *sys.argv[1:], "simulation.driver_node=false"]  # every override stays in argv for Hydra
 runpy.run_module("octomil_sim", run_name="__main__", alter_sys=True)
 """
 

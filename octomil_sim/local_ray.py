@@ -15,6 +15,9 @@ private, single-node simulation has no use for:
 nothing when ``ray.init`` joins a running cluster (``simulation.ray_address``): that starts no head
 processes. What stays: the GCS, the raylet and its two agents (the raylet fate-shares with them), and
 the log monitor, which brings the clients' prints and warnings to the driver's terminal.
+
+``driver_node_backend`` (``simulation.driver_node``) then has the driver serve one Flower node
+itself and the actor pool start one actor fewer: Ray's own processes stay, one torch process goes.
 """
 
 from __future__ import annotations
