@@ -6,12 +6,11 @@ bare ``algorithm.train`` calls on the same clients, in one process.
     python experiments/bench_runtime_overhead.py vec
 """
 import time, random, copy, sys
-import torch
 from hydra import compose, initialize_config_module
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from octomil_sim.spec import RunSpec
 from octomil_sim.client_app import client_runtime
-from octomil_sim.batching import pack, unpack
+from octomil_sim.batching import pack
 from octomil_sim.runner import initial_arrays
 vec = sys.argv[1] == "vec"
 with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):

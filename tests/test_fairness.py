@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 
 from helpers import constant_mlr, one_example_task, train_reply
 from octomil_sim.errors import ConfigError

@@ -13,7 +13,6 @@ from octomil_sim.errors import ConfigError
 from octomil_sim.models import MLP, MLR
 from strategies import hierarchical as h
 from strategies.fedavg import FedAvgClient
-from strategies.finetune import FineTuneClient
 
 
 def test_expand_select_rename_by_hand():
