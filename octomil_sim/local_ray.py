@@ -18,6 +18,19 @@ the log monitor, which brings the clients' prints and warnings to the driver's t
 
 ``driver_node_backend`` (``simulation.driver_node``) then has the driver serve one Flower node
 itself and the actor pool start one actor fewer: Ray's own processes stay, one torch process goes.
+
+Two imports Ray makes in the processes of a simulation that never use them are left out:
+- ``lean_head_node``: while starting a head node, Ray asks whether its dashboard's optional
+  dependencies are installed by importing them (aiohttp, OpenCensus, OpenTelemetry, Prometheus). With
+  ``include_dashboard=False`` and no API server nothing here serves HTTP, so the answer is taken as no:
+  the dashboard agent runs in Ray's own minimal mode (as it does wherever ``ray[default]`` is not
+  installed, here too: ``aiohttp_cors`` is missing), and the driver imports none of them (7 MB);
+- ``skip_unused_serializers``: every Ray process that serialises (the driver and each actor) registers
+  serializers for Arrow tables and Starlette's app state, and so imports pyarrow (which HF
+  ``datasets`` installs: about 25 MB of proportional set size a process, shared libraries included)
+  and Starlette. No message of a simulation holds either; one would travel by pickle, as any other
+  object. A worker builds its serialisation context before it imports an actor's module, so
+  ``lean_head_node`` has Ray run it in every worker first (the job's ``worker_process_setup_hook``).
 """
 
 from __future__ import annotations
@@ -26,24 +39,65 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["driver_node_backend", "early_client_actors", "lean_client_actors", "lean_head_node"]
+__all__ = ["driver_node_backend", "early_client_actors", "lean_client_actors", "lean_head_node",
+           "skip_unused_serializers"]
+
+#: what Ray's workers run before their first task (``skip_unused_serializers``)
+SETUP_HOOK = "octomil_sim.local_ray.skip_unused_serializers"
 
 
 @contextmanager
 def lean_head_node() -> Iterator[None]:
     """Head nodes started inside this block (by ``ray.init``) get no autoscaler monitor and no API
-    server. ``Node.start_monitor`` and ``Node.start_api_server`` are Ray's private methods (Ray 2.55);
-    an unknown Ray without them starts its head node unchanged."""
+    server, and their dashboard agent runs in Ray's minimal mode without the driver importing the
+    dashboard's dependencies to find that out (see the module's docstring). ``Node.start_monitor``,
+    ``Node.start_api_server`` and ``get_dashboard_dependency_error`` are Ray's private names (Ray 2.55);
+    an unknown Ray without them starts its head node unchanged. The job ``ray.init`` starts here,
+    on a head node of its own or a cluster's, runs ``skip_unused_serializers`` in this process and in
+    each of its workers (``SETUP_HOOK``, added to the job's ``runtime_env``)."""
+    import ray
+    import ray._private.utils as ray_utils
     from ray._private.node import Node
+
+    skip_unused_serializers()
+    init = ray.init
+
+    def init_with_hook(*args, runtime_env: dict | None = None, **kwargs):
+        return init(*args, runtime_env={"worker_process_setup_hook": SETUP_HOOK, **(runtime_env or {})}, **kwargs)
 
     saved = {name: getattr(Node, name) for name in ("start_monitor", "start_api_server") if hasattr(Node, name)}
     for name in saved:
         setattr(Node, name, lambda self, *args, **kwargs: None)
+    dependency_error = getattr(ray_utils, "get_dashboard_dependency_error", None)
+    if dependency_error is not None:
+        ray_utils.get_dashboard_dependency_error = \
+            lambda: ImportError("a simulation's private Ray instance runs no dashboard (octomil_sim.local_ray)")
+    ray.init = init_with_hook
     try:
         yield
     finally:
+        ray.init = init
         for name, method in saved.items():
             setattr(Node, name, method)
+        if dependency_error is not None:
+            ray_utils.get_dashboard_dependency_error = dependency_error
+
+
+def skip_unused_serializers() -> None:
+    """This process's Ray serialisation context registers no serializers for Arrow data or
+    Starlette's app state, so Ray imports neither pyarrow nor Starlette here (see the module's
+    docstring). It must run before the process's first Ray (de)serialisation: ``lean_head_node``
+    runs it in the driver before ``ray.init`` and in every worker of the job. The two functions
+    replaced are Ray's (Ray 2.55); a Ray without them is left as it is."""
+    try:
+        from ray._private import arrow_serialization
+        from ray.util import serialization_addons
+    except ImportError:
+        return
+    if hasattr(arrow_serialization, "_register_custom_datasets_serializers"):
+        arrow_serialization._register_custom_datasets_serializers = lambda context: None
+    if hasattr(serialization_addons, "register_starlette_serializer"):
+        serialization_addons.register_starlette_serializer = lambda context: None
 
 
 def driver_node_backend(backend_config: dict) -> Callable:

@@ -428,6 +428,32 @@ def test_early_client_actors_prepare_the_app_and_fill_flowers_pool_first(tmp_pat
         ray.shutdown()
 
 
+def test_a_simulations_ray_processes_import_neither_pyarrow_nor_the_dashboards_dependencies():
+    """A fresh driver that starts its lean head node (as the runner does) and one client actor: Ray
+    imports pyarrow and Starlette in neither (its serializers for them, ``skip_unused_serializers``,
+    in the actor by the job's setup hook), and the driver does not import aiohttp to learn that the
+    dashboard's dependencies are missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ray\n"
+        "from octomil_sim.local_ray import lean_head_node\n"
+        "from octomil_sim.ray_actor import ClientAppActor\n"
+        "with lean_head_node():\n"
+        "    ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
+        "try:\n"
+        "    loaded = lambda: sorted(m for m in ('pyarrow', 'aiohttp', 'starlette') if m in sys.modules)\n"
+        "    actor = ClientAppActor.remote()\n"
+        "    _, inside, _ = ray.get(actor.run.remote(lambda: lambda message, context: loaded(), 'm', '0', 'c'), timeout=120)\n"
+        "    assert ray.get(ray.put({'a': [1, 2]})) == {'a': [1, 2]}\n"
+        "    print(inside, loaded())\n"
+        "finally:\n"
+        "    ray.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "[] []", out.stdout + out.stderr
+
+
 def test_the_driver_node_backend_runs_a_message_here_when_free_and_in_its_one_actor_else():
     """``driver_node_backend``: Ray's 2 CPUs hold two actors, the pool starts one (``spare=1``), and the
     driver is the second worker. A message goes to the driver's process when its node is free, to the
