@@ -14,7 +14,11 @@ private, single-node simulation has no use for:
 ``lean_head_node`` leaves both out of a head node started by ``ray.init`` inside it. It changes
 nothing when ``ray.init`` joins a running cluster (``simulation.ray_address``): that starts no head
 processes. What stays: the GCS, the raylet and its two agents (the raylet fate-shares with them), and
-the log monitor, which brings the clients' prints and warnings to the driver's terminal.
+the log monitor, which brings the clients' prints and warnings to the driver's terminal. The log
+monitor runs as a thread of the driver instead of a process of its own (Ray's ``LogMonitor`` class,
+the loop of its ``run``): the same lines reach the terminal, and one Python process importing Ray
+(about 50 MB of proportional set size) is not started. It checks the log files ten times a second
+when nothing new was written, as Ray's does.
 
 ``driver_node_backend`` (``simulation.driver_node``) then has the driver serve one Flower node
 itself and the actor pool start one actor fewer: Ray's own processes stay, one torch process goes.
@@ -36,6 +40,7 @@ Two imports Ray makes in the processes of a simulation that never use them are l
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -49,7 +54,7 @@ SETUP_HOOK = "octomil_sim.local_ray.skip_unused_serializers"
 @contextmanager
 def lean_head_node() -> Iterator[None]:
     """Head nodes started inside this block (by ``ray.init``) get no autoscaler monitor and no API
-    server, and their dashboard agent runs in Ray's minimal mode without the driver importing the
+    server, their log monitor runs in this process (``follow_logs``), and their dashboard agent runs in Ray's minimal mode without the driver importing the
     dashboard's dependencies to find that out (see the module's docstring). ``Node.start_monitor``,
     ``Node.start_api_server`` and ``get_dashboard_dependency_error`` are Ray's private names (Ray 2.55);
     an unknown Ray without them starts its head node unchanged. The job ``ray.init`` starts here,
@@ -61,6 +66,10 @@ def lean_head_node() -> Iterator[None]:
 
     skip_unused_serializers()
     init = ray.init
+    nodes: list = []  # head nodes whose log monitor this process runs (follow_logs)
+    log_monitor = getattr(Node, "start_log_monitor", None)
+    if log_monitor is not None:
+        Node.start_log_monitor = lambda self: nodes.append(self)
 
     def init_with_hook(*args, runtime_env: dict | None = None, **kwargs):
         return init(*args, runtime_env={"worker_process_setup_hook": SETUP_HOOK, **(runtime_env or {})}, **kwargs)
@@ -81,6 +90,47 @@ def lean_head_node() -> Iterator[None]:
             setattr(Node, name, method)
         if dependency_error is not None:
             ray_utils.get_dashboard_dependency_error = dependency_error
+        if log_monitor is not None:
+            Node.start_log_monitor = log_monitor
+    for node in nodes:  # (only once ray.init has succeeded)
+        follow_logs(node, log_monitor)
+
+
+def follow_logs(node, start_log_monitor: Callable) -> None:
+    """Run ``node``'s log monitor (Ray's ``LogMonitor``: it publishes the new lines of the node's worker
+    log files, which Ray's driver prints) in a daemon thread of this process, until Ray is shut down.
+    Where Ray's class cannot be built here (another Ray), ``start_log_monitor(node)`` starts Ray's
+    own process as usual."""
+    import ray
+
+    try:
+        from ray._private.log_monitor import LogMonitor, is_proc_alive
+        from ray._raylet import GcsClient
+
+        monitor = LogMonitor(node.node_ip_address, node.get_logs_dir_path(), GcsClient(address=node.gcs_address),
+                             is_proc_alive, gcs_address=node.gcs_address)
+    except Exception:  # noqa: BLE001
+        start_log_monitor(node)
+        return
+
+    def follow() -> None:  # LogMonitor.run's loop, ending with the Ray instance
+        updated = 0.0
+        try:
+            while ray.is_initialized():
+                if monitor.should_update_filenames(updated):
+                    monitor.update_log_filenames()
+                    updated = time.time()
+                monitor.open_closed_files()
+                if not monitor.check_log_files_and_publish_updates():
+                    time.sleep(0.1)
+        except Exception:  # noqa: BLE001 -- Ray shut down under it: the run is over
+            pass
+        finally:
+            for info in monitor.open_file_infos:
+                if info.file_handle is not None:
+                    info.file_handle.close()
+
+    threading.Thread(target=follow, name="ray-log-monitor", daemon=True).start()
 
 
 def skip_unused_serializers() -> None:

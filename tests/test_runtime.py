@@ -340,23 +340,35 @@ def test_the_runtime_waits_on_pushes_and_announces_replies():
         assert not any(t.is_alive() for t in threads)
 
 
-def test_ray_started_as_a_lean_head_node_has_no_monitor_or_api_server_and_works():
+def test_ray_started_as_a_lean_head_node_has_no_monitor_or_api_server_and_works(capfd):
+    import threading
+    import time
+
     import ray
     from ray._private import ray_constants, worker
     from ray._private.node import Node
 
     from octomil_sim.local_ray import lean_head_node
 
-    methods = Node.start_monitor, Node.start_api_server
+    methods = Node.start_monitor, Node.start_api_server, Node.start_log_monitor
     with lean_head_node():  # how the runner starts Ray
         ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
-    assert (Node.start_monitor, Node.start_api_server) == methods
+    assert (Node.start_monitor, Node.start_api_server, Node.start_log_monitor) == methods
+    follower = next(t for t in threading.enumerate() if t.name == "ray-log-monitor")
     try:
         started = worker._global_node.all_processes
         assert ray_constants.PROCESS_TYPE_MONITOR not in started
         assert ray_constants.PROCESS_TYPE_DASHBOARD not in started
+        assert ray_constants.PROCESS_TYPE_LOG_MONITOR not in started  # a thread of this process instead
         assert ray_constants.PROCESS_TYPE_RAYLET in started and ray_constants.PROCESS_TYPE_GCS_SERVER in started
         assert ray.get(ray.remote(lambda: 8).remote()) == 8
+        # a task's print reaches this process's output through that thread, as through Ray's process
+        ray.get(ray.remote(lambda: print("printed in a worker: 5b1e", flush=True)).remote())
+        seen, deadline = "", time.monotonic() + 30
+        while "printed in a worker: 5b1e" not in seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen += "".join(capfd.readouterr())
+        assert "printed in a worker: 5b1e" in seen
         # the client actor the runner has Flower's Ray backend build (``lean_client_actors``)
         from octomil_sim.ray_actor import ClientAppActor
 
@@ -382,6 +394,8 @@ def test_ray_started_as_a_lean_head_node_has_no_monitor_or_api_server_and_works(
         assert ray.get(actor.run.remote(counting_app(), "m", "7", "c"))[1] == 1
     finally:
         ray.shutdown()
+    follower.join(timeout=10)
+    assert not follower.is_alive()  # it ends with the Ray instance
 
 
 def test_early_client_actors_prepare_the_app_and_fill_flowers_pool_first(tmp_path):
