@@ -54,10 +54,11 @@ SETUP_HOOK = "octomil_sim.local_ray.skip_unused_serializers"
 @contextmanager
 def lean_head_node() -> Iterator[None]:
     """Head nodes started inside this block (by ``ray.init``) get no autoscaler monitor and no API
-    server, their log monitor runs in this process (``follow_logs``), and their dashboard agent runs in Ray's minimal mode without the driver importing the
-    dashboard's dependencies to find that out (see the module's docstring). ``Node.start_monitor``,
-    ``Node.start_api_server`` and ``get_dashboard_dependency_error`` are Ray's private names (Ray 2.55);
-    an unknown Ray without them starts its head node unchanged. The job ``ray.init`` starts here,
+    server, their log monitor runs in this process (``follow_logs``), and their dashboard agent runs
+    in Ray's minimal mode without the driver importing the dashboard's dependencies to find that out
+    (see the module's docstring). ``Node.start_monitor``, ``Node.start_api_server``,
+    ``Node.start_log_monitor`` and ``get_dashboard_dependency_error`` are Ray's private names (Ray
+    2.55); an unknown Ray without them starts its head node unchanged. The job ``ray.init`` starts here,
     on a head node of its own or a cluster's, runs ``skip_unused_serializers`` in this process and in
     each of its workers (``SETUP_HOOK``, added to the job's ``runtime_env``)."""
     import ray
