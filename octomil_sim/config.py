@@ -219,7 +219,7 @@ def client_slots(s) -> int:
 
 def driver_runs_node(s) -> bool:
     """Whether the driver runs one Flower node's clients itself, in place of one client actor
-    (``simulation.driver_node``; ``octomil_sim.local_ray.DriverNodeBackend``): on a private local Ray
+    (``simulation.driver_node``; ``octomil_sim.local_ray.driver_node_backend``): on a private local Ray
     instance (a cluster's driver may sit on a login node), with CPU clients (the driver is given no
     GPU share), and with room for at least one actor beside it."""
     return (s.backend == "ray" and bool(s.driver_node) and s.ray_address is None and not s.num_gpus_per_client

@@ -87,7 +87,7 @@ def local_run_active() -> bool:
 @contextmanager
 def in_process_clients(make_backend: Callable[[], Backend] = LocalBackend) -> Iterator[None]:
     """Simulations started in this block run their ClientApp in this process (``LocalBackend``), or
-    some of it (``make_backend``: ``local_ray.DriverNodeBackend``, the driver's node beside Ray
+    some of it (``make_backend``: ``local_ray.driver_node_backend``'s, the driver's node beside Ray
     actors). One such run at a time per process (the block changes process-wide state); a second
     one, e.g. from another thread, is refused."""
     from octomil_sim.client_app import client_runtime, forget_received

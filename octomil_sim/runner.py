@@ -106,7 +106,7 @@ def client_sizes(spec: RunSpec) -> dict:
     written = clients_file(spec)  # (the data check wrote it)
     if written is not None and written.exists():  # every partition's row count: 8 s at 10,000 clients, none from the file
         data = ClientsFile(spec, written)
-    elif spec.simulation.backend == "local":
+    elif clients_here(spec):
         data = federated_data(spec)  # (kept for the clients in this process)
     else:
         data = FederatedData(spec)
@@ -448,14 +448,24 @@ def fairness_report(spec: RunSpec, clients: list[dict]) -> dict:
     return out
 
 
+def clients_here(spec: RunSpec) -> bool:
+    """Whether this process's ClientApp serves clients (``simulation.backend=local``, or the driver's
+    own node on Ray): the partitions the driver opens (data check, client sizes) then stay in the
+    process's data cache (``federated_data``) for them instead of being opened again."""
+    return spec.simulation.backend == "local" or driver_runs_node(spec.simulation)
+
+
 def _count_clients(spec: RunSpec, data_file: Path | None = None) -> int:
-    """Open the data (the check), writing the clients file to ``data_file`` if given."""
+    """Open the data (the check), writing the clients file to ``data_file`` if given; without one,
+    into the process's data cache where this process's ClientApp will use it (``clients_here``)."""
     from threadpoolctl import threadpool_limits
 
     from octomil_sim.data import write_clients_file
 
     with threadpool_limits(limits=1):
-        return FederatedData(spec).num_clients if data_file is None else write_clients_file(spec, data_file)
+        if data_file is not None:
+            return write_clients_file(spec, data_file)
+        return (federated_data(spec) if clients_here(spec) else FederatedData(spec)).num_clients
 
 
 def check_data_while_ray_starts(spec: RunSpec, backend_config: dict, client_app=None,
@@ -505,12 +515,7 @@ def check_data(spec: RunSpec, data_file: Path | None = None) -> None:
     Without one (a hub dataset), the partitions are opened once, into the process's data cache
     (``federated_data``) that the ClientApp then uses; ``in_process_clients`` empties it at the end.
     Call ``cache_source`` first."""
-    from octomil_sim.data import federated_data
-
-    if data_file is not None:
-        _count_clients(spec, data_file)
-    else:
-        federated_data(spec)
+    _count_clients(spec, data_file)
 
 
 def _runtime_environment() -> None:
@@ -629,18 +634,22 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
         raise RuntimeError("a run with simulation.backend=local is running in this process; a Ray run started "
                            "beside it would run its clients here: run them one after the other")
     reaper = Reaper() if on_ray and s.ray_address is None else None  # a killed driver leaves no Ray process behind
-    here = in_process_clients(driver_node_backend(backend_config)) if driver_node else in_process_clients()
+    if not on_ray:
+        here = in_process_clients()  # (one such run per process, from here; also with the driver's node)
+    else:
+        here = in_process_clients(driver_node_backend(backend_config)) if driver_node else nullcontext()
     try:
-        with here if driver_node or not on_ray else nullcontext():  # (one such run per process, from here)
+        with here:
             early = []
             if on_ray:
                 early = check_data_while_ray_starts(spec, backend_config, client_app, data_file, driver_node)
+                said = ray_report(s) + ("; the driver runs one node's clients itself (simulation.driver_node)"
+                                        if driver_node else "")
             else:
                 check_data(spec, data_file)
+                said = "Clients run in this process (simulation.backend=local)"
             stop.rearm()
-            log.info(ray_report(s) + ("; the driver runs one node's clients itself (simulation.driver_node)"
-                                      if driver_node else "")
-                     if on_ray else "Clients run in this process (simulation.backend=local)")
+            log.info(said)
             session = RunSession(spec, output_dir, saved, started)
             if not stop.is_set():
                 with session.progress, prompt_simulation_runtime(), fast_array_reads(), \

@@ -151,6 +151,35 @@ def test_the_servers_client_sizes_come_from_the_clients_file(make_spec, monkeypa
     assert from_partitions == [FederatedData(spec).client(k).num_train for k in range(9)]
 
 
+def test_a_driver_that_serves_clients_opens_a_hub_datasets_partitions_once(make_spec, monkeypatch):
+    """Without a clients file (a hub dataset), the data check and size-proportional client sizes open
+    the partitions into the process's data cache when this process's ClientApp serves clients (the
+    local backend, or the driver's own node on Ray), which then finds them there; otherwise each
+    opens them for itself and drops them."""
+    from octomil_sim import data, runner
+
+    built = []
+    original = data.FederatedData
+
+    def counted(spec):
+        built.append(spec)
+        return original(spec)
+
+    monkeypatch.setattr(data, "FederatedData", counted)
+    monkeypatch.setattr(runner, "FederatedData", counted)
+    monkeypatch.setattr(runner, "clients_file", lambda spec: None)  # as for a hub dataset: no clients file
+    for overrides, opened in ((["simulation.ray_num_cpus=2"], 1), (["simulation.backend=local"], 1),
+                              (["simulation.ray_num_cpus=2", "simulation.driver_node=false"], 2)):
+        data.forget_data()
+        built.clear()
+        spec = make_spec("strategy=qffl", "simulation.num_clients=9", *overrides)  # q-FFL samples clients by size
+        assert runner._count_clients(spec) == 9 and len(runner.client_sizes(spec)["client_sizes"]) == 9
+        assert len(built) == opened, overrides
+        if opened == 1:
+            assert data.federated_data(spec) is not None and len(built) == 1  # the ClientApp's: already here
+    data.forget_data()
+
+
 def test_a_driver_that_finds_the_clients_file_imports_no_hf_datasets(make_spec, tmp_path):
     """What the driver does before its rounds when an earlier run wrote the clients file (``runner._run``:
     the cached source, the file's path, the data check, size-proportional client sizes, the strategy and
