@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # (no pyplot: no global figure state, so a thread may draw; a lighter import)
 
 
 def plot_run(results: dict, path: Path) -> Path:
-    fig, (curve, hist) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    curve, hist = fig.subplots(1, 2)
     rounds = [r for r in results["rounds"] if "global_acc" in r]
     xs = [r["round"] for r in rounds]
     for key, color in (("global_acc", "tab:blue"), ("personalized_acc", "tab:orange")):
@@ -26,6 +24,5 @@ def plot_run(results: dict, path: Path) -> Path:
     hist.set(xlabel="client accuracy (final)", ylabel="clients", title="per-client accuracy")
     hist.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)  # (Agg: Figure.savefig draws a PNG on Agg's canvas without pyplot's backend)
     return path

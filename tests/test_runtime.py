@@ -508,6 +508,61 @@ def test_the_driver_node_backend_runs_a_message_here_when_free_and_in_its_one_ac
         ray.shutdown()
 
 
+def test_the_driver_node_serves_the_messages_while_its_early_actor_still_prepares(tmp_path):
+    """Until the early actor has prepared the app (imports, data, model), a message the busy driver's
+    node cannot take waits for it instead of queueing behind the actor's start; once the actor is
+    ready, such a message goes to it again."""
+    import os
+    import threading
+    import time
+    import types
+
+    import ray
+
+    from octomil_sim.local_ray import driver_node_backend, early_client_actors, lean_client_actors, lean_head_node
+
+    class App:  # pickled by value into the actor
+        def __init__(self, folder):
+            self.folder = folder
+
+        def prepare(self):  # the actor's start takes until the test lets it go on
+            while not os.path.exists(os.path.join(self.folder, "go")):
+                time.sleep(0.02)
+
+        def __call__(self, message, context):
+            return f"{message} in {os.getpid()}"
+
+    with lean_head_node():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        early = early_client_actors(types.SimpleNamespace(client_resources={"num_cpus": 1}, actor_kwargs={}),
+                                    App(str(tmp_path)), spare=1)
+        with lean_client_actors(early, spare=1):
+            backend = driver_node_backend({"client_resources": {"num_cpus": 1}})()
+            backend.build(lambda: App(str(tmp_path)))
+        assert backend.pool.num_actors == 1 and not backend.actors_ready()
+        context = types.SimpleNamespace(node_config={"partition-id": 0})
+        replies = []
+        with backend.local_busy:  # the driver's node serves a message; the next one waits for it
+            waiting = threading.Thread(target=lambda: replies.append(backend.process_message("b", context)[0]))
+            waiting.start()
+            time.sleep(0.3)
+            assert not replies
+        waiting.join(timeout=30)
+        assert replies == [f"b in {os.getpid()}"]  # served here, not queued behind the actor's start
+        (tmp_path / "go").touch()
+        deadline = time.monotonic() + 120
+        while not backend.actors_ready():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with backend.local_busy:
+            reply, _ = backend.process_message("c", context)
+        assert int(reply.split(" in ")[1]) != os.getpid()  # the ready actor serves again
+        backend.terminate()
+    finally:
+        ray.shutdown()
+
+
 def test_pickled_once_pickles_its_loader_once_and_unpickles_it_once_per_process():
     import pickle
 
