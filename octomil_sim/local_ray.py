@@ -249,14 +249,15 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
     """Flower's Ray backend builds its client actors inside this block from ``octomil_sim.ray_actor``
     (the same actor, without importing ``flwr.simulation`` in every actor), taking the ``early``
     ones first (``early_client_actors``), and sends them its ClientApp loader pickled once
-    (``PickledOnce``; see that module). Its pool holds ``spare`` actors fewer than Ray's resources
+    (``PickledOnce``; see that module), each message and reply pickled to bytes (``submit_pickled``).
+    Its pool holds ``spare`` actors fewer than Ray's resources
     fit, but at least one (``driver_node_backend``: the driver serves one node). Early actors its
     pool did not take end once it is built (or with the block). The pool's ``actors_ready`` says
     whether the early actors it took have prepared the app (``driver_node_backend`` reads it)."""
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    from octomil_sim.ray_actor import ClientAppActor, PickledOnce
+    from octomil_sim.ray_actor import ClientAppActor, PickledOnce, fetch_pickled, submit_pickled
 
     prepared = list(getattr(early, "prepared", None) or [None] * len(early or []))
     early = list(early or [])
@@ -275,6 +276,17 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             self.pool.extend(taken)
             self.num_actors += len(taken)
             super().add_actors_to_pool(num_actors - len(taken))
+
+        def submit(self, actor_fn, job):  # Flower's, with the message pickled (ray_actor.submit_pickled)
+            actor = self.pool.pop()
+            future = submit_pickled(actor, *job)
+            self._future_to_actor[future] = actor
+            return future
+
+        def fetch_result_and_return_actor_to_pool(self, future):  # Flower's, for a pickled reply
+            _, reply, context = fetch_pickled(future)
+            self.add_actor_back_to_pool(future)
+            return reply, context
 
         def actors_ready(self) -> bool:
             """Whether every early actor taken has prepared the app (its ``prepare`` returned, with an
