@@ -26,7 +26,8 @@ from io import BytesIO
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app.message.recorddict import _SyncedDict
 from flwr.common.constant import SType
 
 __all__ = ["array_numpy", "fast_array_reads", "state_dict", "to_record"]
@@ -36,6 +37,7 @@ _HEADERS: dict[tuple[str, tuple[int, ...]], tuple[bytes, str]] = {}
 #: (header, dtype, shape) -> whether the data after the header is a C-order native array of them
 _PLAIN: dict[tuple[bytes, str, tuple[int, ...]], bool] = {}
 _flower_numpy = Array.numpy
+_flower_from_numpy = Array.__dict__["from_numpy_ndarray"]  # (the classmethod object)
 
 
 def array_numpy(array: Array) -> np.ndarray:
@@ -74,19 +76,45 @@ def _is_plain(header: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> bool:
 def fast_array_reads() -> Iterator[None]:
     """Inside the block, ``Array.numpy`` is ``array_numpy``: what Flower's strategies read (their
     aggregation decodes every reply's arrays) is read without ``np.load``. Same values, same dtype,
-    a new writable array as before."""
-    numpy = Array.numpy
+    a new writable array as before. Also, ``Array(ndarray)`` writes its bytes as ``_npy_array`` does
+    (the strategy's aggregate goes back into an ``ArrayRecord`` this way), and a ``RecordDict``'s
+    ``array_records`` / ``metric_records`` / ``config_records`` views are built as Flower builds
+    them, without storing every record into the ``RecordDict`` again on the way (``_record_view``).
+    Measured on 2 cores: FedAvg's ``aggregate_train`` of ten MLR replies, 0.70 ms a round before."""
+    saved = Array.numpy, Array.from_numpy_ndarray, RecordDict.array_records, RecordDict.metric_records, \
+        RecordDict.config_records
     Array.numpy = array_numpy
+    Array.from_numpy_ndarray = classmethod(_array_from_numpy)
+    RecordDict.array_records = _record_view(ArrayRecord)
+    RecordDict.metric_records = _record_view(MetricRecord)
+    RecordDict.config_records = _record_view(ConfigRecord)
     try:
         yield
     finally:
-        Array.numpy = numpy
+        Array.numpy, Array.from_numpy_ndarray, RecordDict.array_records, RecordDict.metric_records, \
+            RecordDict.config_records = saved
 
 
-def _npy_array(tensor: torch.Tensor) -> Array:
-    array = tensor.detach().cpu().numpy()
-    if not array.flags.c_contiguous:  # e.g. a transposed view: Flower's own bytes (a Fortran-order header)
-        return Array.from_numpy_ndarray(array)
+def _record_view(kind: type) -> property:
+    """Flower's ``RecordDict.<kind>_records`` (flwr 1.42): a ``_SyncedDict`` of the records of type ``kind``,
+    which writes through to the ``RecordDict``. Flower fills it with ``view[key] = record``, which
+    type-checks each record and then stores it into the ``RecordDict`` again under its own key (a
+    no-op, 10-20 us a record); this fills the same view's dict directly."""
+    def view(self: RecordDict):
+        synced = _SyncedDict[kind](self, kind)
+        data = synced.__dict__["_data"]
+        for key, record in self.items():
+            if isinstance(record, kind):
+                data[key] = record
+        return synced
+    return property(view)
+
+
+def _npy_bytes(array: np.ndarray) -> tuple[bytes, str] | None:
+    """What ``np.save`` writes for a C-order numeric ``array``, and its dtype's name (None for another
+    array: Flower's own ``np.save`` then), from the header ``np.save`` wrote for its dtype and shape."""
+    if not array.flags.c_contiguous or array.dtype.kind not in "biufc":
+        return None
     key = (array.dtype.str, array.shape)
     known = _HEADERS.get(key)
     if known is None:
@@ -94,9 +122,27 @@ def _npy_array(tensor: torch.Tensor) -> Array:
         np.save(buffer, array, allow_pickle=False)
         data = buffer.getvalue()
         _HEADERS[key] = data[:len(data) - array.nbytes], str(array.dtype)
-        return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=data)
+        return data, str(array.dtype)
     header, dtype = known
-    return Array(dtype=dtype, shape=array.shape, stype=SType.NUMPY, data=header + array.tobytes())
+    return header + array.tobytes(), dtype
+
+
+def _array_from_numpy(cls, ndarray: np.ndarray) -> Array:
+    """Flower's ``Array.from_numpy_ndarray``: the same bytes, made without ``np.save`` (``_npy_bytes``)."""
+    made = _npy_bytes(ndarray) if isinstance(ndarray, np.ndarray) else None
+    if made is None:
+        return _flower_from_numpy.__func__(cls, ndarray)
+    data, dtype = made
+    return Array(dtype=dtype, shape=tuple(ndarray.shape), stype=SType.NUMPY, data=data)
+
+
+def _npy_array(tensor: torch.Tensor) -> Array:
+    array = tensor.detach().cpu().numpy()
+    made = _npy_bytes(array)
+    if made is None:  # e.g. a transposed view: Flower's own bytes (a Fortran-order header)
+        return _flower_from_numpy.__func__(Array, array)
+    data, dtype = made
+    return Array(dtype=dtype, shape=tuple(array.shape), stype=SType.NUMPY, data=data)
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

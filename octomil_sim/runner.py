@@ -51,10 +51,16 @@ from octomil_sim.system import SystemModel
 log = logging.getLogger(__name__)
 
 
+_STATM: tuple[int, int] | None = None  # (pid, an open /proc/self/statm of it): read again at every round's row
+
+
 def driver_rss_mb() -> float:
     """Resident memory of this (the driver) process in MB: the ServerApp's side of the run."""
+    global _STATM
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        if _STATM is None or _STATM[0] != os.getpid():  # (a forked child reads its own)
+            _STATM = os.getpid(), os.open("/proc/self/statm", os.O_RDONLY)
+        pages = int(os.pread(_STATM[1], 200, 0).split()[1])  # (0.01 ms; opening the file each time, 0.15 ms)
         return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
     except (OSError, ValueError, IndexError):  # not Linux: peak instead of current
         import resource

@@ -77,3 +77,67 @@ def test_state_dict_and_fast_reads_match_flowers():
             assert np.array_equal(record["matrix"].numpy(), TENSORS["matrix"].numpy())
             raise RuntimeError
     assert Array.numpy is numpy
+
+
+ARRAYS = {**{k: v.numpy() for k, v in TENSORS.items()}, "big_endian": np.arange(6, dtype=">f4").reshape(2, 3),
+          "structured": np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]), "fortran": np.asfortranarray(np.ones((3, 4))),
+          "zero_d": np.array(2.5), "complex": np.arange(4) * 1j}
+
+
+def test_fast_array_writes_give_flowers_bytes_and_restore_flowers_way():
+    """Inside ``fast_array_reads``, ``Array(ndarray)`` (what a strategy's aggregate makes) writes the
+    bytes ``np.save`` writes, for every dtype, order and shape; outside it, Flower's own method."""
+    flowers = {k: Array(v) for k, v in ARRAYS.items()}
+    method = Array.__dict__["from_numpy_ndarray"]
+    with fast_array_reads():
+        assert Array.__dict__["from_numpy_ndarray"] is not method
+        ours = {k: Array(v) for k, v in ARRAYS.items()}
+        again = Array(ARRAYS["matrix"] + 1)  # the cached header, new data
+    assert Array.__dict__["from_numpy_ndarray"] is method
+    for key in ARRAYS:
+        a, b = ours[key], flowers[key]
+        assert (a.dtype, tuple(a.shape), a.stype, a.data) == (b.dtype, tuple(b.shape), b.stype, b.data), key
+    assert again.data == Array(ARRAYS["matrix"] + 1).data
+
+
+def test_fast_record_views_are_flowers_views():
+    """``array_records`` / ``metric_records`` / ``config_records`` inside ``fast_array_reads``: the same
+    records in the same order as Flower's, and a view still writes through to its ``RecordDict``."""
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    def content():
+        return RecordDict({"a": ArrayRecord({"w": Array(np.ones(3))}), "m": MetricRecord({"loss": 0.5}),
+                           "c": ConfigRecord({"lr": 0.1}), "b": ArrayRecord({"v": Array(np.zeros(2))}),
+                           "n": MetricRecord({"steps": 4})})
+
+    records = content()
+    kinds = ("array_records", "metric_records", "config_records")
+    flowers = {kind: dict(getattr(records, kind)) for kind in kinds}
+    with fast_array_reads():
+        ours = {kind: dict(getattr(records, kind)) for kind in kinds}
+        view = records.metric_records
+        view["extra"] = MetricRecord({"x": 1.0})
+        with pytest.raises(TypeError):
+            view["bad"] = ConfigRecord({"y": 1})
+    assert {k: list(v.items()) for k, v in ours.items()} == {k: list(v.items()) for k, v in flowers.items()}
+    assert all(ours[k][name] is flowers[k][name] for k in kinds for name in ours[k])
+    assert list(flowers["array_records"]) == ["a", "b"] and list(flowers["metric_records"]) == ["m", "n"]
+    assert "extra" in records and "extra" in records.metric_records and "bad" not in records
+
+
+def test_fedavgs_aggregate_is_the_same_with_the_fast_records(task_identity):
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    replies = []
+    for client in range(4):
+        sent = Message(RecordDict(), dst_node_id=client + 1, message_type="train", group_id="1")
+        arrays = ArrayRecord({"w": Array(np.random.default_rng(client).normal(size=(5, 3)).astype(np.float32)),
+                              "b": Array(np.full(5, client, dtype=np.float32))})
+        replies.append(Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10 + client})}),
+                               reply_to=sent))
+    strategy = FedAvg()
+    flowers, _ = strategy.aggregate_train(1, replies)
+    with fast_array_reads():
+        ours, _ = strategy.aggregate_train(1, replies)
+    assert list(ours) == list(flowers) and all(ours[k].data == flowers[k].data for k in ours)
