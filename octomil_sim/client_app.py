@@ -206,8 +206,8 @@ class ClientRuntime:
     device: torch.device = torch.device("cpu")  # where models, data and loaded client state live (``client_device``)
     _cohort_works: bool | None = None  # set by the first vectorized message (``_probe_cohort``)
     _initial: nn.Module | None = None
-    _reused: nn.Module | None = None  # the model ``model_from(..., reuse=True)`` loads into
-    _reused_holds: ArrayRecord | None = None  # the record ``_reused`` holds unchanged (evaluated only)
+    _reused: list = field(default_factory=list)  # the models ``model_from(..., reuse=True, slot=k)`` loads into
+    _reused_holds: ArrayRecord | None = None  # the record ``_reused[0]`` holds unchanged (evaluated only)
     _on_device: OrderedDict = field(default_factory=OrderedDict)  # {client: ClientData on ``device``}, least recent first
     _on_device_bytes: int = 0
 
@@ -240,22 +240,27 @@ class ClientRuntime:
         return moved
 
     def model_from(self, arrays: ArrayRecord, task: ClientTask, reuse: bool = False,
-                   read_only: bool = False) -> nn.Module:
+                   read_only: bool = False, slot: int = 0) -> nn.Module:
         """The received model: ``arrays`` loaded into a copy of the template, or, with ``reuse``
-        where the algorithm allows it (``ClientAlgorithm.reuses_model``), into the one model this
-        runtime reuses client after client (a deep copy costs more than a small client's update).
+        where the algorithm allows it (``ClientAlgorithm.reuses_model``), into one of the models this
+        runtime reuses client after client (a deep copy costs more than a small client's update):
+        ``slot`` k is the k-th client of a cohort (``train_clients``: a cohort's models live together;
+        each is reused once its client's reply is encoded), 0 the client trained or evaluated alone.
         ``read_only``: the caller only evaluates it, so the next such caller with the same record
         (the clients of one evaluation message share it) gets it without loading it again."""
         if reuse and type(self.algorithm).__dict__.get("reuses_model", False) \
                 and type(self.algorithm).load is ClientAlgorithm.load \
                 and self.private is None:  # DP-SGD's training hooks the model
-            if self._reused is None:
-                self._reused = copy.deepcopy(self.template)
+            while len(self._reused) <= slot:
+                self._reused.append(copy.deepcopy(self.template))
+            model = self._reused[slot]
+            if slot:
+                return self.algorithm.load(model, arrays, task)
             if not (read_only and self._reused_holds is arrays):
                 self._reused_holds = None  # (a load that fails part way leaves it holding neither)
-                self.algorithm.load(self._reused, arrays, task)
+                self.algorithm.load(model, arrays, task)
             self._reused_holds = arrays if read_only else None  # training changes it
-            return self._reused
+            return model
         return self.algorithm.load(copy.deepcopy(self.template), arrays, task)
 
     def task(self, content: RecordDict, pid: int, salt: int, max_steps: int | None = None) -> ClientTask:
@@ -267,7 +272,8 @@ class ClientRuntime:
                           self.store.bind(pid, self.device), config, StepBudget(max_steps), initial=self.initial_model)
 
     # --- one client's share of a message --------------------------------------------------------
-    def prepare_train(self, pid: int, content: RecordDict, reuse: bool = False) -> tuple[ClientTask, nn.Module]:
+    def prepare_train(self, pid: int, content: RecordDict, reuse: bool = False,
+                      slot: int = 0) -> tuple[ClientTask, nn.Module]:
         """The client's task and received model (``model_from``), and the fairness policy's numbers
         measured on it (``task.before``); raises ``ClientDropout`` when the system model drops it
         this round."""
@@ -276,7 +282,7 @@ class ClientRuntime:
         task.private = self.private
         if self.system.drops_out(pid, task.server_round):
             raise ClientDropout(f"client {pid} ({resources.name}) dropped out in round {task.server_round}")
-        model = self.model_from(content["arrays"], task, reuse)
+        model = self.model_from(content["arrays"], task, reuse, slot=slot)
         if self.fairness is not None:
             training = model.training  # the policy's evaluation puts the model in eval mode
             task.before = self.fairness.metrics(self.algorithm.objective_model(model, task), task)
@@ -322,8 +328,8 @@ class ClientRuntime:
         done, failed = [], []
         for start in range(0, len(items), size):
             prepared = []
-            for pid, content in items[start:start + size]:
-                guarded(pid, lambda: prepared.append((pid, *self.prepare_train(pid, content))), [], failed)
+            for slot, (pid, content) in enumerate(items[start:start + size]):
+                guarded(pid, lambda: prepared.append((pid, *self.prepare_train(pid, content, True, slot))), [], failed)
             pids, tasks, models = zip(*prepared) if prepared else ((), (), ())
             try:
                 results = self.algorithm.train_cohort(list(models), list(tasks)) if len(prepared) > 1 else None

@@ -149,6 +149,35 @@ def test_cohorts_are_cut_to_the_memory_budget(make_spec, tmp_path, monkeypatch):
     assert sizes == [5, 5, 2]
 
 
+@pytest.mark.parametrize("choose_by_cost", [False, True], ids=["cohorts", "as-the-cost-says"])
+def test_a_cohorts_reused_models_give_the_replies_of_fresh_copies(make_spec, tmp_path, monkeypatch, choose_by_cost):
+    """Where the algorithm reuses models (``reuses_model``), the k-th client of each cohort loads into
+    the runtime's k-th model (``model_from(slot=k)``), message after message, instead of a fresh copy
+    of the template: the same replies bit for bit, over cohorts cut by the memory budget and over
+    messages; with the cost estimate on, a cohort the loop beats trains on the same models."""
+    import octomil_sim.client_app as client_app
+    from octomil_sim import cohort
+    from strategies.fedavg import FedAvgClient
+
+    monkeypatch.setattr(cohort, "CHOOSE_BY_COST", choose_by_cost)
+
+    def run(reuse: bool):
+        monkeypatch.setattr(FedAvgClient, "reuses_model", reuse)
+        runtime = _runtime(make_spec, tmp_path / str(reuse), True, "strategy=fedavg")
+        model_bytes = sum(p.numel() * p.element_size() for p in runtime.template.parameters())
+        monkeypatch.setattr(client_app, "COHORT_BYTES", 3 * model_bytes * 5)  # five clients a cohort
+        first = _replies(runtime, rounds=1)
+        models = list(runtime._reused)
+        later = _replies(runtime, rounds=2, seed=1)
+        assert [id(m) for m in runtime._reused] == [id(m) for m in models]  # the same models again
+        return first + later, len(models)
+
+    reused, slots = run(True)
+    copied, none = run(False)
+    assert slots == 5 and none == 0
+    _assert_same(reused, copied, exact=True)
+
+
 @pytest.mark.slow
 def test_a_vectorized_run_matches_the_client_by_client_run(make_spec, tmp_path):
     """Through Flower and Ray: the same accuracies and, up to float rounding, the same losses. One
