@@ -21,10 +21,13 @@ from collections.abc import Sequence
 from flwr.app import ConfigRecord, RecordDict
 
 CLIENTS = "clients"
+DRIVER = "driver"  # (in the ``clients`` index) the driver's own node should serve this message
 
 
-def pack(contents: Sequence[tuple[int, RecordDict]], failures: Sequence[tuple[int, str]] = ()) -> RecordDict:
-    """One RecordDict carrying every ``(client, content)``; shared records (same object) once."""
+def pack(contents: Sequence[tuple[int, RecordDict]], failures: Sequence[tuple[int, str]] = (),
+         driver: bool = False) -> RecordDict:
+    """One RecordDict carrying every ``(client, content)``; shared records (same object) once.
+    ``driver``: the driver's own node should serve it (``for_driver``)."""
     packed = RecordDict()
     first_key: dict[int, str] = {}
     ref_keys: list[str] = []
@@ -41,8 +44,16 @@ def pack(contents: Sequence[tuple[int, RecordDict]], failures: Sequence[tuple[in
     packed[CLIENTS] = ConfigRecord({
         "ids": [c for c, _ in contents], "ref-keys": ref_keys, "ref-targets": ref_targets,
         "failed-ids": [c for c, _ in failures], "failed-reasons": [r for _, r in failures],
+        **({DRIVER: True} if driver else {}),
     })
     return packed
+
+
+def for_driver(packed) -> bool:
+    """Whether a packed message asks for the driver's own node (``SimulationGrid.evaluate_then_train``
+    gives it the clients only evaluated; ``local_ray.driver_node_backend`` serves it there)."""
+    index = packed.get(CLIENTS) if isinstance(packed, RecordDict) else None
+    return isinstance(index, ConfigRecord) and bool(index.get(DRIVER, False))
 
 
 def unpack(packed: RecordDict) -> tuple[dict[int, RecordDict], dict[int, str]]:
@@ -59,10 +70,10 @@ def unpack(packed: RecordDict) -> tuple[dict[int, RecordDict], dict[int, str]]:
 
 def pack_pair(evaluate: Sequence[tuple[int, RecordDict]], train: Sequence[tuple[int, RecordDict]],
               evaluate_failures: Sequence[tuple[int, str]] = (),
-              train_failures: Sequence[tuple[int, str]] = ()) -> RecordDict:
+              train_failures: Sequence[tuple[int, str]] = (), driver: bool = False) -> RecordDict:
     """``pack`` of two lists of clients (the first under ids ``-1 - client``); ``unpack_pair`` splits them."""
     return pack([*[(-1 - c, x) for c, x in evaluate], *train],
-                [*[(-1 - c, r) for c, r in evaluate_failures], *train_failures])
+                [*[(-1 - c, r) for c, r in evaluate_failures], *train_failures], driver)
 
 
 def unpack_pair(packed: RecordDict) -> tuple[tuple[dict[int, RecordDict], dict[int, str]],

@@ -47,8 +47,6 @@ from contextlib import contextmanager
 __all__ = ["driver_node_backend", "early_client_actors", "lean_client_actors", "lean_head_node",
            "skip_unused_serializers"]
 
-#: how often a message waiting for the driver's node looks whether the actors are ready (``driver_node_backend``)
-READY_POLL_S = 0.01
 #: what Ray's workers run before their first task (``skip_unused_serializers``)
 SETUP_HOOK = "octomil_sim.local_ray.skip_unused_serializers"
 
@@ -158,22 +156,24 @@ def driver_node_backend(backend_config: dict) -> Callable:
     worker: the driver's own process (``simulation.driver_node``; ``config.driver_runs_node``).
 
     Flower's runtime runs as many worker threads as its backend has workers, each taking the next
-    message and handing it to ``process_message``. Here a message goes to the driver's ClientApp
-    (``LocalBackend``: the calling thread, one message at a time) when it is free, else to the actor
-    pool as before; the pool starts one actor fewer than Ray's CPUs hold (``lean_client_actors(spare=1)``).
+    message and handing it to ``process_message``. Here the message the grid marks for the driver
+    (``batching.for_driver``: one an exchange, ``SimulationGrid(driver_node=True)``) goes to the
+    driver's ClientApp (``LocalBackend``: the calling thread, one message at a time), the others to
+    a free actor of the pool as before, or, with none free, to the driver's node too; the pool starts
+    one actor fewer than Ray's CPUs hold (``lean_client_actors(spare=1)``).
     So a run on a 2-core machine has the driver and one actor where it had two actors: one process
     importing torch and Flower less (about 270 MB of proportional set size), and half of each
     round's messages with no Ray serialisation. Until the pool's early actors have prepared the app
-    (``early_client_actors``; ``actors_ready``), a message the driver's node cannot take at once waits
-    for it rather than for an actor that still imports torch: on 2 cores the driver serves the first
-    rounds alone while the actor starts (2.1-2.4 s after the data check), instead of waiting for it in
-    round 1. Which process serves a node does not change its
+    (``early_client_actors``; ``actors_ready``), every message waits for the driver's node rather
+    than for an actor that still imports torch: on 2 cores the driver serves the first rounds alone
+    while the actor starts (2.1-2.4 s after the data check), instead of waiting for it in round 1. Which process serves a node does not change its
     numbers: the ClientApp is the same, and a client's state lives in the store, its randomness in
     its seeds (the local backend gives the Ray run's numbers, ``tests/test_local_backend.py``).
     While the driver's node trains, its worker thread holds the GIL except inside torch's kernels;
     the other threads only wait for Ray."""
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
+    from octomil_sim.batching import for_driver
     from octomil_sim.local_backend import LocalBackend
 
     class DriverNodeBackend(RayBackend):
@@ -181,6 +181,8 @@ def driver_node_backend(backend_config: dict) -> Callable:
             super().__init__(config)
             self.local = LocalBackend(config)
             self.local_busy = threading.Lock()
+            self.choosing = threading.Lock()  # guards ``in_actors``: messages on the pool's actors now
+            self.in_actors = 0
 
         def build(self, app_fn) -> None:
             super().build(app_fn)
@@ -194,15 +196,22 @@ def driver_node_backend(backend_config: dict) -> Callable:
             return not self.local_busy.locked() or super().is_worker_idle()
 
         def process_message(self, message, context):
-            here = self.local_busy.acquire(blocking=False)
-            while not here and not self.actors_ready():  # the actors still start: the driver's node serves
-                here = self.local_busy.acquire(timeout=READY_POLL_S)
-            if here:
+            if not for_driver(getattr(message, "content", None)) and self.actors_ready() and self.reserve_actor():
                 try:
-                    return self.local.process_message(message, context)
+                    return super().process_message(message, context)
                 finally:
-                    self.local_busy.release()
-            return super().process_message(message, context)
+                    with self.choosing:
+                        self.in_actors -= 1
+            with self.local_busy:  # marked for it, or no actor ready and free: the driver's node
+                return self.local.process_message(message, context)
+
+        def reserve_actor(self) -> bool:
+            """Take one of the pool's actors for a message, if one is free."""
+            with self.choosing:
+                if self.in_actors >= self.pool.num_actors:
+                    return False
+                self.in_actors += 1
+                return True
 
         def actors_ready(self) -> bool:
             ready = getattr(self.pool, "actors_ready", None)  # (``lean_client_actors``' pool)

@@ -643,7 +643,7 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
         deadline=SystemModel.of_run(spec).deadline, should_stop=stop.is_set,
         actors_started=client_actors_started if s.backend == "ray" else lambda: None,
-        startup_timeout=s.startup_timeout_s, unseen=unseen_clients(spec),
+        startup_timeout=s.startup_timeout_s, unseen=unseen_clients(spec), driver_node=driver_runs_node(s),
     )
     cache_source(spec)  # a generated dataset's first generation runs here, before Ray forks (see its docstring)
     data_file = clients_file(spec)  # the clients' tensors, written by the data check (octomil_sim.client_data)

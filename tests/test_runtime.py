@@ -46,6 +46,7 @@ def test_evaluate_then_train_places_each_client_with_its_training_and_counts_the
     from flwr.app import Message, MessageType, MetricRecord
     from flwr.supercore.task_identity import TaskIdentity
 
+    from octomil_sim.batching import for_driver
     from octomil_sim.server_app import EVALUATE_THEN_TRAIN, SimulationGrid
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
@@ -54,6 +55,7 @@ def test_evaluate_then_train_places_each_client_with_its_training_and_counts_the
     model = ArrayRecord([np.zeros(10, dtype=np.float32)])
     size = model.count_bytes()
     seen: dict[int, tuple[list[int], list[int]]] = {}
+    marked: dict[int, bool] = {}
 
     class Nodes:  # serves every node's message at once, as a node's ClientApp would
         def __init__(self):
@@ -66,6 +68,7 @@ def test_evaluate_then_train_places_each_client_with_its_training_and_counts_the
                 assert m.metadata.message_type == EVALUATE_THEN_TRAIN
                 (e, _), (t, _) = unpack_pair(m.content)
                 seen[m.metadata.dst_node_id] = (sorted(e), sorted(t))
+                marked[m.metadata.dst_node_id] = for_driver(m.content)
                 reply = lambda c: RecordDict({"arrays": model, "metrics": MetricRecord({"local-steps": 10 * c})})  # noqa: E731
                 content = pack_pair([(c, reply(c)) for c in e if c != 6], [(c, reply(c)) for c in t],
                                     evaluate_failures=[(6, "dropped")] if 6 in e else [])
@@ -87,6 +90,7 @@ def test_evaluate_then_train_places_each_client_with_its_training_and_counts_the
     evaluated, training = grid.evaluate_then_train(evaluate, train)
     # training as ``split_by_work``: [1] and [3, 5, 7]; evaluated client 3 with its training, the rest to the emptier
     assert seen == {101: ([0, 2, 8], [1]), 102: ([3, 6], [3, 5, 7])}
+    assert marked == {101: False, 102: False}  # no driver's node: no message marked for it
     assert [m.metadata.reply_to_message_id for m in evaluated] == [m.metadata.message_id for m in evaluate]
     assert [m.has_error() for m in evaluated] == [False, False, False, True, False]
     assert sum(grid.failed.values()) == 0 and grid.last_failure == {6: "dropped"}  # an evaluation's failure is no training's
@@ -98,6 +102,21 @@ def test_evaluate_then_train_places_each_client_with_its_training_and_counts_the
     assert grid.work[5] == 50.0
     with pytest.raises(ValueError, match="evaluate messages, then train messages"):
         grid.evaluate_then_train(train, evaluate)
+
+    # the driver serves a node (``driver_node``): the message with the most training work is marked for
+    # it and takes every client only evaluated; a client that also trains stays with its training
+    grid = SimulationGrid(Nodes(), num_clients=10, driver_node=True)
+    grid.nodes, grid.work = [101, 102], {1: 5.0, 3: 1.0, 5: 1.0, 7: 1.0}
+    evaluated, training = grid.evaluate_then_train(evaluate, train)
+    assert seen == {101: ([0, 2, 6, 8], [1]), 102: ([3], [3, 5, 7])} and marked == {101: True, 102: False}
+    assert [m.has_error() for m in evaluated] == [False, False, False, True, False]
+    seen.clear(), marked.clear()
+    grid.work = {1: 3.0, 3: 2.0, 5: 2.0}  # split [1] and [3, 5]: the second share is the heavier
+    grid.evaluate_then_train(evaluate, train[:3])
+    assert seen == {101: ([], [1]), 102: ([0, 2, 3, 6, 8], [3, 5])} and marked == {101: False, 102: True}
+    seen.clear(), marked.clear()
+    grid.evaluate_then_train(evaluate, train[:1])  # one node trains: the evaluation still fills both
+    assert seen == {101: ([0, 2, 3, 6, 8], [1])} and marked == {101: True}  # (an empty message is not sent)
 
 
 def test_a_training_that_fails_whole_keeps_the_evaluation_of_its_message():
@@ -468,23 +487,35 @@ def test_a_simulations_ray_processes_import_neither_pyarrow_nor_the_dashboards_d
     assert out.stdout.strip().splitlines()[-1] == "[] []", out.stdout + out.stderr
 
 
-def test_the_driver_node_backend_runs_a_message_here_when_free_and_in_its_one_actor_else():
+def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_its_one_actor_while_free():
     """``driver_node_backend``: Ray's 2 CPUs hold two actors, the pool starts one (``spare=1``), and the
-    driver is the second worker. A message goes to the driver's process when its node is free, to the
-    actor when it is busy; errors come back as Flower's ``ClientAppException`` either way."""
+    driver is the second worker. The message marked for the driver (``batching.for_driver``) runs in the
+    driver's process even with the actor free; another goes to the actor while it is free, else to the
+    driver's node too; errors come back as Flower's ``ClientAppException`` either way."""
     import os
+    import threading
     import types
 
     import ray
+    from flwr.app import ConfigRecord, RecordDict
     from flwr.clientapp.client_app import ClientAppException
 
+    from octomil_sim.batching import pack
     from octomil_sim.local_ray import driver_node_backend, lean_client_actors, lean_head_node
 
     class App:  # pickled by value into the actor
         def __call__(self, message, context):
-            if message == "bad":
+            name = message if isinstance(message, str) else message.content["0/config"]["name"]
+            if name.startswith("bad"):
                 raise ValueError("boom")
-            return f"{message} in {os.getpid()}"
+            if name == "slow":
+                import time
+                time.sleep(1.0)
+            return f"{name} in {os.getpid()}"
+
+    def marked(name: str) -> types.SimpleNamespace:  # a message: what the backend reads of it is its content
+        return types.SimpleNamespace(content=pack([(0, RecordDict({"config": ConfigRecord({"name": name})}))],
+                                                  driver=True))
 
     with lean_head_node():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -494,15 +525,22 @@ def test_the_driver_node_backend_runs_a_message_here_when_free_and_in_its_one_ac
             backend.build(lambda: App())
         assert backend.pool.num_actors == 1 and backend.num_workers == 2 and backend.is_worker_idle()
         context = types.SimpleNamespace(node_config={"partition-id": 0})
-        assert backend.process_message("a", context) == (f"a in {os.getpid()}", context)
+        here = f" in {os.getpid()}"
+        assert backend.process_message(marked("a"), context) == ("a" + here, context)  # marked: here
+        with pytest.raises(ClientAppException, match="boom"):
+            backend.process_message(marked("bad"), context)
+        reply, _ = backend.process_message("b", context)  # not marked, the actor free: the actor
+        assert reply.startswith("b in ") and not reply.endswith(here)
         with pytest.raises(ClientAppException, match="boom"):
             backend.process_message("bad", context)
-        with backend.local_busy:  # the driver's node is serving a message: the next goes to the actor
-            assert backend.is_worker_idle()
-            reply, _ = backend.process_message("b", context)
-            assert reply.startswith("b in ") and int(reply.split(" in ")[1]) != os.getpid()
-            with pytest.raises(ClientAppException, match="boom"):
-                backend.process_message("bad", context)
+        replies = []
+        busy = threading.Thread(target=lambda: replies.append(backend.process_message("slow", context)[0]))
+        busy.start()  # holds the one actor for a second
+        while backend.in_actors == 0:
+            pass
+        assert backend.process_message("c", context)[0] == "c" + here  # no actor free: here
+        busy.join(timeout=60)
+        assert replies and not replies[0].endswith(here) and backend.in_actors == 0
         backend.terminate()
     finally:
         ray.shutdown()
