@@ -137,12 +137,7 @@ def _array_from_numpy(cls, ndarray: np.ndarray) -> Array:
 
 
 def _npy_array(tensor: torch.Tensor) -> Array:
-    array = tensor.detach().cpu().numpy()
-    made = _npy_bytes(array)
-    if made is None:  # e.g. a transposed view: Flower's own bytes (a Fortran-order header)
-        return _flower_from_numpy.__func__(Array, array)
-    data, dtype = made
-    return Array(dtype=dtype, shape=tuple(array.shape), stype=SType.NUMPY, data=data)
+    return _array_from_numpy(Array, tensor.detach().cpu().numpy())  # (a transposed view: Flower's own bytes)
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -245,12 +245,15 @@ class ClientRuntime:
         where the algorithm allows it (``ClientAlgorithm.reuses_model``), into one of the models this
         runtime reuses client after client (a deep copy costs more than a small client's update):
         ``slot`` k is the k-th client of a cohort (``train_clients``: a cohort's models live together;
-        each is reused once its client's reply is encoded), 0 the client trained or evaluated alone.
+        each is reused once its client's reply is encoded), 0 the client trained or evaluated alone;
+        the models kept hold at most ``REUSED_BYTES`` of parameters, later slots get a fresh copy.
         ``read_only``: the caller only evaluates it, so the next such caller with the same record
         (the clients of one evaluation message share it) gets it without loading it again."""
         if reuse and type(self.algorithm).__dict__.get("reuses_model", False) \
                 and type(self.algorithm).load is ClientAlgorithm.load \
                 and self.private is None:  # DP-SGD's training hooks the model
+            if slot and (slot + 1) * sum(p.numel() * p.element_size() for p in self.template.parameters()) > REUSED_BYTES:
+                return self.algorithm.load(copy.deepcopy(self.template), arrays, task)  # (beyond what is kept)
             while len(self._reused) <= slot:
                 self._reused.append(copy.deepcopy(self.template))
             model = self._reused[slot]
@@ -489,6 +492,8 @@ def float_modes(new: tuple | None = None) -> tuple:
     return old
 
 
+#: parameters of the models a runtime keeps to load a cohort's clients into (``ClientRuntime.model_from``)
+REUSED_BYTES = 32 * 2**20
 #: stacked parameters (weights, gradients, starting points) one training cohort may hold, and at most
 #: this many clients (the kernel also copies the cohort's training rows into one tensor)
 COHORT_BYTES = 256 * 2**20

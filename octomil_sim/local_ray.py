@@ -47,6 +47,8 @@ from contextlib import contextmanager
 __all__ = ["driver_node_backend", "early_client_actors", "lean_client_actors", "lean_head_node",
            "skip_unused_serializers"]
 
+#: how long a message waiting for the driver's node waits before it looks for a free actor again
+WAIT_S = 0.01
 #: what Ray's workers run before their first task (``skip_unused_serializers``)
 SETUP_HOOK = "octomil_sim.local_ray.skip_unused_serializers"
 
@@ -159,14 +161,16 @@ def driver_node_backend(backend_config: dict) -> Callable:
     message and handing it to ``process_message``. Here the message the grid marks for the driver
     (``batching.for_driver``: one an exchange, ``SimulationGrid(driver_node=True)``) goes to the
     driver's ClientApp (``LocalBackend``: the calling thread, one message at a time), the others to
-    a free actor of the pool as before, or, with none free, to the driver's node too; the pool starts
-    one actor fewer than Ray's CPUs hold (``lean_client_actors(spare=1)``).
+    a free actor of the pool as before, or, with none free, to whichever of the driver's node and an
+    actor is free first; the pool starts one actor fewer than Ray's CPUs hold
+    (``lean_client_actors(spare=1)``).
     So a run on a 2-core machine has the driver and one actor where it had two actors: one process
     importing torch and Flower less (about 270 MB of proportional set size), and half of each
     round's messages with no Ray serialisation. Until the pool's early actors have prepared the app
-    (``early_client_actors``; ``actors_ready``), every message waits for the driver's node rather
-    than for an actor that still imports torch: on 2 cores the driver serves the first rounds alone
-    while the actor starts (2.1-2.4 s after the data check), instead of waiting for it in round 1. Which process serves a node does not change its
+    (``early_client_actors``; ``actors_ready``), the driver's node serves the messages that find it
+    free, rather than have them wait for an actor that still imports torch: on 2 cores the driver
+    serves the first rounds alone while the actor starts (2.1-2.4 s after the data check), instead of
+    waiting for it in round 1. Which process serves a node does not change its
     numbers: the ClientApp is the same, and a client's state lives in the store, its randomness in
     its seeds (the local backend gives the Ray run's numbers, ``tests/test_local_backend.py``).
     While the driver's node trains, its worker thread holds the GIL except inside torch's kernels;
@@ -196,14 +200,28 @@ def driver_node_backend(backend_config: dict) -> Callable:
             return not self.local_busy.locked() or super().is_worker_idle()
 
         def process_message(self, message, context):
-            if not for_driver(getattr(message, "content", None)) and self.actors_ready() and self.reserve_actor():
-                try:
-                    return super().process_message(message, context)
-                finally:
-                    with self.choosing:
-                        self.in_actors -= 1
-            with self.local_busy:  # marked for it, or no actor ready and free: the driver's node
-                return self.local.process_message(message, context)
+            marked = self.marked(message)
+            while True:
+                if not marked and self.actors_ready() and self.reserve_actor():
+                    try:
+                        return super().process_message(message, context)
+                    finally:
+                        with self.choosing:
+                            self.in_actors -= 1
+                # marked for the driver, or no actor ready and free: the driver's node, or, for a message
+                # not marked, whichever of it and an actor is free first
+                if self.local_busy.acquire(timeout=WAIT_S):
+                    try:
+                        return self.local.process_message(message, context)
+                    finally:
+                        self.local_busy.release()
+
+        @staticmethod
+        def marked(message) -> bool:
+            try:
+                return for_driver(message.content)
+            except (AttributeError, ValueError):  # (no content: Flower's Message raises ValueError)
+                return False
 
         def reserve_actor(self) -> bool:
             """Take one of the pool's actors for a message, if one is free."""
@@ -266,7 +284,7 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    from octomil_sim.ray_actor import ClientAppActor, PickledOnce, fetch_pickled, submit_pickled
+    from octomil_sim.ray_actor import ClientAppActor, PickledOnce, fetch_pickled, pickled, submit_pickled
 
     prepared = list(getattr(early, "prepared", None) or [None] * len(early or []))
     early = list(early or [])
@@ -287,8 +305,10 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             super().add_actors_to_pool(num_actors - len(taken))
 
         def submit(self, actor_fn, job):  # Flower's, with the message pickled (ray_actor.submit_pickled)
+            client_app_fn, *message = job
+            payload = pickled(*message)  # (before an actor leaves the pool: a message that fails to pickle keeps it)
             actor = self.pool.pop()
-            future = submit_pickled(actor, *job)
+            future = submit_pickled(actor, client_app_fn, payload)
             self._future_to_actor[future] = actor
             return future
 

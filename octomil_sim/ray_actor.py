@@ -33,7 +33,7 @@ from ray import cloudpickle
 from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
 
-__all__ = ["ClientAppActor", "PickledOnce", "fetch_pickled", "submit_pickled"]
+__all__ = ["ClientAppActor", "PickledOnce", "fetch_pickled", "pickled", "submit_pickled"]
 
 
 @ray.remote
@@ -71,7 +71,6 @@ class ClientAppActor:
             raise ClientAppException(str(ex)) from ex
         return cid, out_message, context
 
-
     def run_pickled(self, client_app_fn: Callable[[], ClientApp], payload: bytes) -> bytes:
         """``run`` of a pickled ``(message, cid, context)``, its result pickled: Ray passes bytes as they
         are, where it serialises a Flower ``Message`` and ``Context`` object by object through its own
@@ -80,11 +79,16 @@ class ClientAppActor:
         return pickle.dumps(self.run(client_app_fn, message, cid, context), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def submit_pickled(actor, client_app_fn: Callable[[], ClientApp], message: Message, cid: str, context: Context):
-    """``actor.run_pickled`` of ``message``: the future of its pickled reply (``fetch_pickled``).
+def pickled(message: Message, cid: str, context: Context) -> bytes:
+    """What ``ClientAppActor.run_pickled`` unpickles: the message, its node's id and its context."""
+    return pickle.dumps((message, cid, context), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def submit_pickled(actor, client_app_fn: Callable[[], ClientApp], payload: bytes):
+    """``actor.run_pickled`` of a ``pickled`` message: the future of its pickled reply (``fetch_pickled``).
     Measured with a bare actor on 2 cores (a packed train message of five MLR clients, 4 KB down and
     15 KB up): a round trip of 1.2 ms against 1.8 ms for the same objects passed as they are."""
-    return actor.run_pickled.remote(client_app_fn, pickle.dumps((message, cid, context), protocol=pickle.HIGHEST_PROTOCOL))
+    return actor.run_pickled.remote(client_app_fn, payload)
 
 
 def fetch_pickled(future) -> tuple[str, Message, Context]:

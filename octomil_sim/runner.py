@@ -63,6 +63,7 @@ def driver_rss_mb() -> float:
         pages = int(os.pread(_STATM[1], 200, 0).split()[1])  # (0.01 ms; opening the file each time, 0.15 ms)
         return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
     except (OSError, ValueError, IndexError):  # not Linux: peak instead of current
+        _STATM = None  # (the next row tries again)
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
@@ -255,7 +256,7 @@ class RunSession(Session):
             "driver_rss_mb": driver_rss_mb(),
             "best_round": best_rounds(self.rows),
         })
-        self.results = {
+        results = {
             "metric_definitions": DEFINITIONS,
             "name": self.spec.name,
             "config": self.spec.config,
@@ -266,20 +267,21 @@ class RunSession(Session):
             **fairness_report(self.spec, trained),
         }
         if hasattr(getattr(self, "strategy", None), "privacy_report"):
-            self.results["privacy"] = self.strategy.privacy_report()
+            results["privacy"] = self.strategy.privacy_report()
         elif self.spec.privacy.client is not None and (summary := self.spec.privacy.client.build().summary(trained)):
-            self.results["privacy"] = summary
-        self.results["worst_group_improvement"] = worst_group_improvement(self.results.get("groups"), final)
+            results["privacy"] = summary
+        results["worst_group_improvement"] = worst_group_improvement(results.get("groups"), final)
         if unseen:  # the held-out clients apart: ``final`` is over the clients that trained
-            self.results["unseen_clients"] = {
+            results["unseen_clients"] = {
                 "clients": sorted(unseen),
                 "final": summarize_clients([c for c in clients if c["partition_id"] in unseen], weight_key="num_test"),
             }
         if averaged_rows is not None:  # e.g. bounded group loss: its guarantee is about the averaged iterate
             averaged = [c for c in client_table(averaged_rows) if c["partition_id"] not in unseen]
-            self.results["averaged_iterate"] = {"final": summarize_clients(averaged, weight_key="num_test"),
+            results["averaged_iterate"] = {"final": summarize_clients(averaged, weight_key="num_test"),
                                                 **fairness_report(self.spec, averaged)}
-        self.plotted = draw_in_background(self.results, self.output_dir / "results.png")
+        self.plotted = draw_in_background(results, self.output_dir / "results.png")
+        self.results = results  # (last: a run whose done() raised has no results, as before)
 
 
 def draw_in_background(results: dict, path: Path) -> Future:
@@ -702,7 +704,8 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     try:
         results["wall_time_s"] = time.perf_counter() - started
         (output_dir / "results.json").write_text(json.dumps(results, indent=1))
-        session.plotted.result()  # results.png (``draw_in_background``), drawn while the runtime shut down
+        if session.plotted is not None:
+            session.plotted.result()  # results.png (``draw_in_background``), drawn while the runtime shut down
         session.end_logging(results["final"])
     finally:
         session.end_logging({})  # on any error too (a no-op once finished)

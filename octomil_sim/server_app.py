@@ -188,11 +188,11 @@ class SimulationGrid(Grid):
         The training clients go to the nodes ``send_and_receive`` would give them; an evaluated
         client that also trains goes to its training node, so its evaluation reads its state before
         its training writes it, as in two exchanges; the other evaluated clients then fill the nodes
-        with the fewest, or, when the driver serves a node itself (``driver_node``), all go to the
-        message marked for the driver (``_driver_chunk``, ``batching.for_driver``): on Ray an actor's
-        message costs some 4 ms of transport more on 2 cores, while the driver's node, with none,
-        would finish its share first and wait. Which node evaluates a client changes none of its
-        numbers. Returns the evaluation's replies and a function that returns the training's: the
+        with the fewest; when the driver serves a node itself (``driver_node``), the message marked for
+        the driver (``_driver_chunk``, ``batching.for_driver``) first takes up to twice an even share
+        of them (on two nodes, all): on Ray an actor's message costs some 4 ms of transport more on 2
+        cores, while the driver's node, with none, would finish its share first and wait. Which node
+        evaluates a client changes none of its numbers. Returns the evaluation's replies and a function that returns the training's: the
         training's bytes, failures and stragglers are counted only when it is called, so that the
         evaluated round's numbers (``RunSession.after_round``) do not include the next round's."""
         evaluate = sorted(evaluate, key=lambda m: m.metadata.dst_node_id)
@@ -209,16 +209,20 @@ class SimulationGrid(Grid):
             node = on_node.get(m.metadata.dst_node_id)
             (rest.append(m) if node is None else evaluate_chunks[node].append(m))
         here = self._driver_chunk(train_chunks + [[]] * (len(evaluate_chunks) - len(train_chunks)))
+        if here is not None:  # the driver's message first takes up to twice an even share of the rest
+            share = -(-2 * len(rest) // len(evaluate_chunks))
+            evaluate_chunks[here] += rest[:share]
+            rest = rest[share:]
         for m in rest:  # (in client order: the fill is deterministic)
-            (evaluate_chunks[here] if here is not None else min(evaluate_chunks, key=len)).append(m)  # (the first of the emptiest)
+            min(evaluate_chunks, key=len).append(m)  # (the first of the emptiest)
         for chunk in evaluate_chunks:
             chunk.sort(key=lambda m: m.metadata.dst_node_id)
         train_chunks += [[] for _ in range(len(evaluate_chunks) - len(train_chunks))]
         pairs = [(node, e, t, i == here)
                  for i, (node, e, t) in enumerate(zip(self.nodes, evaluate_chunks, train_chunks)) if e or t]
         packed = [Message(content=pack_pair([(m.metadata.dst_node_id, m.content) for m in e],
-                                            [(m.metadata.dst_node_id, m.content) for m in t], driver=here),
-                          message_type=EVALUATE_THEN_TRAIN, dst_node_id=node) for node, e, t, here in pairs]
+                                            [(m.metadata.dst_node_id, m.content) for m in t], driver=marked),
+                          message_type=EVALUATE_THEN_TRAIN, dst_node_id=node) for node, e, t, marked in pairs]
         replies = {r.metadata.reply_to_message_id: r for r in self._exchange(packed, timeout)}
         evaluated, trained = [], []
         for sent, (_, e, t, _) in zip(packed, pairs):
@@ -239,12 +243,11 @@ class SimulationGrid(Grid):
         return self._collect("evaluate", evaluated), training
 
     def _driver_chunk(self, train_chunks: list[list[Message]]) -> int | None:
-        """Which chunk the driver's own node serves (``driver_node``; None without it, or with one
-        chunk alone, which goes there anyway when no actor is free): the one with the most expected
-        training work (``_work_estimate``; the first of them). The others go to Ray's actors, whose
-        messages cost some 4 ms of transport more each on 2 cores, so the heaviest share runs where
-        there is none."""
-        if not self.driver_node or len(train_chunks) < 2:
+        """Which chunk the driver's own node serves (``driver_node``; None without it): the one with the
+        most expected training work (``_work_estimate``; the first of them). The others go to Ray's
+        actors, whose messages cost some 4 ms of transport more each on 2 cores, so the heaviest share
+        runs where there is none (a chunk alone runs there too)."""
+        if not self.driver_node or not train_chunks:
             return None
         work = self._work_estimate()
         loads = [sum(work(m) for m in chunk) for chunk in train_chunks]

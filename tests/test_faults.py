@@ -108,7 +108,7 @@ def test_kill_9_of_the_driver_leaves_no_ray_process_behind(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path):
-    args = [*ARGS, "simulation.rounds=400"]
+    args = [*ARGS, "simulation.rounds=1500"]  # (long enough to be stopped part way: the driver serves the first rounds alone)
     straight = tmp_path / "straight"
     subprocess.run([*args, f"hydra.run.dir={straight}"], check=True, capture_output=True)
     stopped = tmp_path / "stopped"
@@ -125,7 +125,7 @@ def test_interrupted_sweep_resumes_from_its_sweep_dir_and_finished_jobs_are_not_
     """Ctrl-C during a ``-m`` sweep ends the sweep with a hint naming its sweep dir; the same command then
     resumes the stopped job and runs the rest, and once more finds every job finished."""
     sweep = tmp_path / "sweep"
-    args = [*ARGS[:3], "-m", *ARGS[3:], "simulation.seed=0,1", "simulation.rounds=300", "simulation.checkpoint_every=50",
+    args = [*ARGS[:3], "-m", *ARGS[3:], "simulation.seed=0,1", "simulation.rounds=1000", "simulation.checkpoint_every=50",
             f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, training = time.time() + 240, None
@@ -146,7 +146,7 @@ def test_interrupted_sweep_resumes_from_its_sweep_dir_and_finished_jobs_are_not_
     assert "resuming from round" in again.stdout + again.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name[:2] for p in jobs] == ["0_", "1_"] and "seed=1" in jobs[1].name  # named by overrides
-    assert all(len(json.loads((j / "results.json").read_text())["rounds"]) == 300 for j in jobs)
+    assert all(len(json.loads((j / "results.json").read_text())["rounds"]) == 1000 for j in jobs)
     third = subprocess.run(args, capture_output=True, text=True, timeout=300)
     out = third.stdout + third.stderr
     assert third.returncode == 0 and out.count("not run again") == 2 and "Ray:" not in out, out

@@ -115,8 +115,13 @@ def test_evaluate_then_train_places_each_client_with_its_training_and_counts_the
     grid.evaluate_then_train(evaluate, train[:3])
     assert seen == {101: ([], [1]), 102: ([0, 2, 3, 6, 8], [3, 5])} and marked == {101: False, 102: True}
     seen.clear(), marked.clear()
-    grid.evaluate_then_train(evaluate, train[:1])  # one node trains: the evaluation still fills both
+    grid.evaluate_then_train(evaluate, train[:1])  # one node trains: on two nodes its message takes every evaluation
     assert seen == {101: ([0, 2, 3, 6, 8], [1])} and marked == {101: True}  # (an empty message is not sent)
+    seen.clear(), marked.clear()
+    grid.nodes, grid.work = [101, 102, 103], {1: 3.0, 3: 1.0, 5: 1.0}  # three nodes: at most twice an even share
+    grid.evaluate_then_train([message(c, MessageType.EVALUATE) for c in (0, 2, 4, 6, 8, 9)], train[:3])
+    assert seen == {101: ([0, 2, 4, 6], [1]), 102: ([8], [3]), 103: ([9], [5])}
+    assert marked == {101: True, 102: False, 103: False}
 
 
 def test_a_training_that_fails_whole_keeps_the_evaluation_of_its_message():
@@ -494,6 +499,7 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
     driver's node too; errors come back as Flower's ``ClientAppException`` either way."""
     import os
     import threading
+    import time
     import types
 
     import ray
@@ -536,8 +542,9 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
         replies = []
         busy = threading.Thread(target=lambda: replies.append(backend.process_message("slow", context)[0]))
         busy.start()  # holds the one actor for a second
+        deadline = time.monotonic() + 60
         while backend.in_actors == 0:
-            pass
+            assert time.monotonic() < deadline
         assert backend.process_message("c", context)[0] == "c" + here  # no actor free: here
         busy.join(timeout=60)
         assert replies and not replies[0].endswith(here) and backend.in_actors == 0
@@ -593,9 +600,12 @@ def test_the_driver_node_serves_the_messages_while_its_early_actor_still_prepare
         while not backend.actors_ready():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        with backend.local_busy:
-            reply, _ = backend.process_message("c", context)
-        assert int(reply.split(" in ")[1]) != os.getpid()  # the ready actor serves again
+        replies.clear()
+        with backend.local_busy:  # (in a thread: a message that waited for the driver's node would hang here)
+            sent = threading.Thread(target=lambda: replies.append(backend.process_message("c", context)[0]), daemon=True)
+            sent.start()
+            sent.join(timeout=60)
+        assert replies and int(replies[0].split(" in ")[1]) != os.getpid()  # the ready actor serves again
         backend.terminate()
     finally:
         ray.shutdown()

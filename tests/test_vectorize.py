@@ -161,11 +161,12 @@ def test_a_cohorts_reused_models_give_the_replies_of_fresh_copies(make_spec, tmp
 
     monkeypatch.setattr(cohort, "CHOOSE_BY_COST", choose_by_cost)
 
-    def run(reuse: bool):
+    def run(reuse: bool, kept: int = 5):
         monkeypatch.setattr(FedAvgClient, "reuses_model", reuse)
-        runtime = _runtime(make_spec, tmp_path / str(reuse), True, "strategy=fedavg")
+        runtime = _runtime(make_spec, tmp_path / f"{reuse}-{kept}", True, "strategy=fedavg")
         model_bytes = sum(p.numel() * p.element_size() for p in runtime.template.parameters())
         monkeypatch.setattr(client_app, "COHORT_BYTES", 3 * model_bytes * 5)  # five clients a cohort
+        monkeypatch.setattr(client_app, "REUSED_BYTES", kept * model_bytes)  # beyond: fresh copies
         first = _replies(runtime, rounds=1)
         models = list(runtime._reused)
         later = _replies(runtime, rounds=2, seed=1)
@@ -174,8 +175,10 @@ def test_a_cohorts_reused_models_give_the_replies_of_fresh_copies(make_spec, tmp
 
     reused, slots = run(True)
     copied, none = run(False)
-    assert slots == 5 and none == 0
+    capped, kept = run(True, kept=2)
+    assert slots == 5 and none == 0 and kept == 2
     _assert_same(reused, copied, exact=True)
+    _assert_same(capped, copied, exact=True)
 
 
 @pytest.mark.slow
