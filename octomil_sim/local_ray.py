@@ -276,7 +276,7 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
     """Flower's Ray backend builds its client actors inside this block from ``octomil_sim.ray_actor``
     (the same actor, without importing ``flwr.simulation`` in every actor), taking the ``early``
     ones first (``early_client_actors``), and sends them its ClientApp loader pickled once
-    (``PickledOnce``; see that module), each message and reply pickled to bytes (``submit_pickled``).
+    (``PickledOnce``; see that module), each small message and reply pickled to bytes (``submit_pickled``).
     Its pool holds ``spare`` actors fewer than Ray's resources
     fit, but at least one (``driver_node_backend``: the driver serves one node). Early actors its
     pool did not take end once it is built (or with the block). The pool's ``actors_ready`` says
@@ -284,7 +284,7 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    from octomil_sim.ray_actor import ClientAppActor, PickledOnce, fetch_pickled, pickled, submit_pickled
+    from octomil_sim.ray_actor import ClientAppActor, PickledOnce, fetch_pickled, submit_pickled
 
     prepared = list(getattr(early, "prepared", None) or [None] * len(early or []))
     early = list(early or [])
@@ -304,11 +304,10 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             self.num_actors += len(taken)
             super().add_actors_to_pool(num_actors - len(taken))
 
-        def submit(self, actor_fn, job):  # Flower's, with the message pickled (ray_actor.submit_pickled)
-            client_app_fn, *message = job
-            payload = pickled(*message)  # (before an actor leaves the pool: a message that fails to pickle keeps it)
+        def submit(self, actor_fn, job):  # Flower's, a small message pickled (ray_actor.submit_pickled)
+            send = submit_pickled(*job)  # (pickled before an actor leaves the pool: one that fails keeps it)
             actor = self.pool.pop()
-            future = submit_pickled(actor, client_app_fn, payload)
+            future = send(actor)
             self._future_to_actor[future] = actor
             return future
 

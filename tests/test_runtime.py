@@ -611,6 +611,39 @@ def test_the_driver_node_serves_the_messages_while_its_early_actor_still_prepare
         ray.shutdown()
 
 
+def test_small_messages_travel_to_an_actor_pickled_and_large_ones_as_objects(task_identity):
+    """``ray_actor.submit_pickled``: a message whose arrays hold fewer than ``PICKLED_BYTES`` goes to the
+    actor's ``run_pickled`` as bytes and its small reply comes back as bytes; a larger one goes to
+    ``run`` as objects and comes back as Ray serialised it. ``fetch_pickled`` reads both the same way."""
+    import ray
+    from flwr.app import Array, Message, RecordDict
+
+    from octomil_sim.local_ray import lean_head_node
+    from octomil_sim.ray_actor import ClientAppActor, fetch_pickled, submit_pickled
+
+    class Echo:  # pickled by value into the actor: replies with the content it got
+        def __call__(self, message, context):
+            return Message(message.content, reply_to=message)
+
+    def message(size: int) -> Message:
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(size, dtype=np.float32))})}),
+                       dst_node_id=1, message_type="train", group_id="1")
+
+    with lean_head_node():
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        actor = ClientAppActor.remote()
+        for size, travels in ((100, bytes), (100_000, tuple)):
+            sent = message(size)
+            future = submit_pickled(lambda: Echo(), sent, "7", "the context")(actor)
+            assert isinstance(ray.get(future, timeout=120), travels)
+            cid, reply, context = fetch_pickled(future)
+            assert (cid, context) == ("7", "the context")
+            assert reply.content["arrays"]["w"].data == sent.content["arrays"]["w"].data
+    finally:
+        ray.shutdown()
+
+
 def test_pickled_once_pickles_its_loader_once_and_unpickles_it_once_per_process():
     import pickle
 
