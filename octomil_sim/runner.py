@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -150,7 +150,6 @@ class RunSession(Session):
         self._row_texts: list[str] = []  # each row's JSON, made once (checkpoints write them all: ``RawJSON``)
         self._counted = {"failed_clients": 0, "stragglers": 0}  # the rows' sums so far
         self.results: dict | None = None
-        self.plotted: Future | None = None  # results.png being drawn (``draw_in_background``), once done
         self.checkpointed = saved["round"] if saved else 0  # the round of the newest checkpoint
         self.stopped_after: int | None = None  # set when a signal stopped the run
         self.error: Exception | None = None  # set when the run could not go on (``failed``)
@@ -280,24 +279,7 @@ class RunSession(Session):
             averaged = [c for c in client_table(averaged_rows) if c["partition_id"] not in unseen]
             results["averaged_iterate"] = {"final": summarize_clients(averaged, weight_key="num_test"),
                                                 **fairness_report(self.spec, averaged)}
-        self.plotted = draw_in_background(results, self.output_dir / "results.png")
-        self.results = results  # (last: a run whose done() raised has no results, as before)
-
-
-def draw_in_background(results: dict, path: Path) -> Future:
-    """``plots.plot_run`` in a thread of its own, started once the results are in: matplotlib's import
-    and the drawing (0.4 and 0.2 s on 2 cores) then overlap Flower's and Ray's shutdown (about 0.4 s
-    on Ray) instead of following it. ``_run`` waits for it, and its error, before it returns."""
-    def draw() -> Path:
-        from octomil_sim.plots import plot_run  # matplotlib: 25-30 MB, only once the run is over
-
-        return plot_run(results, path)
-
-    drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="results-plot")
-    try:
-        return drawing.submit(draw)
-    finally:
-        drawing.shutdown(wait=False)
+        self.results = results
 
 
 def client_table(rows: list[dict]) -> list[dict]:
@@ -704,8 +686,9 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     try:
         results["wall_time_s"] = time.perf_counter() - started
         (output_dir / "results.json").write_text(json.dumps(results, indent=1))
-        if session.plotted is not None:
-            session.plotted.result()  # results.png (``draw_in_background``), drawn while the runtime shut down
+        from octomil_sim.plots import plot_run  # matplotlib: 25-30 MB, only once the run is over and Ray is gone
+
+        plot_run(results, output_dir / "results.png")
         session.end_logging(results["final"])
     finally:
         session.end_logging({})  # on any error too (a no-op once finished)
