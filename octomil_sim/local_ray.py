@@ -191,6 +191,8 @@ def driver_node_backend(backend_config: dict) -> Callable:
         def build(self, app_fn) -> None:
             super().build(app_fn)
             self.local.build(app_fn)
+            if hasattr(self.pool, "drop_dead"):  # an actor that dies (a client's segfault) leaves the pool:
+                self.pool.drop_dead = True      # the driver's node serves its share from then on
 
         @property
         def num_workers(self) -> int:
@@ -295,6 +297,8 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             super().__init__(*args, **kwargs)
             self.actors_capacity = max(1, self.actors_capacity - spare)
             self.preparing: list = []  # the ``prepare`` results of the early actors taken, until all are in
+            self.drop_dead = False  # set by ``driver_node_backend``: a dead actor leaves the pool
+            self.dead: set = set()  # futures whose actor died
 
         def add_actors_to_pool(self, num_actors: int) -> None:
             taken = early[:num_actors]
@@ -312,9 +316,22 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             return future
 
         def fetch_result_and_return_actor_to_pool(self, future):  # Flower's, for a pickled reply
-            _, reply, context = fetch_pickled(future)
+            try:
+                _, reply, context = fetch_pickled(future)
+            except ray.exceptions.RayActorError:
+                if self.drop_dead:  # it goes back no more (Flower's handler then returns it: see below)
+                    self.dead.add(future)
+                raise
             self.add_actor_back_to_pool(future)
             return reply, context
+
+        def add_actor_back_to_pool(self, future) -> None:
+            if future in self.dead:  # a dead actor leaves the pool; its messages' clients failed once
+                self.dead.discard(future)
+                self._future_to_actor.pop(future, None)
+                self.num_actors -= 1
+                return
+            super().add_actor_back_to_pool(future)
 
         def actors_ready(self) -> bool:
             """Whether every early actor taken has prepared the app (its ``prepare`` returned, with an
