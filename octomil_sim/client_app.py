@@ -245,15 +245,13 @@ class ClientRuntime:
         where the algorithm allows it (``ClientAlgorithm.reuses_model``), into one of the models this
         runtime reuses client after client (a deep copy costs more than a small client's update):
         ``slot`` k is the k-th client of a cohort (``train_clients``: a cohort's models live together;
-        each is reused once its client's reply is encoded), 0 the client trained or evaluated alone;
-        the models kept hold at most ``REUSED_BYTES`` of parameters, later slots get a fresh copy.
+        each is reused once its client's reply is encoded; ``train_clients`` keeps them within
+        ``REUSED_BYTES``), 0 the client trained or evaluated alone.
         ``read_only``: the caller only evaluates it, so the next such caller with the same record
         (the clients of one evaluation message share it) gets it without loading it again."""
         if reuse and type(self.algorithm).__dict__.get("reuses_model", False) \
                 and type(self.algorithm).load is ClientAlgorithm.load \
                 and self.private is None:  # DP-SGD's training hooks the model
-            if slot and (slot + 1) * sum(p.numel() * p.element_size() for p in self.template.parameters()) > REUSED_BYTES:
-                return self.algorithm.load(copy.deepcopy(self.template), arrays, task)  # (beyond what is kept)
             while len(self._reused) <= slot:
                 self._reused.append(copy.deepcopy(self.template))
             model = self._reused[slot]
@@ -328,11 +326,13 @@ class ClientRuntime:
         items = sorted(contents.items())
         model_bytes = sum(p.numel() * p.element_size() for p in self.template.parameters())
         size = min(COHORT_CLIENTS, max(2, COHORT_BYTES // max(1, 3 * model_bytes)))  # weights, gradients, starts
+        kept = max(1, REUSED_BYTES // max(1, model_bytes))  # the first ``kept`` of a cohort load into kept models
         done, failed = [], []
         for start in range(0, len(items), size):
             prepared = []
             for slot, (pid, content) in enumerate(items[start:start + size]):
-                guarded(pid, lambda: prepared.append((pid, *self.prepare_train(pid, content, True, slot))), [], failed)
+                guarded(pid, lambda: prepared.append((pid, *self.prepare_train(pid, content, slot < kept, slot))),
+                        [], failed)
             pids, tasks, models = zip(*prepared) if prepared else ((), (), ())
             try:
                 results = self.algorithm.train_cohort(list(models), list(tasks)) if len(prepared) > 1 else None

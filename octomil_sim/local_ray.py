@@ -298,7 +298,6 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             self.actors_capacity = max(1, self.actors_capacity - spare)
             self.preparing: list = []  # the ``prepare`` results of the early actors taken, until all are in
             self.drop_dead = False  # set by ``driver_node_backend``: a dead actor leaves the pool
-            self.dead: set = set()  # futures whose actor died
 
         def add_actors_to_pool(self, num_actors: int) -> None:
             taken = early[:num_actors]
@@ -319,19 +318,17 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             try:
                 _, reply, context = fetch_pickled(future)
             except ray.exceptions.RayActorError:
-                if self.drop_dead:  # it goes back no more (Flower's handler then returns it: see below)
-                    self.dead.add(future)
+                if self.drop_dead:  # a dead actor leaves the pool; its message's clients failed once
+                    del self._future_to_actor[future]
+                    self.num_actors -= 1
                 raise
             self.add_actor_back_to_pool(future)
             return reply, context
 
-        def add_actor_back_to_pool(self, future) -> None:
-            if future in self.dead:  # a dead actor leaves the pool; its messages' clients failed once
-                self.dead.discard(future)
-                self._future_to_actor.pop(future, None)
-                self.num_actors -= 1
-                return
-            super().add_actor_back_to_pool(future)
+        def add_actor_back_to_pool(self, future) -> None:  # (Flower's handler of the error calls it too)
+            actor = self._future_to_actor.pop(future, None)
+            if actor is not None:  # (None: it died, and left the pool above)
+                self.pool.append(actor)
 
         def actors_ready(self) -> bool:
             """Whether every early actor taken has prepared the app (its ``prepare`` returned, with an

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib.figure import Figure  # (no pyplot: no global figure state, so a thread may draw; a lighter import)
+from matplotlib.figure import Figure  # (no pyplot: no global figure state, and a lighter import)
 
 
 def plot_run(results: dict, path: Path) -> Path:

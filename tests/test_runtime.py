@@ -548,8 +548,16 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
         assert backend.process_message("c", context)[0] == "c" + here  # no actor free: here
         busy.join(timeout=60)
         assert replies and not replies[0].endswith(here) and backend.in_actors == 0
-        ray.kill(backend.pool.pool[0])  # the actor dies (a client's segfault): its message fails, and then
-        with pytest.raises(ray.exceptions.RayActorError):  # the driver's node serves what it would have
+        actor = backend.pool.pool[0]
+        ray.kill(actor)  # the actor dies (a client's segfault); ray.kill returns before it is dead:
+        deadline = time.monotonic() + 60  # a direct call tells when it is
+        while True:
+            try:
+                ray.get(actor.run.remote(lambda: App(), "ping", "0", context), timeout=60)
+            except ray.exceptions.RayActorError:
+                break
+            assert time.monotonic() < deadline
+        with pytest.raises(ray.exceptions.RayActorError):  # its message fails, then the driver's node serves
             backend.process_message("d", context)
         assert backend.pool.num_actors == 0 and backend.pool.pool == []
         assert backend.process_message("e", context)[0] == "e" + here
