@@ -278,15 +278,18 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
     """Flower's Ray backend builds its client actors inside this block from ``octomil_sim.ray_actor``
     (the same actor, without importing ``flwr.simulation`` in every actor), taking the ``early``
     ones first (``early_client_actors``), and sends them its ClientApp loader pickled once
-    (``PickledOnce``; see that module), each small message and reply pickled to bytes (``submit_pickled``).
-    Its pool holds ``spare`` actors fewer than Ray's resources
+    (``PickledOnce``; see that module), each small message and reply pickled to bytes (``submit_pickled``),
+    through the actor's channel once it has opened one (``ClientAppActor.listen``, asked of every actor
+    the pool holds once it is built; only an actor on this machine's Ray node is connected), else as
+    Ray's task. An actor that fails a message as dead (Ray's ``RayActorError``, or its channel closing)
+    has its channel closed. Its pool holds ``spare`` actors fewer than Ray's resources
     fit, but at least one (``driver_node_backend``: the driver serves one node). Early actors its
     pool did not take end once it is built (or with the block). The pool's ``actors_ready`` says
     whether the early actors it took have prepared the app (``driver_node_backend`` reads it)."""
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    from octomil_sim.ray_actor import ClientAppActor, PickledOnce, fetch_pickled, submit_pickled
+    from octomil_sim.ray_actor import ClientAppActor, PickledOnce, connect, fetch_pickled, submit_pickled
 
     prepared = list(getattr(early, "prepared", None) or [None] * len(early or []))
     early = list(early or [])
@@ -298,6 +301,8 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             self.actors_capacity = max(1, self.actors_capacity - spare)
             self.preparing: list = []  # the ``prepare`` results of the early actors taken, until all are in
             self.drop_dead = False  # set by ``driver_node_backend``: a dead actor leaves the pool
+            self.listening: dict = {}  # actor -> its ``listen`` result, until its channel is connected
+            self.channels: dict = {}  # actor -> the driver's end of its channel (``ray_actor.connect``)
 
         def add_actors_to_pool(self, num_actors: int) -> None:
             taken = early[:num_actors]
@@ -307,10 +312,49 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             self.num_actors += len(taken)
             super().add_actors_to_pool(num_actors - len(taken))
 
+        def listen(self, app_fn) -> None:
+            """Ask each actor of the pool to open its channel (``ClientAppActor.listen``; after its
+            ``prepare``: an actor runs its tasks in order); ``channel`` connects once it has."""
+            for actor in self.pool:
+                self.listening.setdefault(actor, actor.listen.remote(app_fn))
+
+        def channel(self, actor):
+            """``actor``'s channel, connected as soon as its ``listen`` has returned; None until then, and
+            for an actor on another machine (its messages then go as Ray's tasks)."""
+            ref = self.listening.get(actor)
+            if ref is not None and ray.wait([ref], timeout=0)[0]:
+                del self.listening[actor]
+                try:
+                    listening = ray.get(ref)
+                except ray.exceptions.RayError:  # (a dead actor: its next Ray task says so)
+                    listening = None
+                if (conn := connect(listening)) is not None:
+                    self.channels[actor] = conn
+            return self.channels.get(actor)
+
+        def forget(self, actor, alive: bool) -> None:
+            """``actor`` failed a message as dead (Ray's ``RayActorError``; its channel closed): its channel
+            is closed, and with ``drop_dead`` it leaves the pool (killed, should only its channel have
+            died); otherwise, if it is not in the pool (``alive``: Flower's handler puts it back), it goes
+            back, and Ray's tasks carry its messages, as Flower's pool does."""
+            conn = self.channels.pop(actor, None)
+            self.listening.pop(actor, None)
+            if conn is not None:
+                conn.close()
+            if self.drop_dead:
+                self.num_actors -= 1
+                ray.kill(actor)
+            elif not alive:
+                self.pool.append(actor)
+
         def submit(self, actor_fn, job):  # Flower's, a small message pickled (ray_actor.submit_pickled)
             send = submit_pickled(*job)  # (pickled before an actor leaves the pool: one that fails keeps it)
             actor = self.pool.pop()
-            future = send(actor)
+            try:
+                future = send(actor, self.channel(actor))
+            except ray.exceptions.RayActorError:  # its channel closed as the message went
+                self.forget(actor, alive=False)
+                raise
             self._future_to_actor[future] = actor
             return future
 
@@ -319,8 +363,9 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
                 _, reply, context = fetch_pickled(future)
             except ray.exceptions.RayActorError:
                 if self.drop_dead:  # a dead actor leaves the pool; its message's clients failed once
-                    del self._future_to_actor[future]
-                    self.num_actors -= 1
+                    self.forget(self._future_to_actor.pop(future), alive=True)
+                elif future in self._future_to_actor:
+                    self.forget(self._future_to_actor[future], alive=True)
                 raise
             self.add_actor_back_to_pool(future)
             return reply, context
@@ -329,6 +374,12 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             actor = self._future_to_actor.pop(future, None)
             if actor is not None:  # (None: it died, and left the pool above)
                 self.pool.append(actor)
+
+        def terminate_all_actors(self) -> None:
+            for conn in self.channels.values():  # (an actor's channel thread ends with its connection)
+                conn.close()
+            self.channels.clear()
+            super().terminate_all_actors()
 
         def actors_ready(self) -> bool:
             """Whether every early actor taken has prepared the app (its ``prepare`` returned, with an
@@ -340,9 +391,11 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             return not preparing
 
     def build(self, app_fn) -> None:
-        flower_build(self, PickledOnce(app_fn))
+        loader = PickledOnce(app_fn)
+        flower_build(self, loader)
         while early:  # more than the pool took (a cluster that shrank since): their resources go back now
             ray.kill(early.pop())
+        self.pool.listen(loader)
 
     raybackend.ClientAppActor, raybackend.RayBackend.build, raybackend.BasicActorPool = ClientAppActor, build, Pool
     try:

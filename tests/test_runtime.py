@@ -498,6 +498,7 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
     driver's process even with the actor free; another goes to the actor while it is free, else to the
     driver's node too; errors come back as Flower's ``ClientAppException`` either way."""
     import os
+    import signal
     import threading
     import time
     import types
@@ -530,6 +531,9 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
             backend = driver_node_backend({"client_resources": {"num_cpus": 1}})()
             backend.build(lambda: App())
         assert backend.pool.num_actors == 1 and backend.num_workers == 2 and backend.is_worker_idle()
+        deadline = time.monotonic() + 60  # the actor's channel (``ClientAppActor.listen``) carries its messages
+        while backend.pool.channel(backend.pool.pool[0]) is None:
+            assert time.monotonic() < deadline
         context = types.SimpleNamespace(node_config={"partition-id": 0})
         here = f" in {os.getpid()}"
         assert backend.process_message(marked("a"), context) == ("a" + here, context)  # marked: here
@@ -549,8 +553,8 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
         busy.join(timeout=60)
         assert replies and not replies[0].endswith(here) and backend.in_actors == 0
         actor = backend.pool.pool[0]
-        ray.kill(actor)  # the actor dies (a client's segfault); ray.kill returns before it is dead:
-        deadline = time.monotonic() + 60  # a direct call tells when it is
+        os.kill(int(reply.split()[-1]), signal.SIGKILL)  # the actor's process dies (a client's segfault);
+        deadline = time.monotonic() + 60  # a direct call tells when Ray knows it
         while True:
             try:
                 ray.get(actor.run.remote(lambda: App(), "ping", "0", context), timeout=60)
@@ -561,6 +565,50 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
             backend.process_message("d", context)
         assert backend.pool.num_actors == 0 and backend.pool.pool == []
         assert backend.process_message("e", context)[0] == "e" + here
+        backend.terminate()
+    finally:
+        ray.shutdown()
+
+
+def test_without_the_driver_node_an_actor_whose_channel_died_stays_in_flowers_pool():
+    """``lean_client_actors`` without the driver's node (Flower's own Ray backend): a message goes
+    through the actor's channel; when the actor's process dies, its message fails with Ray's
+    ``RayActorError``, its channel is closed and the actor stays in the pool, as Flower's pool keeps
+    it: the next message goes as Ray's task, and fails as Flower's would."""
+    import os
+    import signal
+    import time
+    import types
+
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from octomil_sim.local_ray import lean_client_actors, lean_head_node
+
+    class App:  # pickled by value into the actor
+        def __call__(self, message, context):
+            return os.getpid()
+
+    with lean_head_node():
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        with lean_client_actors([]):
+            backend = RayBackend({"client_resources": {"num_cpus": 1}})
+            backend.build(lambda: App())
+        pool, context = backend.pool, types.SimpleNamespace(node_config={"partition-id": 0})
+        actor = pool.pool[0]
+        deadline = time.monotonic() + 60
+        while pool.channel(actor) is None:
+            assert time.monotonic() < deadline
+        pid, _ = backend.process_message("a", context)
+        assert pid != os.getpid()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayActorError):
+            backend.process_message("b", context)
+        assert pool.channels == {} and pool.pool == [actor] and pool.num_actors == 1
+        with pytest.raises(ray.exceptions.RayActorError):
+            backend.process_message("c", context)
+        assert pool.pool == [actor]
         backend.terminate()
     finally:
         ray.shutdown()
@@ -653,6 +701,61 @@ def test_small_messages_travel_to_an_actor_pickled_and_large_ones_as_objects(tas
             cid, reply, context = fetch_pickled(future)
             assert (cid, context) == ("7", "the context")
             assert reply.content["arrays"]["w"].data == sent.content["arrays"]["w"].data
+    finally:
+        ray.shutdown()
+
+
+def test_an_actor_on_this_machine_answers_small_messages_through_its_channel(task_identity):
+    """``ClientAppActor.listen`` and ``ray_actor.connect``: a small message goes through the actor's
+    channel (a ``ChannelCall``, not a Ray task) and comes back with the app's reply from the actor's
+    process; a large one still goes as Ray's task; an app's error comes back as ``ClientAppException``;
+    the channel takes one connection, and only from this machine's Ray node; an actor whose process
+    dies fails its message with Ray's ``ActorDiedError``."""
+    import os
+    import signal
+
+    import ray
+    from flwr.app import Array, Message, RecordDict
+    from flwr.clientapp.client_app import ClientAppException
+
+    from octomil_sim.local_ray import lean_head_node
+    from octomil_sim.ray_actor import ChannelCall, ClientAppActor, connect, fetch_pickled, submit_pickled
+
+    class Echo:  # pickled by value into the actor: replies with the content it got, and where it ran
+        def __call__(self, message, context):
+            if message.content["arrays"]["w"].numpy()[0] < 0:
+                raise ValueError("a negative weight")
+            return Message(message.content, reply_to=message), os.getpid()
+
+    def message(size: int, value: float = 1.0) -> Message:
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(size, value, dtype=np.float32))})}),
+                       dst_node_id=1, message_type="train", group_id="1")
+
+    with lean_head_node():
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        actor = ClientAppActor.remote()
+        listening = ray.get(actor.listen.remote(lambda: Echo()), timeout=120)
+        node, _, key = listening
+        assert node == ray.get_runtime_context().get_node_id()
+        assert connect(("another node", *listening[1:])) is None
+        channel = connect(listening)
+        assert channel is not None
+        assert connect(listening) is None  # one connection: a second is refused
+        sent = message(100)
+        future = submit_pickled(lambda: Echo(), sent, "7", "the context")(actor, channel)
+        assert isinstance(future, ChannelCall)
+        cid, (reply, pid), context = fetch_pickled(future)
+        assert (cid, context) == ("7", "the context") and pid != os.getpid()
+        assert reply.content["arrays"]["w"].data == sent.content["arrays"]["w"].data
+        large = submit_pickled(lambda: Echo(), message(100_000), "8", "the context")(actor, channel)
+        assert isinstance(large, ray.ObjectRef) and fetch_pickled(large)[1][1] == pid
+        with pytest.raises(ClientAppException, match="a negative weight"):
+            fetch_pickled(submit_pickled(lambda: Echo(), message(100, -1.0), "7", "c")(actor, channel))
+        assert fetch_pickled(submit_pickled(lambda: Echo(), sent, "9", "c")(actor, channel))[0] == "9"  # still serves
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ray.exceptions.ActorDiedError):
+            fetch_pickled(submit_pickled(lambda: Echo(), sent, "7", "c")(actor, channel))
     finally:
         ray.shutdown()
 
