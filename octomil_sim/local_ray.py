@@ -177,7 +177,6 @@ def driver_node_backend(backend_config: dict) -> Callable:
     the other threads only wait for Ray."""
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    from octomil_sim.batching import for_driver
     from octomil_sim.local_backend import LocalBackend
 
     class DriverNodeBackend(RayBackend):
@@ -218,12 +217,7 @@ def driver_node_backend(backend_config: dict) -> Callable:
                     finally:
                         self.local_busy.release()
 
-        @staticmethod
-        def marked(message) -> bool:
-            try:
-                return for_driver(message.content)
-            except (AttributeError, ValueError):  # (no content: Flower's Message raises ValueError)
-                return False
+        marked = staticmethod(marked)
 
         def reserve_actor(self) -> bool:
             """Take one of the pool's actors for a message, if one is free."""
@@ -244,6 +238,16 @@ def driver_node_backend(backend_config: dict) -> Callable:
                 self.local.terminate()
 
     return lambda: DriverNodeBackend(backend_config)
+
+
+def marked(message) -> bool:
+    """Whether a Flower message is the one marked for the driver's own node (``batching.for_driver``)."""
+    from octomil_sim.batching import for_driver
+
+    try:
+        return for_driver(message.content)
+    except (AttributeError, ValueError):  # (no content: Flower's Message raises ValueError)
+        return False
 
 
 def early_client_actors(backend, client_app, spare: int = 0) -> list:

@@ -13,7 +13,9 @@ grid's push sets ``PUSHED``, on which the scan waits (it still rescans every ``s
 for its stop event, or after four times its own duration when scanning many nodes is slow, so it
 never takes more than a fifth of a core); the thread that stores replies sets ``REPLIED`` after each,
 on which ``SimulationGrid`` waits instead of sleeping between pulls; the queue reads check the stop
-event every ``stop_check`` seconds. Nothing else changes: the same threads, queues, LinkState and
+event every ``stop_check`` seconds. A scan queues the message marked for the driver's own node
+(``local_ray.marked``) after the others: an actor's message is sent before the driver's node starts
+training and holds the GIL. Nothing else changes: the same threads, queues, LinkState and
 backend. Waiting on an event instead of waking every few milliseconds matters most when the clients
 run in the driver's process (``simulation.backend=local``): each wake-up of a polling thread takes
 the GIL from the thread that trains.
@@ -42,6 +44,8 @@ def prompt_simulation_runtime(stop_check: float = 0.05) -> Iterator[None]:
     # quiets those loggers (``runner._runtime_environment``) only when a run starts
     from flwr.server.superlink.fleet.vce import vce_api
 
+    from octomil_sim.local_ray import marked as for_driver
+
     class StopCheckingQueue(queue.Queue):
         """A queue whose timed reads wait at most ``stop_check``: the callers loop and re-check their stop event."""
 
@@ -53,9 +57,12 @@ def prompt_simulation_runtime(stop_check: float = 0.05) -> Iterator[None]:
         while not f_stop.is_set():
             PUSHED.clear()
             started = time.perf_counter()
+            held = []  # the message the driver's own node serves goes last (``for_driver``)
             for node_id in nodes_mapping.keys():
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    messages.put(msg)
+                    (held.append(msg) if for_driver(msg) else messages.put(msg))
+            for msg in held:
+                messages.put(msg)
             pause = 4 * (time.perf_counter() - started)
             if pause > 0.001:  # a slow scan (many nodes): never more than a fifth of a core
                 f_stop.wait(pause)
