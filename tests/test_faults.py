@@ -40,7 +40,7 @@ def interrupt_after(args: list[str], run_dir: Path, signum: int) -> tuple[int, s
     tree: dict[int, str] = {}
     while time.time() < deadline and proc.poll() is None:
         tree.update(descendants(proc.pid))
-        busy = any(_cmdline(pid).startswith(b"ray::ClientAppActor") for pid in tree)
+        busy = any(_cmdline(pid).startswith(b"ray::ClientAppActor.run") for pid in tree)
         training = training or (time.time() if busy else None)
         if training and time.time() - training > 2:  # a few rounds in
             break
@@ -130,7 +130,7 @@ def test_interrupted_sweep_resumes_from_its_sweep_dir_and_finished_jobs_are_not_
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, training = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None:
-        busy = any(_cmdline(pid).startswith(b"ray::ClientAppActor") for pid in descendants(proc.pid))
+        busy = any(_cmdline(pid).startswith(b"ray::ClientAppActor.run") for pid in descendants(proc.pid))
         training = training or (time.time() if busy else None)
         if training and time.time() - training > 2:
             break
@@ -241,7 +241,7 @@ def test_a_killed_client_actor_fails_its_clients_for_that_round_and_the_run_goes
     while actor is None and time.time() < deadline and proc.poll() is None:
         for pid in descendants(proc.pid):
             try:
-                if (Path(f"/proc/{pid}/cmdline").read_bytes()).startswith(b"ray::ClientAppActor"):
+                if (Path(f"/proc/{pid}/cmdline").read_bytes()).startswith(b"ray::ClientAppActor.run"):
                     actor = pid
                     break
             except OSError:
