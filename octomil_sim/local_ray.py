@@ -39,12 +39,13 @@ Two imports Ray makes in the processes of a simulation that never use them are l
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["driver_node_backend", "early_client_actors", "lean_client_actors", "lean_head_node",
+__all__ = ["driver_node_backend", "early_client_actors", "lean_client_actors", "lean_head_node", "marked",
            "skip_unused_serializers"]
 
 #: how long a message waiting for the driver's node waits before it looks for a free actor again
@@ -174,7 +175,7 @@ def driver_node_backend(backend_config: dict) -> Callable:
     numbers: the ClientApp is the same, and a client's state lives in the store, its randomness in
     its seeds (the local backend gives the Ray run's numbers, ``tests/test_local_backend.py``).
     While the driver's node trains, its worker thread holds the GIL except inside torch's kernels;
-    the other threads only wait for Ray."""
+    the other threads only wait for Ray or an actor's channel (``ClientAppActor.listen``)."""
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
     from octomil_sim.local_backend import LocalBackend
@@ -317,10 +318,12 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             super().add_actors_to_pool(num_actors - len(taken))
 
         def listen(self, app_fn) -> None:
-            """Ask each actor of the pool to open its channel (``ClientAppActor.listen``; after its
-            ``prepare``: an actor runs its tasks in order); ``channel`` connects once it has."""
+            """Ask each actor of the pool to open its channel to this process (``ClientAppActor.listen``;
+            after its ``prepare``: an actor runs its tasks in order); ``channel`` connects once it has.
+            (Actors that join the pool later, none in Flower 1.42's backend, would go without one.)"""
+            driver = ray.get_runtime_context().get_node_id(), os.getpid()
             for actor in self.pool:
-                self.listening.setdefault(actor, actor.listen.remote(app_fn))
+                self.listening.setdefault(actor, actor.listen.remote(app_fn, driver))
 
         def channel(self, actor):
             """``actor``'s channel, connected as soon as its ``listen`` has returned; None until then, and
@@ -329,18 +332,19 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             if ref is not None and ray.wait([ref], timeout=0)[0]:
                 del self.listening[actor]
                 try:
-                    listening = ray.get(ref)
+                    address = ray.get(ref)
                 except ray.exceptions.RayError:  # (a dead actor: its next Ray task says so)
-                    listening = None
-                if (conn := connect(listening)) is not None:
+                    address = None
+                if (conn := connect(address)) is not None:
                     self.channels[actor] = conn
             return self.channels.get(actor)
 
-        def forget(self, actor, alive: bool) -> None:
+        def forget(self, actor, put_back: bool) -> None:
             """``actor`` failed a message as dead (Ray's ``RayActorError``; its channel closed): its channel
             is closed, and with ``drop_dead`` it leaves the pool (killed, should only its channel have
-            died); otherwise, if it is not in the pool (``alive``: Flower's handler puts it back), it goes
-            back, and Ray's tasks carry its messages, as Flower's pool does."""
+            died); otherwise it stays, and Ray's tasks carry its messages, as in Flower's pool: it goes
+            back to the pool here if ``put_back`` (Flower's handler puts back an actor whose future the
+            pool still holds)."""
             conn = self.channels.pop(actor, None)
             self.listening.pop(actor, None)
             if conn is not None:
@@ -348,16 +352,17 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
             if self.drop_dead:
                 self.num_actors -= 1
                 ray.kill(actor)
-            elif not alive:
+            elif put_back:
                 self.pool.append(actor)
 
         def submit(self, actor_fn, job):  # Flower's, a small message pickled (ray_actor.submit_pickled)
-            send = submit_pickled(*job)  # (pickled before an actor leaves the pool: one that fails keeps it)
+            send = submit_pickled(*job)  # (pickled, and the channel found, before an actor leaves the
+            channel = self.channel(self.pool[-1])  # pool: an error there keeps it in)
             actor = self.pool.pop()
             try:
-                future = send(actor, self.channel(actor))
+                future = send(actor, channel)
             except ray.exceptions.RayActorError:  # its channel closed as the message went
-                self.forget(actor, alive=False)
+                self.forget(actor, put_back=True)
                 raise
             self._future_to_actor[future] = actor
             return future
@@ -367,9 +372,9 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
                 _, reply, context = fetch_pickled(future)
             except ray.exceptions.RayActorError:
                 if self.drop_dead:  # a dead actor leaves the pool; its message's clients failed once
-                    self.forget(self._future_to_actor.pop(future), alive=True)
+                    self.forget(self._future_to_actor.pop(future), put_back=False)
                 elif future in self._future_to_actor:
-                    self.forget(self._future_to_actor[future], alive=True)
+                    self.forget(self._future_to_actor[future], put_back=False)
                 raise
             self.add_actor_back_to_pool(future)
             return reply, context

@@ -44,7 +44,7 @@ def prompt_simulation_runtime(stop_check: float = 0.05) -> Iterator[None]:
     # quiets those loggers (``runner._runtime_environment``) only when a run starts
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from octomil_sim.local_ray import marked as for_driver
+    from octomil_sim.local_ray import marked
 
     class StopCheckingQueue(queue.Queue):
         """A queue whose timed reads wait at most ``stop_check``: the callers loop and re-check their stop event."""
@@ -57,10 +57,13 @@ def prompt_simulation_runtime(stop_check: float = 0.05) -> Iterator[None]:
         while not f_stop.is_set():
             PUSHED.clear()
             started = time.perf_counter()
-            held = []  # the message the driver's own node serves goes last (``for_driver``)
+            held = []  # the message the driver's own node serves goes last (``local_ray.marked``)
             for node_id in nodes_mapping.keys():
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    (held.append(msg) if for_driver(msg) else messages.put(msg))
+                    if marked(msg):
+                        held.append(msg)
+                    else:
+                        messages.put(msg)
             for msg in held:
                 messages.put(msg)
             pause = 4 * (time.perf_counter() - started)

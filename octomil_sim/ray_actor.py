@@ -24,13 +24,14 @@ against 28.9, 28.6 and 27.5 ms; submitting a message 0.3-0.5 ms instead of 0.5-3
 
 from __future__ import annotations
 
-import os
 import pickle
+import socket
+import struct
 import sys
 import threading
 import uuid
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Connection
 
 import ray
 from ray import cloudpickle
@@ -76,58 +77,80 @@ class ClientAppActor:
             raise ClientAppException(str(ex)) from ex
         return cid, out_message, context
 
-    def listen(self, client_app_fn: Callable[[], ClientApp]) -> tuple[str, str, bytes] | None:
-        """Open this actor's channel: a Unix socket (Linux's abstract namespace: no file) whose one
-        connection, from the driver's actor pool on this machine (``connect``), carries small messages
-        as ``run_pickled``'s bytes and their replies pickled, served by a thread of this actor
-        (``_serve``). Returns (this actor's Ray node, the socket's address, the key the connection
-        must prove, multiprocessing's HMAC challenge), or None off Linux.
+    def listen(self, client_app_fn: Callable[[], ClientApp], driver: tuple[str, int]) -> str | None:
+        """Open this actor's channel to the driver, ``driver`` = (its Ray node, its process id): a Unix
+        socket in Linux's abstract namespace (no file), served by a thread of this actor (``_serve``),
+        that carries small messages as ``run_pickled``'s bytes and every reply to them pickled
+        (``submit_pickled``, ``ChannelCall``). Returns the socket's address (``connect``), or None for
+        an actor on another node than the driver, or off Linux: Ray's tasks carry its messages.
         Why: a Ray task costs some 0.8 ms there and back with a bare actor on 2 cores, and 1.2 ms to
-        reach the actor plus 0.75 ms back in a run (``mlr-synthetic11``, median of 900 messages), where
-        the socket costs tens of microseconds; Ray still starts, places, counts and ends the actor, and
+        reach the actor plus 0.75 ms back in a run (``mlr-synthetic11``, median of 900 messages); the
+        socket took 0.15 ms and 0.4 ms there. Ray still starts, places, counts and ends the actor, and
         carries the large messages (``small``). Ray's own low-latency path (compiled graphs) polls:
         an idle actor kept a whole core busy. The pool sends one message at a time to an actor, so the
-        channel's thread never runs beside one of Ray's tasks on this actor."""
-        if not sys.platform.startswith("linux"):
+        channel's thread never runs beside one of Ray's tasks on this actor. Differences from Ray's
+        task: the app runs in the channel's thread, not the actor's main one; an app that raises
+        ``SystemExit`` (or another ``BaseException``) fails its message as any app's error, where
+        Ray's task would end the actor."""
+        node, pid = driver
+        if not sys.platform.startswith("linux") or node != ray.get_runtime_context().get_node_id():
             return None
-        address, key = f"\0octomil-{uuid.uuid4().hex}", os.urandom(32)
-        listener = Listener(address, family="AF_UNIX", authkey=key)
-        threading.Thread(target=self._serve, args=(listener, client_app_fn), daemon=True,
+        address = f"\0octomil-{uuid.uuid4().hex}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(address)
+        listener.listen(8)
+        threading.Thread(target=self._serve, args=(listener, pid, client_app_fn), daemon=True,
                          name="octomil-channel").start()
-        return ray.get_runtime_context().get_node_id(), address, key
+        return address
 
-    def _serve(self, listener: Listener, client_app_fn: Callable[[], ClientApp]) -> None:
-        """``listen``'s thread: accept one connection, then answer each message it sends with
-        ``run``'s ``(cid, reply, context)``, or the exception ``run`` raised, pickled as
-        ``(error, result)`` (``ChannelCall.result`` reads it), until the driver closes it."""
-        try:
-            conn = listener.accept()
-        except OSError:  # (a connection that failed the key's challenge: no channel, Ray's tasks serve)
-            return
-        finally:
-            listener.close()
-        with conn:
+    def _serve(self, listener: socket.socket, driver_pid: int, client_app_fn: Callable[[], ClientApp]) -> None:
+        """``listen``'s thread: take the first connection from the driver's process (the kernel's
+        ``SO_PEERCRED``; any other process's is closed unread: an abstract socket has no file
+        permissions), then answer each message it sends (``ChannelCall.result`` reads the answers)
+        until the driver closes it, under Ray's process title of a busy actor while a message runs."""
+        with listener:
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except OSError:
+                    return
+                peer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                if struct.unpack("3i", peer)[0] == driver_pid:
+                    break
+                sock.close()
+        with Connection(sock.detach()) as conn:
             while True:
                 try:
                     payload = conn.recv_bytes()
                 except (EOFError, OSError):
                     return
+                _set_title(f"ray::{type(self).__name__}.run")
                 try:
                     cid, message, context = pickle.loads(payload)
-                    out = (None, self.run(client_app_fn, message, cid, context))
-                except Exception as ex:  # noqa: BLE001 (``run`` wraps an app's error in ClientAppException)
-                    out = (ex, None)
+                    try:
+                        app = client_app_fn()
+                    except LoadClientAppError as ex:  # as ``run``: the loader's error as it is ...
+                        out = ("load", str(ex))
+                    else:
+                        out = (None, (cid, app(message=message, context=context), context))
+                except BaseException as ex:  # noqa: BLE001 ... and an app's wrapped (ClientAppException)
+                    out = ("app", str(ex) if isinstance(ex, Exception) else f"{type(ex).__name__}: {ex}")
+                finally:
+                    _set_title(f"ray::{type(self).__name__}")
                 try:
                     data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception as ex:  # noqa: BLE001 (a reply or error that does not pickle)
-                    data = pickle.dumps((ClientAppException(f"{type(ex).__name__}: {ex}"), None))
-                conn.send_bytes(data)
+                except Exception as ex:  # noqa: BLE001 (a reply that does not pickle)
+                    data = pickle.dumps(("app", f"{type(ex).__name__}: {ex}"))
+                try:
+                    conn.send_bytes(data)
+                except OSError:  # (the driver closed the channel)
+                    return
 
     def run_pickled(self, client_app_fn: Callable[[], ClientApp], payload: bytes):
         """``run`` of a pickled ``(message, cid, context)``, its result pickled when it is small
         (``small``; else as it is, for Ray's serializer): Ray passes bytes as they are, where it
         serialises a Flower ``Message`` and ``Context`` object by object through its own serializer
-        (``lean_client_actors``' pool sends this way; ``submit_pickled``)."""
+        (``lean_client_actors``' pool sends this way to an actor without a channel; ``submit_pickled``)."""
         cid, message, context = pickle.loads(payload)
         result = self.run(client_app_fn, message, cid, context)
         return pickled(*result) if small(result[1]) else result
@@ -181,22 +204,22 @@ def fetch_pickled(future) -> tuple[str, Message, Context]:
     return pickle.loads(result) if isinstance(result, bytes) else result
 
 
-def connect(listening) -> Connection | None:
-    """The driver's end of an actor's channel, from what its ``listen`` returned, when the actor runs
-    on this machine's Ray node (else, or off Linux, or when the connection fails: None, and Ray's
-    tasks carry its messages)."""
-    if not listening or listening[0] != ray.get_runtime_context().get_node_id():
+def connect(address: str | None) -> Connection | None:
+    """The driver's end of an actor's channel, at the address its ``listen`` returned (None: no
+    channel, and so when the connection fails: Ray's tasks carry its messages)."""
+    if not address:
         return None
     try:
-        return Client(listening[1], family="AF_UNIX", authkey=listening[2])
-    except (OSError, EOFError):
+        return Client(address, family="AF_UNIX")
+    except Exception:  # noqa: BLE001
         return None
 
 
 class ChannelCall:
     """A message sent through an actor's channel (``ClientAppActor.listen``): the future of its reply.
-    ``result`` returns ``run``'s ``(cid, reply, context)`` or raises what ``run`` raised; a channel
-    that closes (the actor died) raises Ray's ``ActorDiedError``, as Ray's task would."""
+    ``result`` returns ``run``'s ``(cid, reply, context)`` or raises what ``run`` raises (the loader's
+    ``LoadClientAppError``, an app's error as ``ClientAppException``); a channel that closes (the
+    actor died) raises Ray's ``ActorDiedError``, as Ray's task would."""
 
     def __init__(self, channel: Connection, payload: bytes) -> None:
         self.channel = channel
@@ -210,9 +233,18 @@ class ChannelCall:
             error, result = pickle.loads(self.channel.recv_bytes())
         except (EOFError, OSError) as ex:
             raise ActorDiedError() from ex
+        if error == "load":
+            raise LoadClientAppError(result)
         if error is not None:
-            raise error
+            raise ClientAppException(result)
         return result
+
+
+def _set_title(title: str) -> None:
+    """Ray's process title of an actor (``ray::<class>.<method>`` while it runs a task), as Ray sets it."""
+    setter = getattr(getattr(ray, "_raylet", None), "setproctitle", None)
+    if setter is not None:
+        setter(title)
 
 
 #: in an actor: run key -> the ClientApp loader unpickled from that run's first message

@@ -549,6 +549,7 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
 
     from octomil_sim.batching import pack
     from octomil_sim.local_ray import driver_node_backend, lean_client_actors, lean_head_node
+    from octomil_sim.ray_actor import ChannelCall
 
     class App:  # pickled by value into the actor
         def __call__(self, message, context):
@@ -574,6 +575,9 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
         deadline = time.monotonic() + 60  # the actor's channel (``ClientAppActor.listen``) carries its messages
         while backend.pool.channel(backend.pool.pool[0]) is None:
             assert time.monotonic() < deadline
+            time.sleep(0.01)
+        fetch, futures = backend.pool.fetch_result_and_return_actor_to_pool, []
+        backend.pool.fetch_result_and_return_actor_to_pool = lambda future: fetch(futures.append(future) or future)
         context = types.SimpleNamespace(node_config={"partition-id": 0})
         here = f" in {os.getpid()}"
         assert backend.process_message(marked("a"), context) == ("a" + here, context)  # marked: here
@@ -604,6 +608,8 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
         with pytest.raises(ray.exceptions.RayActorError):  # its message fails, then the driver's node serves
             backend.process_message("d", context)
         assert backend.pool.num_actors == 0 and backend.pool.pool == []
+        # b, bad and slow went through the channel (d failed as it was sent: the dead actor's socket is closed)
+        assert len(futures) == 3 and all(isinstance(f, ChannelCall) for f in futures)
         assert backend.process_message("e", context)[0] == "e" + here
         backend.terminate()
     finally:
@@ -624,6 +630,7 @@ def test_without_the_driver_node_an_actor_whose_channel_died_stays_in_flowers_po
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
     from octomil_sim.local_ray import lean_client_actors, lean_head_node
+    from octomil_sim.ray_actor import ChannelCall
 
     class App:  # pickled by value into the actor
         def __call__(self, message, context):
@@ -640,6 +647,9 @@ def test_without_the_driver_node_an_actor_whose_channel_died_stays_in_flowers_po
         deadline = time.monotonic() + 60
         while pool.channel(actor) is None:
             assert time.monotonic() < deadline
+            time.sleep(0.01)
+        fetch, futures = pool.fetch_result_and_return_actor_to_pool, []
+        pool.fetch_result_and_return_actor_to_pool = lambda future: fetch(futures.append(future) or future)
         pid, _ = backend.process_message("a", context)
         assert pid != os.getpid()
         os.kill(pid, signal.SIGKILL)
@@ -647,8 +657,10 @@ def test_without_the_driver_node_an_actor_whose_channel_died_stays_in_flowers_po
             backend.process_message("b", context)
         assert pool.channels == {} and pool.pool == [actor] and pool.num_actors == 1
         with pytest.raises(ray.exceptions.RayActorError):
-            backend.process_message("c", context)
+            backend.process_message("c", context)  # as Ray's task: Flower's pool keeps the dead actor
         assert pool.pool == [actor]
+        # a through the channel; b too if it went before the socket closed (else it failed as it was sent); c as a task
+        assert [type(f) for f in futures] in ([ChannelCall, ChannelCall, ray.ObjectRef], [ChannelCall, ray.ObjectRef])
         backend.terminate()
     finally:
         ray.shutdown()
@@ -748,11 +760,16 @@ def test_small_messages_travel_to_an_actor_pickled_and_large_ones_as_objects(tas
 def test_an_actor_on_this_machine_answers_small_messages_through_its_channel(task_identity):
     """``ClientAppActor.listen`` and ``ray_actor.connect``: a small message goes through the actor's
     channel (a ``ChannelCall``, not a Ray task) and comes back with the app's reply from the actor's
-    process; a large one still goes as Ray's task; an app's error comes back as ``ClientAppException``;
-    the channel takes one connection, and only from this machine's Ray node; an actor whose process
-    dies fails its message with Ray's ``ActorDiedError``."""
+    process; a large one still goes as Ray's task; an app's error, or its ``SystemExit``, comes back as
+    ``ClientAppException`` and the channel serves on; an actor on another node opens no channel; the
+    channel serves only the driver's process (another process that connects first is closed unread);
+    an actor whose process dies while it runs a message, or between messages, fails it with Ray's
+    ``ActorDiedError``."""
     import os
     import signal
+    import subprocess
+    import sys
+    import threading
 
     import ray
     from flwr.app import Array, Message, RecordDict
@@ -763,39 +780,59 @@ def test_an_actor_on_this_machine_answers_small_messages_through_its_channel(tas
 
     class Echo:  # pickled by value into the actor: replies with the content it got, and where it ran
         def __call__(self, message, context):
-            if message.content["arrays"]["w"].numpy()[0] < 0:
+            import time
+
+            first = message.content["arrays"]["w"].numpy()[0]
+            if first == -1:
                 raise ValueError("a negative weight")
+            if first == -2:
+                raise SystemExit(3)
+            if first == -3:
+                time.sleep(60)
             return Message(message.content, reply_to=message), os.getpid()
 
     def message(size: int, value: float = 1.0) -> Message:
         return Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(size, value, dtype=np.float32))})}),
                        dst_node_id=1, message_type="train", group_id="1")
 
+    def send(value: float, channel, size: int = 100):
+        return submit_pickled(lambda: Echo(), message(size, value), "7", "the context")(actor, channel)
+
     with lean_head_node():
         ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         actor = ClientAppActor.remote()
-        listening = ray.get(actor.listen.remote(lambda: Echo()), timeout=120)
-        node, _, key = listening
-        assert node == ray.get_runtime_context().get_node_id()
-        assert connect(("another node", *listening[1:])) is None
-        channel = connect(listening)
+        node = ray.get_runtime_context().get_node_id()
+        assert ray.get(actor.listen.remote(lambda: Echo(), ("another node", os.getpid())), timeout=120) is None
+        assert connect(None) is None
+        address = ray.get(actor.listen.remote(lambda: Echo(), (node, os.getpid())), timeout=120)
+        # another process connects first and holds its connection: the actor closes it unread
+        other = subprocess.Popen([sys.executable, "-c", "import sys; from multiprocessing.connection import Client; "
+                                  f"c = Client({address!r}, family='AF_UNIX'); print('in', flush=True); "
+                                  "c.recv_bytes()"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert other.stdout.readline() == "in\n"
+        _, err = other.communicate(timeout=60)
+        assert "EOFError" in err  # closed unread by the actor
+        channel = connect(address)
         assert channel is not None
-        assert connect(listening) is None  # one connection: a second is refused
-        sent = message(100)
-        future = submit_pickled(lambda: Echo(), sent, "7", "the context")(actor, channel)
+        future = send(1.0, channel)
         assert isinstance(future, ChannelCall)
         cid, (reply, pid), context = fetch_pickled(future)
         assert (cid, context) == ("7", "the context") and pid != os.getpid()
-        assert reply.content["arrays"]["w"].data == sent.content["arrays"]["w"].data
-        large = submit_pickled(lambda: Echo(), message(100_000), "8", "the context")(actor, channel)
+        assert reply.content["arrays"]["w"].data == message(100).content["arrays"]["w"].data
+        large = send(1.0, channel, size=100_000)
         assert isinstance(large, ray.ObjectRef) and fetch_pickled(large)[1][1] == pid
         with pytest.raises(ClientAppException, match="a negative weight"):
-            fetch_pickled(submit_pickled(lambda: Echo(), message(100, -1.0), "7", "c")(actor, channel))
-        assert fetch_pickled(submit_pickled(lambda: Echo(), sent, "9", "c")(actor, channel))[0] == "9"  # still serves
-        os.kill(pid, signal.SIGKILL)
+            fetch_pickled(send(-1.0, channel))
+        with pytest.raises(ClientAppException, match="SystemExit: 3"):
+            fetch_pickled(send(-2.0, channel))
+        assert fetch_pickled(send(1.0, channel))[1][1] == pid  # it still serves
+        slow = send(-3.0, channel)  # the actor dies while it runs this one
+        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
         with pytest.raises(ray.exceptions.ActorDiedError):
-            fetch_pickled(submit_pickled(lambda: Echo(), sent, "7", "c")(actor, channel))
+            fetch_pickled(slow)
+        with pytest.raises(ray.exceptions.ActorDiedError):  # and a message sent after it died
+            fetch_pickled(send(1.0, channel))
     finally:
         ray.shutdown()
 
