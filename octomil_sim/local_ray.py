@@ -356,13 +356,15 @@ def lean_client_actors(early: list | None = None, spare: int = 0) -> Iterator[No
                 self.pool.append(actor)
 
         def submit(self, actor_fn, job):  # Flower's, a small message pickled (ray_actor.submit_pickled)
-            send = submit_pickled(*job)  # (pickled, and the channel found, before an actor leaves the
-            channel = self.channel(self.pool[-1])  # pool: an error there keeps it in)
-            actor = self.pool.pop()
+            send = submit_pickled(*job)  # (pickled before an actor leaves the pool: one that fails keeps it)
+            actor = self.pool.pop()  # (one atomic step: another worker thread may submit at the same time)
             try:
-                future = send(actor, channel)
+                future = send(actor, self.channel(actor))
             except ray.exceptions.RayActorError:  # its channel closed as the message went
                 self.forget(actor, put_back=True)
+                raise
+            except BaseException:  # (any other error before the message left: the actor stays in the pool)
+                self.pool.append(actor)
                 raise
             self._future_to_actor[future] = actor
             return future

@@ -616,6 +616,65 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
         ray.shutdown()
 
 
+def test_worker_threads_sharing_the_pool_each_get_their_own_messages_reply():
+    """Flower's worker threads call the pool at the same time (here three threads, two actors, each actor
+    with its channel): every message gets its own reply back, none another's, and both actors serve.
+    Two threads that took the same actor's channel would interleave their bytes on one socket."""
+    import os
+    import threading
+    import time
+    import types
+
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from octomil_sim.local_ray import lean_client_actors, lean_head_node
+
+    class App:  # pickled by value into the actors
+        def __call__(self, message, context):
+            return message, os.getpid()
+
+    with lean_head_node():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        with lean_client_actors([]):
+            backend = RayBackend({"client_resources": {"num_cpus": 1}})
+            backend.build(lambda: App())
+        pool = backend.pool
+        assert pool.num_actors == 2
+        deadline = time.monotonic() + 60
+        while any(pool.channel(actor) is None for actor in list(pool.pool)):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        context = types.SimpleNamespace(node_config={"partition-id": 0})
+        got, errors = {}, []
+
+        def work(thread: int) -> None:
+            try:
+                for i in range(150):
+                    sent = f"{thread}-{i}"
+                    while True:
+                        try:  # Flower's workers take a message only while an actor is free; here a busy pool raises
+                            got[sent] = backend.process_message(sent, context)[0]
+                            break
+                        except IndexError:
+                            time.sleep(0.0005)
+            except Exception as ex:  # noqa: BLE001
+                errors.append(ex)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and len(got) == 450
+        assert all(reply == sent for sent, (reply, _) in got.items())
+        assert len({pid for _, pid in got.values()}) == 2 and len(pool.pool) == 2
+        backend.terminate()
+    finally:
+        ray.shutdown()
+
+
 def test_without_the_driver_node_an_actor_whose_channel_died_stays_in_flowers_pool():
     """``lean_client_actors`` without the driver's node (Flower's own Ray backend): a message goes
     through the actor's channel; when the actor's process dies, its message fails with Ray's
