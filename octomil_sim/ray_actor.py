@@ -24,6 +24,7 @@ against 28.9, 28.6 and 27.5 ms; submitting a message 0.3-0.5 ms instead of 0.5-3
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import struct
@@ -89,9 +90,10 @@ class ClientAppActor:
         carries the large messages (``small``). Ray's own low-latency path (compiled graphs) polls:
         an idle actor kept a whole core busy. The pool sends one message at a time to an actor, so the
         channel's thread never runs beside one of Ray's tasks on this actor. Differences from Ray's
-        task: the app runs in the channel's thread, not the actor's main one; an app that raises
-        ``SystemExit`` (or another ``BaseException``) fails its message as any app's error, where
-        Ray's task would end the actor."""
+        task: the app runs in the channel's thread, not the actor's main one (thread-local state such
+        as torch's grad mode starts afresh there, and ``signal.signal`` cannot be called); an app that
+        raises ``SystemExit`` (or another ``BaseException``) fails its message as any app's error,
+        where Ray's task would end the actor."""
         node, pid = driver
         if not sys.platform.startswith("linux") or node != ray.get_runtime_context().get_node_id():
             return None
@@ -106,45 +108,54 @@ class ClientAppActor:
     def _serve(self, listener: socket.socket, driver_pid: int, client_app_fn: Callable[[], ClientApp]) -> None:
         """``listen``'s thread: take the first connection from the driver's process (the kernel's
         ``SO_PEERCRED``; any other process's is closed unread: an abstract socket has no file
-        permissions), then answer each message it sends (``ChannelCall.result`` reads the answers)
-        until the driver closes it, under Ray's process title of a busy actor while a message runs."""
+        permissions), say ``READY`` on it (``connect`` waits for that), then answer each message it
+        sends (``ChannelCall.result`` reads the answers) until the driver closes it, under Ray's
+        process title of a busy actor while a message runs. The sockets block whatever
+        ``socket.setdefaulttimeout`` an app set, and a process the app forks closes them
+        (``_close_in_child``): a child that outlived a killed actor would keep the driver from
+        seeing the channel close."""
+        listener.setblocking(True)
         with listener:
             while True:
                 try:
                     sock, _ = listener.accept()
+                    sock.setblocking(True)
+                    peer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 except OSError:
                     return
-                peer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 if struct.unpack("3i", peer)[0] == driver_pid:
                     break
                 sock.close()
         with Connection(sock.detach()) as conn:
-            while True:
-                try:
+            _CHANNEL_FDS.add(conn.fileno())
+            try:
+                conn.send_bytes(READY)
+                while True:
                     payload = conn.recv_bytes()
-                except (EOFError, OSError):
-                    return
-                _set_title(f"ray::{type(self).__name__}.run")
-                try:
-                    cid, message, context = pickle.loads(payload)
-                    try:
-                        app = client_app_fn()
-                    except LoadClientAppError as ex:  # as ``run``: the loader's error as it is ...
-                        out = ("load", str(ex))
-                    else:
-                        out = (None, (cid, app(message=message, context=context), context))
-                except BaseException as ex:  # noqa: BLE001 ... and an app's wrapped (ClientAppException)
-                    out = ("app", str(ex) if isinstance(ex, Exception) else f"{type(ex).__name__}: {ex}")
-                finally:
-                    _set_title(f"ray::{type(self).__name__}")
-                try:
-                    data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception as ex:  # noqa: BLE001 (a reply that does not pickle)
-                    data = pickle.dumps(("app", f"{type(ex).__name__}: {ex}"))
-                try:
-                    conn.send_bytes(data)
-                except OSError:  # (the driver closed the channel)
-                    return
+                    conn.send_bytes(self._answer(client_app_fn, payload))
+            except (EOFError, OSError):  # (the driver closed the channel)
+                return
+            finally:
+                _CHANNEL_FDS.discard(conn.fileno())
+
+    def _answer(self, client_app_fn: Callable[[], ClientApp], payload: bytes) -> bytes:
+        """A message's answer, pickled: ``(None, (cid, reply, context))`` as ``run`` returns it, or
+        ``("load", text)`` / ``("app", text)`` for the ``LoadClientAppError`` / ``ClientAppException``
+        that ``run`` raises (``ChannelCall.result`` raises them again)."""
+        _set_title(f"ray::{type(self).__name__}.run")
+        try:
+            cid, message, context = pickle.loads(payload)
+            out = (None, (cid, client_app_fn()(message=message, context=context), context))
+        except LoadClientAppError as ex:  # as ``run``: the loader's error as it is ...
+            out = ("load", _text(ex))
+        except BaseException as ex:  # noqa: BLE001 ... and an app's wrapped (ClientAppException)
+            out = ("app", _text(ex))
+        finally:
+            _set_title(f"ray::{type(self).__name__}")
+        try:
+            return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as ex:  # noqa: BLE001 (a reply that does not pickle)
+            return pickle.dumps(("app", _text(ex)))
 
     def run_pickled(self, client_app_fn: Callable[[], ClientApp], payload: bytes):
         """``run`` of a pickled ``(message, cid, context)``, its result pickled when it is small
@@ -204,15 +215,53 @@ def fetch_pickled(future) -> tuple[str, Message, Context]:
     return pickle.loads(result) if isinstance(result, bytes) else result
 
 
-def connect(address: str | None) -> Connection | None:
-    """The driver's end of an actor's channel, at the address its ``listen`` returned (None: no
-    channel, and so when the connection fails: Ray's tasks carry its messages)."""
+def connect(address: str | None, timeout: float = 30.0) -> Connection | None:
+    """The driver's end of an actor's channel, at the address its ``listen`` returned, once the actor
+    has said ``READY`` on it (within ``timeout`` seconds). None without an address, and when the
+    connection fails or the actor closes it (a driver whose process id the actor does not see as
+    its own, in another pid namespace): Ray's tasks then carry its messages."""
     if not address:
         return None
     try:
-        return Client(address, family="AF_UNIX")
+        conn = Client(address, family="AF_UNIX")
     except Exception:  # noqa: BLE001
         return None
+    try:
+        if conn.poll(timeout) and conn.recv_bytes() == READY:
+            return conn
+    except (EOFError, OSError):
+        pass
+    conn.close()
+    return None
+
+
+#: what an actor's channel says first to the driver's connection it accepted (``connect`` waits for it)
+READY = b"ready"
+#: in an actor: the file descriptor of its channel's connection (``_serve``), closed in a forked child
+_CHANNEL_FDS: set[int] = set()
+
+
+def _close_in_child() -> None:
+    """After a fork in an actor (an app's worker processes): the child closes the channel's socket."""
+    for fd in _CHANNEL_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _CHANNEL_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _text(ex: BaseException) -> str:
+    """An exception as ``run`` words it for ``ClientAppException`` (``str``), or, for a ``BaseException``
+    such as ``SystemExit``, or one whose ``str`` fails, with its type's name."""
+    try:
+        return str(ex) if isinstance(ex, Exception) else f"{type(ex).__name__}: {ex}"
+    except Exception:  # noqa: BLE001
+        return type(ex).__name__
 
 
 class ChannelCall:

@@ -648,25 +648,25 @@ def test_worker_threads_sharing_the_pool_each_get_their_own_messages_reply():
             time.sleep(0.01)
         context = types.SimpleNamespace(node_config={"partition-id": 0})
         got, errors = {}, []
+        free = threading.Semaphore(2)  # as Flower's runtime: no more messages at once than actors
+        deadline = time.monotonic() + 120
 
         def work(thread: int) -> None:
             try:
                 for i in range(150):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"thread {thread} at message {i}")
                     sent = f"{thread}-{i}"
-                    while True:
-                        try:  # Flower's workers take a message only while an actor is free; here a busy pool raises
-                            got[sent] = backend.process_message(sent, context)[0]
-                            break
-                        except IndexError:
-                            time.sleep(0.0005)
+                    with free:
+                        got[sent] = backend.process_message(sent, context)[0]
             except Exception as ex:  # noqa: BLE001
                 errors.append(ex)
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+        threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(3)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=180)
         assert not errors and len(got) == 450
         assert all(reply == sent for sent, (reply, _) in got.items())
         assert len({pid for _, pid in got.values()}) == 2 and len(pool.pool) == 2
@@ -829,10 +829,11 @@ def test_an_actor_on_this_machine_answers_small_messages_through_its_channel(tas
     import subprocess
     import sys
     import threading
+    import time
 
     import ray
     from flwr.app import Array, Message, RecordDict
-    from flwr.clientapp.client_app import ClientAppException
+    from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 
     from octomil_sim.local_ray import lean_head_node
     from octomil_sim.ray_actor import ChannelCall, ClientAppActor, connect, fetch_pickled, submit_pickled
@@ -848,6 +849,10 @@ def test_an_actor_on_this_machine_answers_small_messages_through_its_channel(tas
                 raise SystemExit(3)
             if first == -3:
                 time.sleep(60)
+            if first == -4:
+                from flwr.clientapp.client_app import LoadClientAppError
+
+                raise LoadClientAppError("no app here")
             return Message(message.content, reply_to=message), os.getpid()
 
     def message(size: int, value: float = 1.0) -> Message:
@@ -885,7 +890,16 @@ def test_an_actor_on_this_machine_answers_small_messages_through_its_channel(tas
             fetch_pickled(send(-1.0, channel))
         with pytest.raises(ClientAppException, match="SystemExit: 3"):
             fetch_pickled(send(-2.0, channel))
+        with pytest.raises(LoadClientAppError, match="no app here"):  # as ``run``: the loader's error as it is
+            fetch_pickled(send(-4.0, channel))
         assert fetch_pickled(send(1.0, channel))[1][1] == pid  # it still serves
+        # an actor whose app set a default socket timeout: its channel still blocks, idle or not
+        patient = ClientAppActor.options(num_cpus=0).remote(
+            on_actor_init_fn=lambda: __import__("socket").setdefaulttimeout(0.2))
+        idle = connect(ray.get(patient.listen.remote(lambda: Echo(), (node, os.getpid())), timeout=120))
+        time.sleep(0.6)
+        reply = fetch_pickled(submit_pickled(lambda: Echo(), message(100), "5", "c")(patient, idle))
+        assert reply[0] == "5" and reply[1][1] != pid
         slow = send(-3.0, channel)  # the actor dies while it runs this one
         threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
         with pytest.raises(ray.exceptions.ActorDiedError):
