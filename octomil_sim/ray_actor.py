@@ -84,9 +84,9 @@ class ClientAppActor:
         that carries small messages as ``run_pickled``'s bytes and every reply to them pickled
         (``submit_pickled``, ``ChannelCall``). Returns the socket's address (``connect``), or None for
         an actor on another node than the driver, or off Linux: Ray's tasks carry its messages.
-        Why: a Ray task costs some 0.8 ms there and back with a bare actor on 2 cores, and 1.2 ms to
-        reach the actor plus 0.75 ms back in a run (``mlr-synthetic11``, median of 900 messages); the
-        socket took 0.15 ms and 0.4 ms there. Ray still starts, places, counts and ends the actor, and
+        Why: a Ray task costs some 0.8 ms there and back with a bare actor on 2 cores, and 1.2-1.3 ms
+        to reach the actor plus 0.75-0.8 ms back in a run (``mlr-synthetic11``, medians of 900
+        messages, two traced runs); the socket took 0.15 ms and 0.4 ms there. Ray still starts, places, counts and ends the actor, and
         carries the large messages (``small``). Ray's own low-latency path (compiled graphs) polls:
         an idle actor kept a whole core busy. The pool sends one message at a time to an actor, so the
         channel's thread never runs beside one of Ray's tasks on this actor. Differences from Ray's
@@ -111,8 +111,8 @@ class ClientAppActor:
         permissions), say ``READY`` on it (``connect`` waits for that), then answer each message it
         sends (``ChannelCall.result`` reads the answers) until the driver closes it, under Ray's
         process title of a busy actor while a message runs. The sockets block whatever
-        ``socket.setdefaulttimeout`` an app set, and a process the app forks closes them
-        (``_close_in_child``): a child that outlived a killed actor would keep the driver from
+        ``socket.setdefaulttimeout`` an app set, and a process the app forks closes the channel
+        (``os.register_at_fork``): a child that outlived a killed actor would keep the driver from
         seeing the channel close."""
         listener.setblocking(True)
         with listener:
@@ -127,7 +127,18 @@ class ClientAppActor:
                     break
                 sock.close()
         with Connection(sock.detach()) as conn:
-            _CHANNEL_FDS.add(conn.fileno())
+            serving = [True]  # (as the fork found it: a channel closed before the fork is not closed again)
+
+            def close_in_child(fd: int = conn.fileno()) -> None:
+                if serving[0]:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+            # a handler per channel, not a module-level one: Ray may ship this class by value, with
+            # copies of this module's globals that no module-level registration would see
+            os.register_at_fork(after_in_child=close_in_child)
             try:
                 conn.send_bytes(READY)
                 while True:
@@ -136,7 +147,7 @@ class ClientAppActor:
             except (EOFError, OSError):  # (the driver closed the channel)
                 return
             finally:
-                _CHANNEL_FDS.discard(conn.fileno())
+                serving[0] = False
 
     def _answer(self, client_app_fn: Callable[[], ClientApp], payload: bytes) -> bytes:
         """A message's answer, pickled: ``(None, (cid, reply, context))`` as ``run`` returns it, or
@@ -237,23 +248,6 @@ def connect(address: str | None, timeout: float = 30.0) -> Connection | None:
 
 #: what an actor's channel says first to the driver's connection it accepted (``connect`` waits for it)
 READY = b"ready"
-#: in an actor: the file descriptor of its channel's connection (``_serve``), closed in a forked child
-_CHANNEL_FDS: set[int] = set()
-
-
-def _close_in_child() -> None:
-    """After a fork in an actor (an app's worker processes): the child closes the channel's socket."""
-    for fd in _CHANNEL_FDS:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _CHANNEL_FDS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_in_child)
-
 
 def _text(ex: BaseException) -> str:
     """An exception as ``run`` words it for ``ClientAppException`` (``str``), or, for a ``BaseException``

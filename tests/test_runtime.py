@@ -853,6 +853,12 @@ def test_an_actor_on_this_machine_answers_small_messages_through_its_channel(tas
                 from flwr.clientapp.client_app import LoadClientAppError
 
                 raise LoadClientAppError("no app here")
+            if first == -5:  # an app that forks a process which outlives it
+                child = os.fork()
+                if child == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                return child, os.getpid()
             return Message(message.content, reply_to=message), os.getpid()
 
     def message(size: int, value: float = 1.0) -> Message:
@@ -900,6 +906,27 @@ def test_an_actor_on_this_machine_answers_small_messages_through_its_channel(tas
         time.sleep(0.6)
         reply = fetch_pickled(submit_pickled(lambda: Echo(), message(100), "5", "c")(patient, idle))
         assert reply[0] == "5" and reply[1][1] != pid
+        # that actor's app forks a child that outlives the actor: the child does not hold the channel open
+        child, patient_pid = fetch_pickled(submit_pickled(lambda: Echo(), message(100, -5.0), "6", "c")(patient, idle))[1]
+        try:
+            os.kill(patient_pid, signal.SIGKILL)
+            failed = []
+
+            def after_death():
+                try:
+                    fetch_pickled(submit_pickled(lambda: Echo(), message(100), "6", "c")(patient, idle))
+                except ray.exceptions.ActorDiedError as ex:
+                    failed.append(ex)
+
+            waiter = threading.Thread(target=after_death, daemon=True)
+            waiter.start()
+            waiter.join(timeout=20)
+            assert failed, "the driver still waits on a dead actor's channel"
+        finally:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         slow = send(-3.0, channel)  # the actor dies while it runs this one
         threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
         with pytest.raises(ray.exceptions.ActorDiedError):
