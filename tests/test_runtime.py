@@ -1,6 +1,8 @@
 """The runtime pieces added for scale and robustness: packing clients into Flower messages, the
 system model, checkpoints."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -616,6 +618,35 @@ def test_the_driver_node_backend_runs_the_marked_message_here_and_the_others_in_
         ray.shutdown()
 
 
+@contextmanager
+def flower_ray_backend(num_cpus: int, app):
+    """Flower's own Ray backend (no driver's node) built inside ``lean_client_actors`` on a private Ray
+    instance of ``num_cpus`` CPUs, one actor a CPU, serving ``app``; yielded once every actor's
+    channel (``ClientAppActor.listen``) is connected, and Ray shut down after."""
+    import time
+
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from octomil_sim.local_ray import lean_client_actors, lean_head_node
+
+    with lean_head_node():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+    try:
+        with lean_client_actors([]):
+            backend = RayBackend({"client_resources": {"num_cpus": 1}})
+            backend.build(lambda: app)
+        assert backend.pool.num_actors == num_cpus
+        deadline = time.monotonic() + 60
+        while any(backend.pool.channel(actor) is None for actor in list(backend.pool.pool)):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        yield backend
+        backend.terminate()
+    finally:
+        ray.shutdown()
+
+
 def test_worker_threads_sharing_the_pool_each_get_their_own_messages_reply():
     """Flower's worker threads call the pool at the same time (here three threads, two actors, each actor
     with its channel): every message gets its own reply back, none another's, and both actors serve.
@@ -625,27 +656,12 @@ def test_worker_threads_sharing_the_pool_each_get_their_own_messages_reply():
     import time
     import types
 
-    import ray
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
-    from octomil_sim.local_ray import lean_client_actors, lean_head_node
-
     class App:  # pickled by value into the actors
         def __call__(self, message, context):
             return message, os.getpid()
 
-    with lean_head_node():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        with lean_client_actors([]):
-            backend = RayBackend({"client_resources": {"num_cpus": 1}})
-            backend.build(lambda: App())
+    with flower_ray_backend(2, App()) as backend:
         pool = backend.pool
-        assert pool.num_actors == 2
-        deadline = time.monotonic() + 60
-        while any(pool.channel(actor) is None for actor in list(pool.pool)):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         context = types.SimpleNamespace(node_config={"partition-id": 0})
         got, errors = {}, []
         free = threading.Semaphore(2)  # as Flower's runtime: no more messages at once than actors
@@ -670,9 +686,6 @@ def test_worker_threads_sharing_the_pool_each_get_their_own_messages_reply():
         assert not errors and len(got) == 450
         assert all(reply == sent for sent, (reply, _) in got.items())
         assert len({pid for _, pid in got.values()}) == 2 and len(pool.pool) == 2
-        backend.terminate()
-    finally:
-        ray.shutdown()
 
 
 def test_without_the_driver_node_an_actor_whose_channel_died_stays_in_flowers_pool():
@@ -682,31 +695,19 @@ def test_without_the_driver_node_an_actor_whose_channel_died_stays_in_flowers_po
     it: the next message goes as Ray's task, and fails as Flower's would."""
     import os
     import signal
-    import time
     import types
 
     import ray
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    from octomil_sim.local_ray import lean_client_actors, lean_head_node
     from octomil_sim.ray_actor import ChannelCall
 
     class App:  # pickled by value into the actor
         def __call__(self, message, context):
             return os.getpid()
 
-    with lean_head_node():
-        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
-    try:
-        with lean_client_actors([]):
-            backend = RayBackend({"client_resources": {"num_cpus": 1}})
-            backend.build(lambda: App())
+    with flower_ray_backend(1, App()) as backend:
         pool, context = backend.pool, types.SimpleNamespace(node_config={"partition-id": 0})
         actor = pool.pool[0]
-        deadline = time.monotonic() + 60
-        while pool.channel(actor) is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         fetch, futures = pool.fetch_result_and_return_actor_to_pool, []
         pool.fetch_result_and_return_actor_to_pool = lambda future: fetch(futures.append(future) or future)
         pid, _ = backend.process_message("a", context)
@@ -720,9 +721,6 @@ def test_without_the_driver_node_an_actor_whose_channel_died_stays_in_flowers_po
         assert pool.pool == [actor]
         # a through the channel; b too if it went before the socket closed (else it failed as it was sent); c as a task
         assert [type(f) for f in futures] in ([ChannelCall, ChannelCall, ray.ObjectRef], [ChannelCall, ray.ObjectRef])
-        backend.terminate()
-    finally:
-        ray.shutdown()
 
 
 def test_the_driver_node_serves_the_messages_while_its_early_actor_still_prepares(tmp_path):
