@@ -156,10 +156,12 @@ class ClientAppActor:
         _set_title(f"ray::{type(self).__name__}.run")
         try:
             cid, message, context = pickle.loads(payload)
-            out = (None, (cid, client_app_fn()(message=message, context=context), context))
-        except LoadClientAppError as ex:  # as ``run``: the loader's error as it is ...
+            out = (None, self.run(client_app_fn, message, cid, context))
+        except LoadClientAppError as ex:
             out = ("load", _text(ex))
-        except BaseException as ex:  # noqa: BLE001 ... and an app's wrapped (ClientAppException)
+        except ClientAppException as ex:  # (``run``'s wrapper: the driver wraps the app's own error again)
+            out = ("app", _text(ex.__cause__ or ex))
+        except BaseException as ex:  # noqa: BLE001 (``SystemExit`` and the like, which ``run`` lets through)
             out = ("app", _text(ex))
         finally:
             _set_title(f"ray::{type(self).__name__}")
