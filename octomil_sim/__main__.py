@@ -84,11 +84,16 @@ def share_cpus(spec, jobs: int):
     """With ``jobs`` runs side by side on this machine, each run's private Ray instance gets its share
     of the CPUs (``simulation.ray_num_cpus``), so that the jobs' client actors never outnumber the
     cores; a run that joins a cluster (``ray_address``), whose scheduler shares the cluster's CPUs
-    among the jobs' actors, or that sets ``ray_num_cpus`` itself, is left as it is."""
+    among the jobs' actors, or that sets ``ray_num_cpus`` itself, is left as it is. A job keeps the
+    Flower nodes it would have alone (``simulation.num_nodes``, unless set: ``config.num_nodes``), so
+    its clients share messages as they would alone and its numbers are the run's alone, also with
+    cohort-vectorized training, whose float rounding depends on which clients share a message."""
+    from octomil_sim.config import num_nodes
+
     s = spec.simulation
     if jobs <= 1 or s.ray_address is not None or s.ray_num_cpus is not None:
         return spec
-    return spec.replace(simulation={"ray_num_cpus": max(1, (os.cpu_count() or 1) // jobs)})
+    return spec.replace(simulation={"ray_num_cpus": max(1, (os.cpu_count() or 1) // jobs), "num_nodes": num_nodes(spec)})
 
 
 def check_parallel_jobs(args: list[str]) -> list[str]:

@@ -226,6 +226,20 @@ def driver_runs_node(s) -> bool:
             and client_slots(s) >= 2)
 
 
+def num_nodes(spec, saved_nodes: int | None = None) -> int:
+    """Flower nodes to simulate: ``simulation.num_nodes``, or one per client process (``client_slots``:
+    the Ray actors and, with ``simulation.driver_node``, the driver; one for the local backend, which
+    runs one message at a time); never more than clients. A resumed run keeps the count its
+    checkpoint's run had (``saved_nodes``; ``runner.saved_num_nodes``) unless ``simulation.num_nodes``
+    is set: which clients share a message is what cohort-vectorized training's float rounding
+    depends on, so another count (another machine, a ``--jobs`` share of the CPUs) would part the
+    resumed run from the uninterrupted one."""
+    s = spec.simulation
+    if s.num_nodes is None and saved_nodes:
+        return min(saved_nodes, s.num_clients)
+    return min(s.num_nodes or client_slots(s), s.num_clients)
+
+
 def ray_actors(s) -> int:
     """The client actors a run starts on this machine: ``client_slots``, less the driver's own node
     (``driver_runs_node``); 1 for the local backend."""

@@ -18,6 +18,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from octomil_sim.checkpoint import RawJSON, encode, load_checkpoint, restore_client_state, save_checkpoint
 from octomil_sim.client_app import build_client_app, build_initial_model
-from octomil_sim.config import client_slots, driver_runs_node, fairness_kwargs, validate
+from octomil_sim.config import client_slots, driver_runs_node, fairness_kwargs, num_nodes, validate
 from octomil_sim.client_data import ClientsFile
 from octomil_sim.data import FederatedData, cache_source, clients_file, federated_data
 from octomil_sim.errors import ConfigError
@@ -144,8 +145,9 @@ class RunSession(Session):
     ``simulation.checkpoint_every`` rounds, and resumes from ``saved``, the state of the checkpoint
     ``resume_point`` chose. ``started``: the ``time.perf_counter()`` the run's wall time counts from."""
 
-    def __init__(self, spec: RunSpec, output_dir: Path, saved: dict | None, started: float):
+    def __init__(self, spec: RunSpec, output_dir: Path, saved: dict | None, started: float, num_nodes: int = 1):
         self.spec, self.output_dir, self.saved, self.started = spec, output_dir, saved, started
+        self.num_nodes = num_nodes  # the Flower nodes this run has (``config.num_nodes``): checkpoints keep it
         self.rows: list[dict] = []
         self._row_texts: list[str] = []  # each row's JSON, made once (checkpoints write them all: ``RawJSON``)
         self._counted = {"failed_clients": 0, "stragglers": 0}  # the rows' sums so far
@@ -217,7 +219,7 @@ class RunSession(Session):
 
     def checkpoint(self, server_round: int, arrays, strategy, grid: SimulationGrid) -> None:
         save_checkpoint(self.output_dir, server_round, {
-            "round": server_round, "config": self.spec.config,
+            "round": server_round, "config": self.spec.config, "num_nodes": self.num_nodes,
             "arrays": arrays.to_torch_state_dict(), "strategy": strategy_state(strategy),
             "rows": RawJSON(f"[{', '.join(self._row_texts)}]"), "grid": grid_counters(grid), "wall_time_s": time.perf_counter() - self.started,
         }, client_state_dir(self.spec))
@@ -263,6 +265,7 @@ class RunSession(Session):
             "clients": clients,
             "final": final,
             "system": system_report(self.spec, grid),
+            "runtime": runtime_report(self.spec, self.num_nodes),
             **fairness_report(self.spec, trained),
         }
         if hasattr(getattr(self, "strategy", None), "privacy_report"):
@@ -356,9 +359,15 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
-def check_same_experiment(saved: dict, spec: RunSpec, output_dir: Path) -> None:
-    """A checkpoint resumes only the experiment that wrote it (more rounds are allowed)."""
+def check_same_experiment(saved: dict, spec: RunSpec, output_dir: Path, saved_nodes: int | None = None) -> None:
+    """A checkpoint resumes only the experiment that wrote it (more rounds are allowed). Where the
+    checkpoint says how many Flower nodes its run had (``saved_nodes``), ``simulation.num_nodes`` is
+    checked against that count (``check_same_nodes``) instead of against the key as it was set."""
     old, new = _flatten(saved), _flatten(spec.config)
+    if saved_nodes is not None:
+        check_same_nodes(saved_nodes, spec, output_dir)
+        old.pop("simulation.num_nodes", None)
+        new.pop("simulation.num_nodes", None)
     for key in sorted(set(old) | set(new)):
         if key not in old and key in ADDED_KEYS and new.get(key) == ADDED_KEYS[key]:
             continue
@@ -366,6 +375,16 @@ def check_same_experiment(saved: dict, spec: RunSpec, output_dir: Path) -> None:
             raise ConfigError(f"{key}={new.get(key)!r}: the checkpoint in {output_dir} was made with "
                               f"{key}={old.get(key)!r}; allowed: the same experiment (only simulation.rounds "
                               "may grow), or a new hydra.run.dir")
+
+
+def check_same_nodes(saved_nodes: int, spec: RunSpec, output_dir: Path) -> None:
+    """A resumed run keeps its checkpoint's Flower node count (``num_nodes``): ``simulation.num_nodes``
+    unset, or set to that count (a ``--jobs`` sweep's jobs set it: ``__main__.share_cpus``)."""
+    given = spec.simulation.num_nodes
+    if given is not None and min(given, spec.simulation.num_clients) != saved_nodes:
+        raise ConfigError(f"simulation.num_nodes={given}: the checkpoint in {output_dir} was made with {saved_nodes} "
+                          f"Flower nodes (which clients share a message, and so the numbers); allowed: {saved_nodes} "
+                          "or null (the checkpoint's count), or a new hydra.run.dir")
 
 
 def check_rounds(saved_round: int, spec: RunSpec, output_dir: Path) -> None:
@@ -377,6 +396,18 @@ def check_rounds(saved_round: int, spec: RunSpec, output_dir: Path) -> None:
                           f"{saved_round}; allowed: >= {saved_round}, or another hydra.run.dir")
 
 
+def saved_num_nodes(saved: dict) -> int | None:
+    """The Flower nodes the run of checkpoint ``saved`` had: its ``num_nodes``, or for a checkpoint
+    from before it was kept, the count its config gives on this machine (None if that cannot be read)."""
+    if saved.get("num_nodes"):
+        return int(saved["num_nodes"])
+    try:
+        s = saved["config"]["simulation"]
+        return min(s.get("num_nodes") or client_slots(SimpleNamespace(**{"backend": "ray", **s})), s["num_clients"])
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError):
+        return None
+
+
 def resume_point(spec: RunSpec, output_dir: Path) -> dict | None:
     """The state of ``output_dir``'s newest readable checkpoint, checked against ``spec`` and with the
     client-state store put back as it was then; None for a fresh run. Runs before Ray starts, so a
@@ -384,7 +415,7 @@ def resume_point(spec: RunSpec, output_dir: Path) -> dict | None:
     if (found := load_checkpoint(output_dir)) is None:
         return None
     folder, saved = found
-    check_same_experiment(saved["config"], spec, output_dir)
+    check_same_experiment(saved["config"], spec, output_dir, saved_num_nodes(saved))
     check_rounds(saved["round"], spec, output_dir)
     log.info("resuming from round %d (%s)", saved["round"], folder)
     restore_client_state(folder, client_state_dir(spec))
@@ -407,6 +438,15 @@ def finished_results(saved: dict | None, spec: RunSpec, output_dir: Path) -> dic
         return None
     log.info("already finished: %s (simulation.rounds=%d); not run again", results_file, rounds)
     return results
+
+
+def runtime_report(spec: RunSpec, nodes: int) -> dict:
+    """How the run was laid out on this machine, beyond its config: its Flower nodes (which clients
+    share a message: with cohort-vectorized training the numbers depend on it at float rounding, so
+    ``simulation.num_nodes=<num_nodes>`` gives this run's numbers on another machine), the processes
+    its clients ran in and whether the driver ran one node's clients."""
+    s = spec.simulation
+    return {"num_nodes": nodes, "client_processes": client_slots(s), "driver_node": driver_runs_node(s)}
 
 
 def system_report(spec: RunSpec, grid: SimulationGrid) -> dict:
@@ -543,14 +583,6 @@ def _runtime_environment() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def num_nodes(spec: RunSpec) -> int:
-    """Flower nodes to simulate: ``simulation.num_nodes``, or one per client process (``client_slots``:
-    the Ray actors and, with ``simulation.driver_node``, the driver; one for the local backend, which
-    runs one message at a time); never more than clients."""
-    s = spec.simulation
-    return min(s.num_nodes or client_slots(s), s.num_clients)
-
-
 def run(spec: RunSpec, output_dir: str | Path) -> dict:
     """Run the experiment ``spec`` (or resume it from ``output_dir``'s checkpoint); returns the
     results dict also written to ``results.json``. The front ends build ``spec`` with
@@ -621,7 +653,10 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     if saved is not None:
         started -= saved["wall_time_s"]  # wall_time_s also counts the interrupted run, up to its checkpoint
     s = spec.simulation
-    nodes = num_nodes(spec)
+    nodes = num_nodes(spec, None if saved is None else saved_num_nodes(saved))
+    if nodes != num_nodes(spec):
+        log.info("resumed with the checkpoint's %d Flower nodes (here a new run would have %d): the same clients "
+                 "share a message as before, so the numbers are the uninterrupted run's", nodes, num_nodes(spec))
     server_app = build_server_app(
         make_strategy=lambda: build_strategy(spec),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,
@@ -658,7 +693,7 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
                 said = "Clients run in this process (simulation.backend=local)"
             stop.rearm()
             log.info(said)
-            session = RunSession(spec, output_dir, saved, started)
+            session = RunSession(spec, output_dir, saved, started, nodes)
             if not stop.is_set():
                 with session.progress, prompt_simulation_runtime(), fast_array_reads(), \
                         lean_client_actors(early, driver_node) if on_ray else nullcontext():

@@ -198,3 +198,46 @@ def test_fewer_rounds_on_the_command_line_are_one_line_and_exit_2(make_cfg, tmp_
         f"error: simulation.rounds=3: the run dir {tmp_path} holds a checkpoint at round 4; allowed: >= 4, "
         "or another hydra.run.dir"]
     assert not (tmp_path / "results.json").exists()
+
+
+NODES = ["strategy=fedavg", "simulation.num_clients=20", "simulation.clients_per_round=10", "simulation.rounds=4",
+         "simulation.fraction_evaluate=0", "simulation.checkpoint_every=2", "progress=false", "simulation.backend=local"]
+
+
+def _losses(results: dict) -> list:
+    return [r["train_loss"] for r in results["rounds"]], results["final"]["global_loss"], results["clients"]
+
+
+def test_a_resumed_run_keeps_its_checkpoints_flower_nodes(make_cfg, tmp_path, caplog):
+    """Which clients share a message decides a cohort's float rounding, so a run resumed where a new
+    run would have another node count (another machine, another share of the CPUs) keeps the
+    checkpoint's count and ends with the uninterrupted run's numbers bit for bit."""
+    spec = lambda *o: RunSpec.from_config(make_cfg(*NODES, *o))  # noqa: E731
+    two = runner.run(spec("simulation.num_nodes=2"), tmp_path / "two")
+    one = runner.run(spec("simulation.num_nodes=1"), tmp_path / "one")
+    assert two["runtime"] == {"num_nodes": 2, "client_processes": 1, "driver_node": False}
+    assert one["runtime"]["num_nodes"] == 1
+    assert _losses(one) != _losses(two)  # the node count shows in the numbers here (cohorts of 10 against 5)
+    runner.run(spec("simulation.num_nodes=2", "simulation.rounds=2"), tmp_path / "resumed")
+    assert json.loads((checkpoint_folders(tmp_path / "resumed")[0] / STATE_FILE).read_text())["state"]["num_nodes"] == 2
+    with caplog.at_level(logging.INFO, logger="octomil_sim"):
+        resumed = runner.run(spec("simulation.num_nodes=null"), tmp_path / "resumed")  # a new run here: 1 node
+    assert "resumed with the checkpoint's 2 Flower nodes (here a new run would have 1)" in caplog.text
+    assert resumed["runtime"]["num_nodes"] == 2
+    assert _losses(resumed) == _losses(two)
+    with pytest.raises(ConfigError) as err:  # a count set on the command line must be the checkpoint's
+        runner.run(spec("simulation.num_nodes=3", "simulation.rounds=6"), tmp_path / "resumed")
+    assert str(err.value) == (f"simulation.num_nodes=3: the checkpoint in {tmp_path / 'resumed'} was made with 2 Flower "
+                              "nodes (which clients share a message, and so the numbers); allowed: 2 or null (the "
+                              "checkpoint's count), or a new hydra.run.dir")
+
+
+def test_a_checkpoint_from_before_the_node_count_was_kept_gives_its_configs_count():
+    sim = {"backend": "local", "num_clients": 20, "num_nodes": None, "ray_num_cpus": None, "num_cpus_per_client": 1,
+           "num_gpus_per_client": 0.0, "ray_address": None}
+    assert runner.saved_num_nodes({"config": {"simulation": sim}}) == 1
+    assert runner.saved_num_nodes({"config": {"simulation": {**sim, "num_nodes": 4}}}) == 4
+    assert runner.saved_num_nodes({"config": {"simulation": {**sim, "backend": "ray", "ray_num_cpus": 3}}}) == 3
+    assert runner.saved_num_nodes({"config": {"simulation": {**sim, "backend": "ray", "ray_num_cpus": 64}}}) == 20
+    assert runner.saved_num_nodes({"num_nodes": 5, "config": {"simulation": sim}}) == 5
+    assert runner.saved_num_nodes({"config": {}}) is None

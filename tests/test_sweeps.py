@@ -10,6 +10,7 @@ import pytest
 
 from octomil_sim.__main__ import check_parallel_jobs, share_cpus
 from octomil_sim.cli import train_overrides
+from octomil_sim.config import num_nodes
 from octomil_sim.errors import ConfigError
 
 SMALL = ["simulation.num_clients=8", "simulation.clients_per_round=4", "simulation.rounds=3",
@@ -35,6 +36,9 @@ def test_each_job_gets_its_share_of_the_cpus(make_spec):
     assert share_cpus(spec, 2).simulation.ray_num_cpus == max(1, os.cpu_count() // 2)
     assert share_cpus(make_spec("simulation.ray_num_cpus=1"), 2).simulation.ray_num_cpus == 1  # set by the user
     assert share_cpus(make_spec("simulation.ray_address=auto"), 2).simulation.ray_num_cpus is None  # a cluster
+    # each job keeps the Flower nodes it has alone (so its clients share messages as alone), or those set
+    assert share_cpus(spec, 2).simulation.num_nodes == num_nodes(spec) == min(os.cpu_count(), 100)
+    assert share_cpus(make_spec("simulation.num_nodes=3"), 2).simulation.num_nodes == 3
 
 
 def _sweep(tmp_path, *extra):
@@ -52,13 +56,19 @@ def _sweep(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_a_sweep_runs_its_jobs_side_by_side_with_the_same_numbers(tmp_path):
-    side = _sweep(tmp_path / "side", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    """Each job gets half of the CPUs and keeps the Flower nodes it has alone, so its clients share
+    messages (cohorts) as alone and its numbers are the run's alone, bit for bit (10 clients a round:
+    cohorts train together, and their float rounding depends on which clients share one)."""
+    cohorts = ["simulation.num_clients=20", "simulation.clients_per_round=10"]
+    side = _sweep(tmp_path / "side", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *cohorts)
     one_cpu = max(1, os.cpu_count() // 2)
     assert sorted(side) == [0, 1]
     assert all(r["config"]["simulation"]["ray_num_cpus"] == one_cpu for r, _, _ in side.values())
     (_, start0, end0), (_, start1, end1) = side[0], side[1]
     assert start0 < end1 and start1 < end0  # the two jobs overlapped in time
-    alone = _sweep(tmp_path / "alone", f"simulation.ray_num_cpus={one_cpu}")  # one after the other, same CPUs
+    alone = _sweep(tmp_path / "alone", *cohorts)  # one after the other, all CPUs each
     for seed in (0, 1):
-        assert side[seed][0]["final"]["global_acc"] == alone[seed][0]["final"]["global_acc"]
-        assert side[seed][0]["rounds"][-1]["train_loss"] == alone[seed][0]["rounds"][-1]["train_loss"]
+        assert side[seed][0]["runtime"]["num_nodes"] == alone[seed][0]["runtime"]["num_nodes"] == min(os.cpu_count(), 20)
+        assert side[seed][0]["runtime"]["client_processes"] == one_cpu
+        assert side[seed][0]["final"] == {**alone[seed][0]["final"], "driver_rss_mb": side[seed][0]["final"]["driver_rss_mb"]}
+        assert [r["train_loss"] for r in side[seed][0]["rounds"]] == [r["train_loss"] for r in alone[seed][0]["rounds"]]
