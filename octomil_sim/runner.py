@@ -444,9 +444,34 @@ def runtime_report(spec: RunSpec, nodes: int) -> dict:
     """How the run was laid out on this machine, beyond its config: its Flower nodes (which clients
     share a message: with cohort-vectorized training the numbers depend on it at float rounding, so
     ``simulation.num_nodes=<num_nodes>`` gives this run's numbers on another machine), the processes
-    its clients ran in and whether the driver ran one node's clients."""
+    its clients ran in, whether the driver ran one node's clients, and ``environment``."""
     s = spec.simulation
-    return {"num_nodes": nodes, "client_processes": client_slots(s), "driver_node": driver_runs_node(s)}
+    return {"num_nodes": nodes, "client_processes": client_slots(s), "driver_node": driver_runs_node(s),
+            "environment": environment_report(s)}
+
+
+def environment_report(s) -> dict:
+    """What besides the code and config decides a run's float rounding, as the driver's process sees
+    it (a cluster's nodes may differ): the versions of Python, PyTorch, NumPy and Flower, the CPU and
+    the kernels PyTorch dispatches to on it (``torch.backends.cpu.get_cpu_capability``: the same run
+    with ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine rounds its first round's training loss
+    differently, about 1e-9), and the GPU when clients train on one."""
+    import platform
+
+    import flwr
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "flwr": flwr.__version__, "platform": platform.platform(), "cpu": cpu,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if s.num_gpus_per_client and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
 
 
 def system_report(spec: RunSpec, grid: SimulationGrid) -> dict:
