@@ -87,13 +87,20 @@ def share_cpus(spec, jobs: int):
     among the jobs' actors, or that sets ``ray_num_cpus`` itself, is left as it is. A job keeps the
     Flower nodes it would have alone (``simulation.num_nodes``, unless set: ``config.num_nodes``), so
     its clients share messages as they would alone and its numbers are the run's alone, also with
-    cohort-vectorized training, whose float rounding depends on which clients share a message."""
+    cohort-vectorized training, whose float rounding depends on which clients share a message. A CPU
+    job whose share is one client process runs its clients in its own process
+    (``simulation.backend=local``): its one Ray actor would run the nodes' messages one after the
+    other too, and the local backend gives the same numbers without Ray's start and transport."""
     from octomil_sim.config import num_nodes
 
     s = spec.simulation
     if jobs <= 1 or s.ray_address is not None or s.ray_num_cpus is not None:
         return spec
-    return spec.replace(simulation={"ray_num_cpus": max(1, (os.cpu_count() or 1) // jobs), "num_nodes": num_nodes(spec)})
+    share = max(1, (os.cpu_count() or 1) // jobs)
+    changes = {"ray_num_cpus": share, "num_nodes": num_nodes(spec)}
+    if s.backend == "ray" and not s.num_gpus_per_client and share // s.num_cpus_per_client <= 1:
+        changes["backend"] = "local"
+    return spec.replace(simulation=changes)
 
 
 def check_parallel_jobs(args: list[str]) -> list[str]:

@@ -41,6 +41,19 @@ def test_each_job_gets_its_share_of_the_cpus(make_spec):
     assert share_cpus(make_spec("simulation.num_nodes=3"), 2).simulation.num_nodes == 3
 
 
+
+def test_a_job_whose_share_is_one_client_process_runs_its_clients_in_its_own_process(make_spec, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    spec = make_spec()
+    assert num_nodes(spec) == 8
+    four, one = share_cpus(spec, 2).simulation, share_cpus(spec, 8).simulation
+    assert (four.backend, four.ray_num_cpus, four.num_nodes) == ("ray", 4, 8)
+    assert (one.backend, one.ray_num_cpus, one.num_nodes) == ("local", 1, 8)  # the same nodes: the same numbers
+    assert share_cpus(make_spec("simulation.num_cpus_per_client=2"), 4).simulation.backend == "local"  # 2 CPUs, one actor
+    assert share_cpus(make_spec("simulation.num_cpus_per_client=2"), 2).simulation.backend == "ray"
+    assert share_cpus(make_spec("simulation.num_gpus_per_client=0.5"), 8).simulation.backend == "ray"  # a GPU job
+
+
 def _sweep(tmp_path, *extra):
     cmd = [sys.executable, "-m", "octomil_sim", "-m", "simulation.seed=0,1", *SMALL, f"hydra.sweep.dir={tmp_path}",
            *extra]
@@ -69,6 +82,8 @@ def test_a_sweep_runs_its_jobs_side_by_side_with_the_same_numbers(tmp_path):
     alone = _sweep(tmp_path / "alone", *cohorts)  # one after the other, all CPUs each
     for seed in (0, 1):
         assert side[seed][0]["runtime"]["num_nodes"] == alone[seed][0]["runtime"]["num_nodes"] == min(os.cpu_count(), 20)
+        # one CPU a job: its clients run in its own process (the local backend), as one actor would run them
+        assert side[seed][0]["config"]["simulation"]["backend"] == ("local" if one_cpu == 1 else "ray")
         assert side[seed][0]["runtime"]["client_processes"] == one_cpu
         assert side[seed][0]["final"] == {**alone[seed][0]["final"], "driver_rss_mb": side[seed][0]["final"]["driver_rss_mb"]}
         assert [r["train_loss"] for r in side[seed][0]["rounds"]] == [r["train_loss"] for r in alone[seed][0]["rounds"]]
