@@ -41,13 +41,16 @@ if not OmegaConf.has_resolver("octomil_sim.dirname"):
 
 @hydra.main(config_path="pkg://octomil_sim.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from octomil_sim.checkpoint import checkpoint_folders
     from octomil_sim.runner import run
     from octomil_sim.spec import RunSpec
 
     try:
         check_added_keys(cfg, list(HydraConfig.get().overrides.task))
         check_output_paths(HydraConfig.get().runtime.output_dir)
-        results = run(share_cpus(RunSpec.from_config(cfg), parallel_jobs()), HydraConfig.get().runtime.output_dir)
+        output_dir = HydraConfig.get().runtime.output_dir
+        results = run(share_cpus(RunSpec.from_config(cfg), parallel_jobs(), resuming=bool(checkpoint_folders(output_dir))),
+                      output_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -80,27 +83,29 @@ def parallel_jobs() -> int:
     return int(hc.launcher.get("n_jobs") or 1)
 
 
-def share_cpus(spec, jobs: int):
+def share_cpus(spec, jobs: int, resuming: bool = False):
     """With ``jobs`` runs side by side on this machine, each run's private Ray instance gets its share
     of the CPUs (``simulation.ray_num_cpus``), so that the jobs' client actors never outnumber the
     cores; a run that joins a cluster (``ray_address``), whose scheduler shares the cluster's CPUs
     among the jobs' actors, or that sets ``ray_num_cpus`` itself, is left as it is. A job keeps the
     Flower nodes it would have alone (``simulation.num_nodes``, unless set: ``config.num_nodes``), so
     its clients share messages as they would alone and its numbers are the run's alone, also with
-    cohort-vectorized training, whose float rounding depends on which clients share a message. A CPU
+    cohort-vectorized training, whose float rounding depends on which clients share a message; a job
+    ``resuming`` a checkpoint keeps that checkpoint's count instead (``runner.resume_point``). A CPU
     job whose share is one client process runs its clients in its own process
-    (``simulation.backend=local``): its one Ray actor would run the nodes' messages one after the
-    other too, and the local backend gives the same numbers without Ray's start and transport."""
+    (``simulation.backend=local``, Ray's CPUs left unset): its one Ray actor would run the nodes'
+    messages one after the other too, and the local backend gives the same numbers without Ray's
+    start and transport."""
     from octomil_sim.config import num_nodes
 
     s = spec.simulation
     if jobs <= 1 or s.ray_address is not None or s.ray_num_cpus is not None:
         return spec
     share = max(1, (os.cpu_count() or 1) // jobs)
-    changes = {"ray_num_cpus": share, "num_nodes": num_nodes(spec)}
+    changes = {} if resuming or s.num_nodes is not None else {"num_nodes": num_nodes(spec)}
     if s.backend == "ray" and not s.num_gpus_per_client and share // s.num_cpus_per_client <= 1:
-        changes["backend"] = "local"
-    return spec.replace(simulation=changes)
+        return spec.replace(simulation={**changes, "backend": "local"})
+    return spec.replace(simulation={**changes, "ray_num_cpus": share})
 
 
 def check_parallel_jobs(args: list[str]) -> list[str]:

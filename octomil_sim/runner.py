@@ -148,6 +148,7 @@ class RunSession(Session):
     def __init__(self, spec: RunSpec, output_dir: Path, saved: dict | None, started: float, num_nodes: int = 1):
         self.spec, self.output_dir, self.saved, self.started = spec, output_dir, saved, started
         self.num_nodes = num_nodes  # the Flower nodes this run has (``config.num_nodes``): checkpoints keep it
+        self.environment = environment_report()  # before the run starts (``runtime_report``)
         self.rows: list[dict] = []
         self._row_texts: list[str] = []  # each row's JSON, made once (checkpoints write them all: ``RawJSON``)
         self._counted = {"failed_clients": 0, "stragglers": 0}  # the rows' sums so far
@@ -265,7 +266,7 @@ class RunSession(Session):
             "clients": clients,
             "final": final,
             "system": system_report(self.spec, grid),
-            "runtime": runtime_report(self.spec, self.num_nodes),
+            "runtime": runtime_report(self.spec, self.num_nodes, self.environment),
             **fairness_report(self.spec, trained),
         }
         if hasattr(getattr(self, "strategy", None), "privacy_report"):
@@ -440,38 +441,40 @@ def finished_results(saved: dict | None, spec: RunSpec, output_dir: Path) -> dic
     return results
 
 
-def runtime_report(spec: RunSpec, nodes: int) -> dict:
+def runtime_report(spec: RunSpec, nodes: int, environment: dict) -> dict:
     """How the run was laid out on this machine, beyond its config: its Flower nodes (which clients
     share a message: with cohort-vectorized training the numbers depend on it at float rounding, so
     ``simulation.num_nodes=<num_nodes>`` gives this run's numbers on another machine), the processes
-    its clients ran in, whether the driver ran one node's clients, and ``environment``."""
+    its clients ran in, whether the driver ran one node's clients, and ``environment_report``'s."""
     s = spec.simulation
     return {"num_nodes": nodes, "client_processes": client_slots(s), "driver_node": driver_runs_node(s),
-            "environment": environment_report(s)}
+            "environment": environment}
 
 
-def environment_report(s) -> dict:
+def environment_report() -> dict:
     """What besides the code and config decides a run's float rounding, as the driver's process sees
-    it (a cluster's nodes may differ): the versions of Python, PyTorch, NumPy and Flower, the CPU and
-    the kernels PyTorch dispatches to on it (``torch.backends.cpu.get_cpu_capability``: the same run
-    with ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine rounds its first round's training loss
-    differently, about 1e-9), and the GPU when clients train on one."""
-    import platform
-
-    import flwr
-
-    cpu = platform.processor() or platform.machine()
+    it (a cluster's nodes may differ; a resumed run: where it was resumed): the versions of Python,
+    PyTorch (and the CUDA it was built for), NumPy and Flower, the CPU, and the kernels PyTorch
+    dispatches to on it (``torch.backends.cpu.get_cpu_capability``: the same run with
+    ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine rounds its first round's training loss
+    differently, about 1e-9). Made before the run starts; never raises (what it cannot read is
+    ``error``): a record must not cost a run."""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "flwr": flwr.__version__, "platform": platform.platform(), "cpu": cpu,
-           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    if s.num_gpus_per_client and torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-    return out
+        import platform
+
+        import flwr
+
+        cpu = None
+        try:
+            cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("model name")), None)
+        except OSError:
+            pass
+        return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "numpy": np.__version__, "flwr": flwr.__version__, "platform": platform.platform(),
+                "cpu": cpu or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    except Exception as err:  # noqa: BLE001
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def system_report(spec: RunSpec, grid: SimulationGrid) -> dict:

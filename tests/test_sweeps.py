@@ -30,32 +30,37 @@ def test_train_jobs_flag_is_a_joblib_sweep():
         "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "simulation.seed=0,1"]
 
 
-def test_each_job_gets_its_share_of_the_cpus(make_spec):
+def test_each_job_gets_its_share_of_the_cpus(make_spec, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     spec = make_spec()
     assert share_cpus(spec, 1) is spec
-    assert share_cpus(spec, 2).simulation.ray_num_cpus == max(1, os.cpu_count() // 2)
+    assert share_cpus(spec, 2).simulation.ray_num_cpus == 4
     assert share_cpus(make_spec("simulation.ray_num_cpus=1"), 2).simulation.ray_num_cpus == 1  # set by the user
     assert share_cpus(make_spec("simulation.ray_address=auto"), 2).simulation.ray_num_cpus is None  # a cluster
-    # each job keeps the Flower nodes it has alone (so its clients share messages as alone), or those set
-    assert share_cpus(spec, 2).simulation.num_nodes == num_nodes(spec) == min(os.cpu_count(), 100)
+    # each job keeps the Flower nodes it has alone (so its clients share messages as alone), or those set,
+    # or, resuming, its checkpoint's (``runner.resume_point``)
+    assert share_cpus(spec, 2).simulation.num_nodes == num_nodes(spec) == 8
     assert share_cpus(make_spec("simulation.num_nodes=3"), 2).simulation.num_nodes == 3
-
+    assert share_cpus(spec, 2, resuming=True).simulation.num_nodes is None
 
 
 def test_a_job_whose_share_is_one_client_process_runs_its_clients_in_its_own_process(make_spec, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     spec = make_spec()
-    assert num_nodes(spec) == 8
     four, one = share_cpus(spec, 2).simulation, share_cpus(spec, 8).simulation
     assert (four.backend, four.ray_num_cpus, four.num_nodes) == ("ray", 4, 8)
-    assert (one.backend, one.ray_num_cpus, one.num_nodes) == ("local", 1, 8)  # the same nodes: the same numbers
-    assert share_cpus(make_spec("simulation.num_cpus_per_client=2"), 4).simulation.backend == "local"  # 2 CPUs, one actor
-    assert share_cpus(make_spec("simulation.num_cpus_per_client=2"), 2).simulation.backend == "ray"
+    assert (one.backend, one.ray_num_cpus, one.num_nodes) == ("local", None, 8)  # the same nodes: the same numbers
+    two_cpus = make_spec("simulation.num_cpus_per_client=2")
+    assert share_cpus(two_cpus, 4).simulation.backend == "local"  # 2 CPUs a job: one actor
+    assert share_cpus(two_cpus, 8).simulation.backend == "local"  # 1 CPU, under a client's 2: runs all the same
+    assert share_cpus(two_cpus, 2).simulation.backend == "ray"
     assert share_cpus(make_spec("simulation.num_gpus_per_client=0.5"), 8).simulation.backend == "ray"  # a GPU job
 
 
 def _sweep(tmp_path, *extra):
-    cmd = [sys.executable, "-m", "octomil_sim", "-m", "simulation.seed=0,1", *SMALL, f"hydra.sweep.dir={tmp_path}",
+    given = {e.split("=", 1)[0] for e in extra}
+    small = [a for a in SMALL if a.split("=", 1)[0] not in given]
+    cmd = [sys.executable, "-m", "octomil_sim", "-m", "simulation.seed=0,1", *small, f"hydra.sweep.dir={tmp_path}",
            *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -72,11 +77,12 @@ def test_a_sweep_runs_its_jobs_side_by_side_with_the_same_numbers(tmp_path):
     """Each job gets half of the CPUs and keeps the Flower nodes it has alone, so its clients share
     messages (cohorts) as alone and its numbers are the run's alone, bit for bit (10 clients a round:
     cohorts train together, and their float rounding depends on which clients share one)."""
-    cohorts = ["simulation.num_clients=20", "simulation.clients_per_round=10"]
+    # (100 rounds: each job runs long enough, a few seconds, that the two overlap however their starts fall)
+    cohorts = ["simulation.num_clients=20", "simulation.clients_per_round=10", "simulation.rounds=100"]
     side = _sweep(tmp_path / "side", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *cohorts)
     one_cpu = max(1, os.cpu_count() // 2)
     assert sorted(side) == [0, 1]
-    assert all(r["config"]["simulation"]["ray_num_cpus"] == one_cpu for r, _, _ in side.values())
+    assert all(r["config"]["simulation"]["ray_num_cpus"] == (None if one_cpu == 1 else one_cpu) for r, _, _ in side.values())
     (_, start0, end0), (_, start1, end1) = side[0], side[1]
     assert start0 < end1 and start1 < end0  # the two jobs overlapped in time
     alone = _sweep(tmp_path / "alone", *cohorts)  # one after the other, all CPUs each
