@@ -137,6 +137,7 @@ def plain_loop(out: Path, args: list[str]) -> None:
     from octomil_sim.runner import initial_arrays
     from octomil_sim.spec import RunSpec
     from octomil_sim.training import evaluate
+    from strategies.fedavg import MEASURE_LOSS_BEFORE
 
     with initialize_config_module(config_module="octomil_sim.conf", version_base="1.3"):
         cfg = RunSpec.from_config(compose("config", overrides=[*args, "simulation.state_store=memory"]))
@@ -155,7 +156,9 @@ def plain_loop(out: Path, args: list[str]) -> None:
         uploads, sizes = [], []
         for client in sampled:
             model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
-            task = rt.task(RecordDict({"config": ConfigRecord({"server-round": server_round})}), client, salt=0)
+            # as the framework's FedAvg server says (no fairness policy): no loss_before pass
+            config = ConfigRecord({"server-round": server_round, MEASURE_LOSS_BEFORE: False})
+            task = rt.task(RecordDict({"config": config}), client, salt=0)
             upload, _ = rt.algorithm.train(model, task)
             uploads.append({k: v.detach().numpy().copy() for k, v in upload.items()})
             sizes.append(float(task.data.num_train))

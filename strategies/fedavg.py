@@ -27,6 +27,8 @@ from octomil_sim.server_app import SeededSampling
 from octomil_sim.training import evaluate, sgd_epochs
 
 LOSS_BEFORE = "loss_before"
+#: train config key: whether FedAvg-family clients measure ``loss_before`` (absent: they do)
+MEASURE_LOSS_BEFORE = "measure-loss-before"
 
 
 def server_step(w: torch.Tensor, w_avg: torch.Tensor, lr: float) -> torch.Tensor:
@@ -121,6 +123,8 @@ class FedAvg(SeededSampling, FlowerFedAvg):
 
     def configure_train(self, server_round, arrays, config, grid):
         self.sent = arrays
+        if self.fairness is None:  # nothing on this server reads loss_before: clients skip measuring it
+            config[MEASURE_LOSS_BEFORE] = False
         return super().configure_train(server_round, arrays, config, grid)
 
     def step_toward(self, averaged: ArrayRecord | None, lr: float) -> ArrayRecord | None:
@@ -296,18 +300,27 @@ def loss_before(model: nn.Module, task: ClientTask) -> float:
     return evaluate(model, task.data.x_train, task.data.y_train)[0]
 
 
+def measures_loss_before(task: ClientTask) -> bool:
+    """Whether the server reads ``loss_before`` this round: a FedAvg server without a fairness policy
+    says it does not (``MEASURE_LOSS_BEFORE``), and the clients skip that pass over their training
+    split (it costs about a tenth of an epoch of local SGD for MLR, more for bigger models); any
+    other server (q-FFL's, a strategy of one's own) gets it."""
+    return bool(task.config.get(MEASURE_LOSS_BEFORE, True))
+
+
 class FedAvgClient(ClientAlgorithm):
     """Local SGD on the client's training split; the global model is also its deployed model.
     Reports ``loss_before``, the received global model's loss F_k(w) on the training split, which
-    fairness strategies (tilting, q-FFL, group bounds, MaxFL) weight clients by. ``train_cohort``
-    trains a message's clients together (``octomil_sim.cohort``) when the model allows."""
+    fairness strategies (tilting, q-FFL, group bounds, MaxFL) weight clients by, unless the server
+    says it does not read it (``measures_loss_before``). ``train_cohort`` trains a message's clients
+    together (``octomil_sim.cohort``) when the model allows."""
 
     reuses_model = True  # local_sgd changes parameter values only; the upload is a state dict of them
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
-        before = loss_before(model, task)
+        before = {LOSS_BEFORE: loss_before(model, task)} if measures_loss_before(task) else {}
         loss = local_sgd(model, task)
-        return model.state_dict(), {"train_loss": loss, LOSS_BEFORE: before}
+        return model.state_dict(), {"train_loss": loss, **before}
 
     def train_cohort(self, models: list[nn.Module], tasks: list[ClientTask]):
         if type(self).train is not FedAvgClient.train or not vectorizes(models[0]):
@@ -317,7 +330,6 @@ class FedAvgClient(ClientAlgorithm):
     @staticmethod
     def fedavg_cohort(models: list[nn.Module], tasks: list[ClientTask]) -> list[tuple[Tensors, dict[str, float]]]:
         """``FedAvgClient.train`` for every client of a cohort at once."""
-        befores = [loss_before(m, t) for m, t in zip(models, tasks)]
+        befores = [{LOSS_BEFORE: loss_before(m, t)} if measures_loss_before(t) else {} for m, t in zip(models, tasks)]
         losses = cohort_local_sgd(models, tasks)
-        return [(m.state_dict(), {"train_loss": loss, LOSS_BEFORE: before})
-                for m, loss, before in zip(models, losses, befores)]
+        return [(m.state_dict(), {"train_loss": loss, **before}) for m, loss, before in zip(models, losses, befores)]

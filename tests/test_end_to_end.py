@@ -103,11 +103,14 @@ def fedavg_small(tmp_path_factory):
 
 
 def test_tilt_zero_is_fedavg_end_to_end(make_spec, tmp_path, fedavg_small):
-    """t = 0 leaves every weight at n_k, so the whole run equals FedAvg's to the last bit."""
+    """t = 0 leaves every weight at n_k, so the whole run equals FedAvg's to the last bit; also where
+    FedAvg's clients skip measuring loss_before, which nothing on its server reads, and the tilted
+    run's clients measure it."""
     tilted = run(make_spec("strategy=tilted", "strategy.server.t=0", *SMALL), tmp_path)
     fedavg = fedavg_small(())
     assert [c["global_acc"] for c in tilted["clients"]] == [c["global_acc"] for c in fedavg["clients"]]
     assert [r["train_loss"] for r in tilted["rounds"]] == [r["train_loss"] for r in fedavg["rounds"]]
+    assert all("loss_before" in r for r in tilted["rounds"]) and not any("loss_before" in r for r in fedavg["rounds"])
 
 
 def test_bounded_group_loss_reports_groups_and_duals(make_spec, tmp_path):

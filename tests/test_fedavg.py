@@ -6,7 +6,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from helpers import GRAD_B, GRAD_W, constant_mlr, one_example_task, train_reply
-from strategies.fedavg import FedAvg, FedAvgClient
+from strategies.fedavg import MEASURE_LOSS_BEFORE, FedAvg, FedAvgClient
+from strategies.tilted import TiltedFedAvg
 from strategies.finetune import FineTuneClient
 
 
@@ -60,3 +61,25 @@ def test_seeded_sampling_is_a_function_of_seed_and_round(task_identity):
     assert picked(0, 1) != picked(0, 2)
     assert picked(0, 1) != picked(1, 1)
     assert len(set(picked(0, 1))) == 10
+
+
+def test_clients_measure_loss_before_only_where_the_server_reads_it(task_identity):
+    """A FedAvg server without a fairness policy tells its clients not to measure loss_before (a pass
+    over the training split each round); a fairness server, and a server that says nothing (q-FFL's,
+    one's own), gets it. Measured or not, the update is the same."""
+    class Grid:
+        def get_node_ids(self):
+            return list(range(1, 11))
+
+    def config(strategy):
+        [message, *_] = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Grid())
+        return dict(message.content["config"])
+
+    kw = dict(fraction_train=0.2, min_train_nodes=2, min_available_nodes=10)
+    assert config(FedAvg(**kw))[MEASURE_LOSS_BEFORE] is False
+    assert MEASURE_LOSS_BEFORE not in config(TiltedFedAvg(t=1.0, **kw))
+    skipped, skipped_out = FedAvgClient().train(constant_mlr(0.0), one_example_task(config={MEASURE_LOSS_BEFORE: False}))
+    measured, measured_out = FedAvgClient().train(constant_mlr(0.0), one_example_task())
+    assert "loss_before" not in skipped_out and measured_out["loss_before"] == pytest.approx(np.log(3), rel=1e-6)
+    assert skipped_out["train_loss"] == measured_out["train_loss"]
+    assert all(torch.equal(skipped[k], measured[k]) for k in measured)
