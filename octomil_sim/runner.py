@@ -457,7 +457,7 @@ def environment_report() -> dict:
     PyTorch (and the CUDA it was built for), NumPy and Flower, the CPU, and the kernels PyTorch
     dispatches to on it (``torch.backends.cpu.get_cpu_capability``: the same run with
     ``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine rounds its first round's training loss
-    differently, about 1e-9). Made before the run starts; never raises (what it cannot read is
+    differently, by a few 1e-9). Made before the run starts; never raises (what it cannot read is
     ``error``): a record must not cost a run."""
     try:
         import platform

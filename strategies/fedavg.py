@@ -105,6 +105,7 @@ class FedAvg(SeededSampling, FlowerFedAvg):
     WEIGHT = "aggregation-weight"
     coefficient_step = False
     server_lr = 1.0
+    reads_loss_before = False  # True: a subclass reads its clients' loss_before itself (not through a policy)
 
     def __init__(self, fairness: FairnessPolicy | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -123,7 +124,7 @@ class FedAvg(SeededSampling, FlowerFedAvg):
 
     def configure_train(self, server_round, arrays, config, grid):
         self.sent = arrays
-        if self.fairness is None:  # nothing on this server reads loss_before: clients skip measuring it
+        if self.fairness is None and not self.reads_loss_before:  # nothing here reads loss_before: clients skip it
             config[MEASURE_LOSS_BEFORE] = False
         return super().configure_train(server_round, arrays, config, grid)
 

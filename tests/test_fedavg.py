@@ -78,6 +78,11 @@ def test_clients_measure_loss_before_only_where_the_server_reads_it(task_identit
     kw = dict(fraction_train=0.2, min_train_nodes=2, min_available_nodes=10)
     assert config(FedAvg(**kw))[MEASURE_LOSS_BEFORE] is False
     assert MEASURE_LOSS_BEFORE not in config(TiltedFedAvg(t=1.0, **kw))
+
+    class ReadsItself(FedAvg):
+        reads_loss_before = True
+
+    assert MEASURE_LOSS_BEFORE not in config(ReadsItself(**kw))
     skipped, skipped_out = FedAvgClient().train(constant_mlr(0.0), one_example_task(config={MEASURE_LOSS_BEFORE: False}))
     measured, measured_out = FedAvgClient().train(constant_mlr(0.0), one_example_task())
     assert "loss_before" not in skipped_out and measured_out["loss_before"] == pytest.approx(np.log(3), rel=1e-6)
