@@ -1,7 +1,8 @@
 """Benchmark (not a test): one ``-m`` sweep of four jobs, run one after the other (Hydra's basic
 launcher; each job's private Ray instance uses every CPU) against two at a time (Hydra's joblib
 launcher, ``octomil-sim train --jobs 2``; each job gets half of the CPUs, ``simulation.ray_num_cpus``,
-and keeps the Flower nodes it has alone, ``simulation.num_nodes``). Both sweeps run back to back in
+or, where half is one client process, runs on the local backend, and keeps the Flower nodes it has
+alone, ``simulation.num_nodes``). Both sweeps run back to back in
 this script on the same machine; the table says whether every job ended with the same numbers in both.
 
     python experiments/bench_sweep.py

@@ -48,9 +48,9 @@ def main(cfg: DictConfig) -> float:
     try:
         check_added_keys(cfg, list(HydraConfig.get().overrides.task))
         check_output_paths(HydraConfig.get().runtime.output_dir)
-        output_dir = HydraConfig.get().runtime.output_dir
-        results = run(share_cpus(RunSpec.from_config(cfg), parallel_jobs(), resuming=bool(checkpoint_folders(output_dir))),
-                      output_dir)
+        output_dir, jobs = HydraConfig.get().runtime.output_dir, parallel_jobs()
+        resuming = jobs > 1 and bool(checkpoint_folders(output_dir))  # (only a job side by side asks)
+        results = run(share_cpus(RunSpec.from_config(cfg), jobs, resuming=resuming), output_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -235,9 +235,7 @@ def num_nodes(spec, saved_nodes: int | None = None) -> int:
     depends on, so another count (another machine, a ``--jobs`` share of the CPUs) would part the
     resumed run from the uninterrupted one."""
     s = spec.simulation
-    if s.num_nodes is None and saved_nodes:
-        return min(saved_nodes, s.num_clients)
-    return min(s.num_nodes or client_slots(s), s.num_clients)
+    return min(s.num_nodes or saved_nodes or client_slots(s), s.num_clients)
 
 
 def ray_actors(s) -> int:

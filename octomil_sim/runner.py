@@ -403,8 +403,7 @@ def saved_num_nodes(saved: dict) -> int | None:
     if saved.get("num_nodes"):
         return int(saved["num_nodes"])
     try:
-        s = saved["config"]["simulation"]
-        return min(s.get("num_nodes") or client_slots(SimpleNamespace(**{"backend": "ray", **s})), s["num_clients"])
+        return num_nodes(SimpleNamespace(simulation=SimpleNamespace(**{"backend": "ray", **saved["config"]["simulation"]})))
     except (KeyError, TypeError, AttributeError, ZeroDivisionError):
         return None
 
@@ -681,10 +680,10 @@ def _run(spec: RunSpec, output_dir: Path, stop: StopRequest) -> dict:
     if saved is not None:
         started -= saved["wall_time_s"]  # wall_time_s also counts the interrupted run, up to its checkpoint
     s = spec.simulation
-    nodes = num_nodes(spec, None if saved is None else saved_num_nodes(saved))
-    if nodes != num_nodes(spec):
+    nodes, fresh = num_nodes(spec, None if saved is None else saved_num_nodes(saved)), num_nodes(spec)
+    if nodes != fresh:
         log.info("resumed with the checkpoint's %d Flower nodes (here a new run would have %d): the same clients "
-                 "share a message as before, so the numbers are the uninterrupted run's", nodes, num_nodes(spec))
+                 "share a message as before, so the numbers are the uninterrupted run's", nodes, fresh)
     server_app = build_server_app(
         make_strategy=lambda: build_strategy(spec),
         session=lambda: session, num_rounds=s.rounds, num_clients=s.num_clients, num_nodes=nodes,

@@ -309,6 +309,11 @@ def measures_loss_before(task: ClientTask) -> bool:
     return bool(task.config.get(MEASURE_LOSS_BEFORE, True))
 
 
+def reported_loss_before(model: nn.Module, task: ClientTask) -> dict[str, float]:
+    """``{loss_before: F_k(w)}`` for a client's reply where the server reads it, else nothing."""
+    return {LOSS_BEFORE: loss_before(model, task)} if measures_loss_before(task) else {}
+
+
 class FedAvgClient(ClientAlgorithm):
     """Local SGD on the client's training split; the global model is also its deployed model.
     Reports ``loss_before``, the received global model's loss F_k(w) on the training split, which
@@ -319,7 +324,7 @@ class FedAvgClient(ClientAlgorithm):
     reuses_model = True  # local_sgd changes parameter values only; the upload is a state dict of them
 
     def train(self, model: nn.Module, task: ClientTask) -> tuple[Tensors, dict[str, float]]:
-        before = {LOSS_BEFORE: loss_before(model, task)} if measures_loss_before(task) else {}
+        before = reported_loss_before(model, task)
         loss = local_sgd(model, task)
         return model.state_dict(), {"train_loss": loss, **before}
 
@@ -331,6 +336,6 @@ class FedAvgClient(ClientAlgorithm):
     @staticmethod
     def fedavg_cohort(models: list[nn.Module], tasks: list[ClientTask]) -> list[tuple[Tensors, dict[str, float]]]:
         """``FedAvgClient.train`` for every client of a cohort at once."""
-        befores = [{LOSS_BEFORE: loss_before(m, t)} if measures_loss_before(t) else {} for m, t in zip(models, tasks)]
+        befores = [reported_loss_before(m, t) for m, t in zip(models, tasks)]
         losses = cohort_local_sgd(models, tasks)
         return [(m.state_dict(), {"train_loss": loss, **before}) for m, loss, before in zip(models, losses, befores)]
