@@ -126,7 +126,7 @@ def check_parallel_jobs(args: list[str]) -> list[str]:
 
 
 def cli() -> None:
-    """``octomil-sim`` / ``python -m octomil_sim``: ``init``, ``train`` and ``report`` subcommands
+    """``octomil-sim`` / ``python -m octomil_sim``: ``init``, ``train``, ``report`` and ``compare`` subcommands
     (``octomil_sim.cli``), or Hydra overrides as they are (``python -m octomil_sim strategy=ditto``)."""
     from octomil_sim import cli as commands
     from octomil_sim.config import EXTRA_CONFIG_DIRS
@@ -136,6 +136,8 @@ def cli() -> None:
         if args and args[0] in ("init", "report"):
             getattr(commands, args[0])(args[1:])
             return
+        if args and args[0] == "compare":
+            sys.exit(commands.compare(args[1:]))
         if args and args[0] == "train":
             args = commands.train_overrides(args[1:])
             if (Path.cwd() / commands.PROJECT_EXPERIMENT).is_file():

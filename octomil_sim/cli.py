@@ -1,9 +1,11 @@
-"""The ``octomil-sim`` command: ``init`` a project, ``train`` it, ``report`` on runs and sweeps.
+"""The ``octomil-sim`` command: ``init`` a project, ``train`` it, ``report`` on runs and sweeps,
+``compare`` a rerun with the run it repeats.
 
     octomil-sim init my_project --personalization ditto
     cd my_project && octomil-sim train --personalization scafflix --fairness bounded-group-loss \
         --groups-file groups.json --rounds 50 [hydra overrides ...]
     octomil-sim report multirun/2026-11-25/12-00-00 [--csv table.csv]
+    octomil-sim compare experiments/results/reproduce rerun/results/reproduce [--tolerance 1e-6]
 
 ``train`` turns its flags into Hydra overrides (``--personalization scafflix`` is
 ``personalization=scafflix``; names may use ``-`` for ``_``) and runs exactly what
@@ -18,6 +20,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -282,3 +285,142 @@ def report(argv: list[str]) -> None:
     csv.writer(buffer).writerows([header, *rows])
     out.write_text(buffer.getvalue())
     print(f"(also {out})", file=sys.stderr)
+
+
+# --- compare ---------------------------------------------------------------------------------------
+#: what two runs of one config may differ in without their numbers differing: wall time, memory, the
+#: machine record (``runtime``: ``compare`` prints its differences apart), the metrics' descriptions
+NOT_NUMBERS = frozenset({"time_s", "wall_time_s", "driver_rss_mb", "runtime", "metric_definitions"})
+
+
+def paired_runs(a: str, b: str) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
+    """(pairs, only in ``a``, only in ``b``): the runs under two folders matched by their path below
+    them (two run folders: the one pair)."""
+    for p in (a, b):
+        if not Path(p).is_dir():
+            raise ConfigError(f"compare {p}: no such folder; allowed: run folders or folders of runs")
+    runs = [{str(r.relative_to(p)): r for r in find_runs([p])} for p in (a, b)]
+    common = sorted(set(runs[0]) & set(runs[1]))
+    return ([(rel, runs[0][rel], runs[1][rel]) for rel in common], sorted(set(runs[0]) - set(runs[1])),
+            sorted(set(runs[1]) - set(runs[0])))
+
+
+def _load(run: Path) -> dict:
+    """``run``'s results.json, its own folder written ``<run>`` in its settings (``simulation.state_dir``)."""
+    try:
+        text = (run / "results.json").read_text()
+        return json.loads(text.replace(json.dumps(str(run.resolve()))[1:-1], "<run>"))
+    except ValueError as err:
+        raise ConfigError(f"compare {run / 'results.json'}: not readable JSON ({err}); allowed: a finished "
+                          "run's results.json") from None
+
+
+def differences(a, b, where: str = "") -> tuple[list[tuple[str, object, object]], list[str]]:
+    """(differences, keys in one side only) between two ``results.json`` values, walked in order
+    (``rounds[0]`` before ``rounds[1]``): each difference is (where, value in a, value in b), numbers
+    compared exactly; ``NOT_NUMBERS`` keys are skipped."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        diffs, one_side = [], [f"{where}.{k}".lstrip(".") for k in sorted(set(a) ^ set(b)) if k not in NOT_NUMBERS]
+        for k in (k for k in a if k in b and k not in NOT_NUMBERS):
+            d, o = differences(a[k], b[k], f"{where}.{k}".lstrip("."))
+            diffs += d
+            one_side += o
+        return diffs, one_side
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        diffs, one_side = [], []
+        for i, (x, y) in enumerate(zip(a, b)):
+            d, o = differences(x, y, f"{where}[{i}]")
+            diffs += d
+            one_side += o
+        return diffs, one_side
+    if isinstance(a, list) and isinstance(b, list):
+        return [(where, f"{len(a)} entries", f"{len(b)} entries")], []
+    return ([] if a == b else [(where, a, b)]), []
+
+
+def _gap(x, y) -> float:
+    numbers = (int, float)
+    if isinstance(x, numbers) and isinstance(y, numbers) and not isinstance(x, bool) and not isinstance(y, bool):
+        return abs(x - y)
+    return float("inf")  # not two numbers (a list of another length, a string, None): no tolerance covers it
+
+
+def _keys(where: list[str], most: int = 4) -> str:
+    """Keys with their row numbers folded: ``rounds[*].loss_before (600)``."""
+    counts: dict[str, int] = {}
+    for w in where:
+        key = re.sub(r"\[\d+\]", "[*]", w)
+        counts[key] = counts.get(key, 0) + 1
+    shown = [k + (f" ({n})" if n > 1 else "") for k, n in list(counts.items())[:most]]
+    return ", ".join(shown) + (f" and {len(counts) - most} more" if len(counts) > most else "")
+
+
+def compare_runs(a: dict, b: dict, tolerance: float = 0.0) -> list[str]:
+    """What sets run ``b``'s numbers apart from run ``a``'s, a line each (none: the same numbers, within
+    ``tolerance`` in absolute value): the first difference, how many and the largest, the final
+    accuracies; then settings that differ, the machine records where the numbers differ, and what one
+    run reports and the other does not (a metric added or dropped between versions)."""
+    numbers_a = {k: v for k, v in a.items() if k != "config"}
+    numbers_b = {k: v for k, v in b.items() if k != "config"}
+    diffs, one_side = differences(numbers_a, numbers_b)
+    beyond = [(w, x, y) for w, x, y in diffs if _gap(x, y) > tolerance]
+    lines = []
+    if beyond:
+        where, x, y = beyond[0]
+        lines.append(f"first difference: {where}: {x!r} against {y!r}")
+        gaps = [(_gap(x, y), w) for w, x, y in beyond]
+        largest = max(gaps)
+        lines.append(f"{len(beyond)} values differ (in {_keys([w for _, w in gaps])})"
+                     + (f"; the largest by {largest[0]:.3g} ({largest[1]})" if largest[0] != float("inf") else ""))
+        accuracies = [g for g, w in gaps if re.fullmatch(r"final\.\w*acc\w*", w)]
+        if any(re.fullmatch(r"\w*acc\w*", k) for k in a.get("final", {})):
+            lines.append(f"final accuracies: up to {max(accuracies) * 100:.3g} points apart" if accuracies
+                         else "final accuracies: the same")
+    settings, new_settings = differences(a.get("config", {}), b.get("config", {}))
+    if settings:
+        lines.append("settings differ: " + "; ".join(f"{w} {x!r} / {y!r}" for w, x, y in settings[:4])
+                     + (f" and {len(settings) - 4} more" if len(settings) > 4 else ""))
+    if beyond:
+        ra, rb = a.get("runtime"), b.get("runtime")
+        if ra is None or rb is None:
+            lines.append("machine: not recorded by " + " and ".join(n for n, r in (("the first", ra), ("the second", rb))
+                                                                     if r is None) + " (made before 2026-11-27)")
+        else:
+            env_a, env_b = ra.get("environment", {}), rb.get("environment", {})
+            machine = [f"{k} {ra.get(k)} / {rb.get(k)}" for k in ("num_nodes",) if ra.get(k) != rb.get(k)]
+            machine += [f"{k} {env_a.get(k)} / {env_b.get(k)}" for k in sorted(set(env_a) | set(env_b))
+                        if env_a.get(k) != env_b.get(k)]
+            lines.append("machine: " + ("; ".join(machine) if machine else "the same record (versions, CPU, its "
+                                        "kernels, Flower nodes)"))
+    if one_side:
+        lines.append(f"reported by one run only: {_keys(one_side)}")
+    if new_settings:
+        lines.append(f"settings one run does not have: {_keys(new_settings)}")
+    return lines
+
+
+def compare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="octomil-sim compare", description="Whether the runs under a second "
+                                     "folder (a rerun) give the numbers of the runs under the first, run by run.")
+    parser.add_argument("first", help="a run folder, or a folder of runs (e.g. experiments/results/reproduce)")
+    parser.add_argument("second", help="the same for the rerun; runs are matched by their path below each folder")
+    parser.add_argument("--tolerance", type=float, default=0.0,
+                        help="absolute difference two numbers may have and count as equal (default 0: bit for bit)")
+    args = parser.parse_args(argv)
+    if not args.tolerance >= 0:
+        raise ConfigError(f"compare --tolerance={args.tolerance}: allowed: a number >= 0")
+    pairs, only_first, only_second = paired_runs(args.first, args.second)
+    same = 0
+    for rel, run_a, run_b in pairs:
+        lines = compare_runs(_load(run_a), _load(run_b), args.tolerance)
+        numbers_differ = bool(lines) and lines[0].startswith("first difference")
+        same += not numbers_differ
+        print(f"{rel if rel != '.' else args.second}: " + ("different numbers" if numbers_differ else "the same numbers"
+                            + (" (within the tolerance)" if args.tolerance else "")))
+        for line in lines:
+            print(f"  {line}")
+    for name, rels in (("first", only_first), ("second", only_second)):
+        if rels:
+            print(f"only under the {name} folder: {', '.join(rels)}")
+    print(f"{same} of {len(pairs)} runs give the same numbers")
+    return 0 if same == len(pairs) and not only_first and not only_second else 1

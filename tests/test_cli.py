@@ -1,5 +1,6 @@
 """The ``octomil-sim`` command (issue 10, part 3): ``train`` flags become Hydra overrides, ``init`` writes
-a project that trains offline at once, ``report`` tables runs and sweeps (mean ± std over seeds)."""
+a project that trains offline at once, ``report`` tables runs and sweeps (mean ± std over seeds),
+``compare`` says whether a rerun gives a run's numbers and, where not, where they part."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from octomil_sim.cli import report_table, train_overrides, write_project
+from octomil_sim.cli import compare, report_table, train_overrides, write_project
 from octomil_sim.errors import ConfigError
 
 
@@ -104,3 +105,74 @@ def test_init_then_train_and_a_sweep_then_report(tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0].startswith("| runs | global_acc |") and len(lines) == 3 and "| 2 |" in lines[2]
     assert (project / "sweep" / "report.csv").is_file()
+
+
+def _results(folder: Path, losses: list[float], acc: float, seconds: float = 1.0, runtime: dict | None = None,
+             **extra) -> None:
+    """A results.json as a run writes it (the parts ``compare`` reads), its state folder inside ``folder``."""
+    folder.mkdir(parents=True)
+    results = {"config": {"simulation": {"lr": 0.1, "state_dir": str(folder.resolve() / "client_state")}},
+               "rounds": [{"round": i + 1, "train_loss": x, "time_s": seconds * (i + 1)} for i, x in enumerate(losses)],
+               "final": {"global_acc": acc, "driver_rss_mb": 500 * seconds}, **extra}
+    if runtime is not None:
+        results["runtime"] = runtime
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def _machine(capability: str) -> dict:
+    return {"num_nodes": 2, "environment": {"torch": "2.13.0+cpu", "cpu_capability": capability}}
+
+
+def test_compare_says_which_reruns_give_the_same_numbers_and_where_the_others_part(tmp_path, capsys):
+    first, second = tmp_path / "stored", tmp_path / "rerun"
+    # the same numbers: other wall times, memory and run folders (state_dir) do not count
+    _results(first / "a" / "seed0", [0.5, 0.4], 0.8)
+    _results(second / "a" / "seed0", [0.5, 0.4], 0.8, seconds=3.0)
+    # parts in round 2 by 1e-9 (another CPU's kernels), then in the final accuracy by 0.25 points
+    _results(first / "b" / "seed0", [0.5, 0.4, 0.3], 0.8, runtime=_machine("AVX512"))
+    _results(second / "b" / "seed0", [0.5, 0.400000001, 0.300000002], 0.8025, runtime=_machine("AVX2"))
+    _results(first / "c" / "seed0", [0.5], 0.8, loss_before=[0.7])  # a metric a later version dropped
+    _results(second / "c" / "seed0", [0.5], 0.8)
+    _results(first / "d" / "seed0", [0.5], 0.8)  # not rerun
+    assert compare([str(first), str(second)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    b = out.index("b/seed0: different numbers")
+    assert out[:b] == ["a/seed0: the same numbers"]
+    assert out[b + 1] == "  first difference: rounds[1].train_loss: 0.4 against 0.400000001"
+    assert out[b + 2].startswith("  3 values differ (in rounds[*].train_loss (2), final.global_acc); the largest by 0.0025")
+    assert out[b + 3] == "  final accuracies: up to 0.25 points apart"
+    assert out[b + 4] == "  machine: cpu_capability AVX512 / AVX2"
+    assert out[b + 5:] == ["c/seed0: the same numbers", "  reported by one run only: loss_before",
+                           "only under the first folder: d/seed0", "2 of 3 runs give the same numbers"]
+
+    # within a tolerance, b's numbers count as the same; d still lacks its rerun
+    assert compare([str(first / "b"), str(second / "b"), "--tolerance", "0.003"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["seed0: the same numbers (within the tolerance)",
+                                                    "1 of 1 runs give the same numbers"]
+    # other settings are named, and two run folders compare as one pair
+    _results(second / "e", [0.5], 0.8)
+    (second / "e" / "results.json").write_text((second / "e" / "results.json").read_text().replace('"lr": 0.1', '"lr": 0.2'))
+    assert compare([str(first / "d" / "seed0"), str(second / "e")]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [f"{second / 'e'}: the same numbers",
+                                                        "  settings differ: simulation.lr 0.1 / 0.2"]
+    # a run cut short: its rows are counted, not walked
+    assert compare([str(first / "a" / "seed0"), str(second / "e")]) == 1
+    assert "  first difference: rounds: '2 entries' against '1 entries'" in capsys.readouterr().out.splitlines()
+
+
+def test_compare_refuses_bad_folders_and_files_in_one_line(tmp_path):
+    _results(tmp_path / "a", [0.5], 0.8)
+    with pytest.raises(ConfigError, match=r"compare .*missing: no such folder; allowed: run folders or folders of runs"):
+        compare([str(tmp_path / "a"), str(tmp_path / "missing")])
+    with pytest.raises(ConfigError, match=r"--tolerance=-1.0: allowed: a number >= 0"):
+        compare([str(tmp_path / "a"), str(tmp_path / "a"), "--tolerance", "-1"])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text('{"rounds": [')
+    with pytest.raises(ConfigError, match=r"b/results.json: not readable JSON .*allowed: a finished run's results.json"):
+        compare([str(tmp_path / "a"), str(tmp_path / "b")])
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ConfigError, match=r"no results.json under it"):
+        compare([str(tmp_path / "a"), str(tmp_path / "c")])
+    done = subprocess.run([sys.executable, "-m", "octomil_sim", "compare", str(tmp_path / "a"), str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.splitlines()[-1]) == (0, "1 of 1 runs give the same numbers")
