@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import re
 import statistics
 import sys
@@ -216,15 +217,17 @@ def init(argv: list[str]) -> None:
 REPORTED = ("global_acc", "personalized_acc", "global_acc_bottom10", "personalized_acc_bottom10")
 
 
-def find_runs(paths: list[str]) -> list[Path]:
+def find_runs(paths: list[str], command: str = "report") -> list[Path]:
     """Every run folder (one with results.json) at or under ``paths``."""
     runs = []
     for p in map(Path, paths):
-        if not p.exists():
-            raise ConfigError(f"report {p}: no such folder; allowed: run folders or a multirun folder")
-        runs += [p] if (p / "results.json").is_file() else sorted(r.parent for r in p.rglob("results.json"))
+        if not p.is_dir():
+            raise ConfigError(f"{command} {p}: {'not a folder' if p.exists() else 'no such folder'}; allowed: "
+                              "run folders or folders of runs (a multirun folder)")
+        runs += [p] if (p / "results.json").is_file() else sorted(r.parent for r in p.rglob("results.json")
+                                                                  if r.is_file())
     if not runs:
-        raise ConfigError(f"report {' '.join(paths)}: no results.json under it; allowed: finished runs")
+        raise ConfigError(f"{command} {' '.join(paths)}: no results.json under it; allowed: finished runs")
     return runs
 
 
@@ -291,58 +294,77 @@ def report(argv: list[str]) -> None:
 #: what two runs of one config may differ in without their numbers differing: wall time, memory, the
 #: machine record (``runtime``: ``compare`` prints its differences apart), the metrics' descriptions
 NOT_NUMBERS = frozenset({"time_s", "wall_time_s", "driver_rss_mb", "runtime", "metric_definitions"})
+#: the sections a finished run writes: one that a run lacks and the other has is a difference
+SECTIONS = ("rounds", "final", "clients")
 
 
 def paired_runs(a: str, b: str) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
     """(pairs, only in ``a``, only in ``b``): the runs under two folders matched by their path below
-    them (two run folders: the one pair)."""
-    for p in (a, b):
-        if not Path(p).is_dir():
-            raise ConfigError(f"compare {p}: no such folder; allowed: run folders or folders of runs")
-    runs = [{str(r.relative_to(p)): r for r in find_runs([p])} for p in (a, b)]
+    them. Two run folders make one pair; a run folder and a folder of runs make none."""
+    runs = [{str(r.relative_to(p)): r for r in find_runs([p], "compare")} for p in (a, b)]
     common = sorted(set(runs[0]) & set(runs[1]))
     return ([(rel, runs[0][rel], runs[1][rel]) for rel in common], sorted(set(runs[0]) - set(runs[1])),
             sorted(set(runs[1]) - set(runs[0])))
 
 
 def _load(run: Path) -> dict:
-    """``run``'s results.json, its own folder written ``<run>`` in its settings (``simulation.state_dir``)."""
+    """``run``'s results.json, its own folder written ``<run>`` in its settings (``simulation.state_dir``;
+    results.json is written by ``json.dumps``, so the folder appears as ``json.dumps`` escapes it)."""
+    file = run / "results.json"
     try:
-        text = (run / "results.json").read_text()
-        return json.loads(text.replace(json.dumps(str(run.resolve()))[1:-1], "<run>"))
-    except ValueError as err:
-        raise ConfigError(f"compare {run / 'results.json'}: not readable JSON ({err}); allowed: a finished "
-                          "run's results.json") from None
+        text = file.read_text()
+        results = json.loads(text.replace(json.dumps(str(run.resolve()))[1:-1], "<run>"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"compare {file}: not readable JSON ({err}); allowed: a finished run's results.json") from None
+    if not isinstance(results, dict):
+        raise ConfigError(f"compare {file}: a JSON {type(results).__name__}, not an object; allowed: a finished "
+                          "run's results.json")
+    return results
 
 
-def differences(a, b, where: str = "") -> tuple[list[tuple[str, object, object]], list[str]]:
-    """(differences, keys in one side only) between two ``results.json`` values, walked in order
-    (``rounds[0]`` before ``rounds[1]``): each difference is (where, value in a, value in b), numbers
-    compared exactly; ``NOT_NUMBERS`` keys are skipped."""
+def _same(a, b) -> bool:
+    """Bit for bit: the same type and value; NaN equals NaN, -0.0 is not 0.0."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (a == b and math.copysign(1, a) == math.copysign(1, b)) or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def differences(a, b, where: str = "") -> tuple[list[tuple[str, object, object]], list[tuple[str, str]]]:
+    """(differences, keys one side lacks) between two ``results.json`` values, walked in order
+    (``rounds[0]`` before ``rounds[1]``): each difference is (where, value in a, value in b), compared
+    by ``_same``; each one-sided key is (where, "first" or "second": the side that has it). Lists of
+    other lengths are one difference; ``NOT_NUMBERS`` keys are skipped."""
     if isinstance(a, dict) and isinstance(b, dict):
-        diffs, one_side = [], [f"{where}.{k}".lstrip(".") for k in sorted(set(a) ^ set(b)) if k not in NOT_NUMBERS]
+        one_side = [(f"{where}.{k}".lstrip("."), "first" if k in a else "second")
+                    for k in sorted(set(a) ^ set(b)) if k not in NOT_NUMBERS]
+        diffs = []
         for k in (k for k in a if k in b and k not in NOT_NUMBERS):
             d, o = differences(a[k], b[k], f"{where}.{k}".lstrip("."))
             diffs += d
             one_side += o
         return diffs, one_side
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [(where, f"{len(a)} entries", f"{len(b)} entries")], []
         diffs, one_side = [], []
         for i, (x, y) in enumerate(zip(a, b)):
             d, o = differences(x, y, f"{where}[{i}]")
             diffs += d
             one_side += o
         return diffs, one_side
-    if isinstance(a, list) and isinstance(b, list):
-        return [(where, f"{len(a)} entries", f"{len(b)} entries")], []
-    return ([] if a == b else [(where, a, b)]), []
+    return ([] if _same(a, b) else [(where, a, b)]), []
 
 
 def _gap(x, y) -> float:
-    numbers = (int, float)
-    if isinstance(x, numbers) and isinstance(y, numbers) and not isinstance(x, bool) and not isinstance(y, bool):
-        return abs(x - y)
-    return float("inf")  # not two numbers (a list of another length, a string, None): no tolerance covers it
+    """|x - y| for two numbers (0 for two NaN); infinite otherwise (one NaN, a string, None, a bool, a
+    list of another length), which no tolerance covers."""
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (x, y)):
+        return math.inf
+    if math.isnan(x) or math.isnan(y):
+        return 0.0 if math.isnan(x) and math.isnan(y) else math.inf
+    return abs(x - y)
 
 
 def _keys(where: list[str], most: int = 4) -> str:
@@ -355,51 +377,74 @@ def _keys(where: list[str], most: int = 4) -> str:
     return ", ".join(shown) + (f" and {len(counts) - most} more" if len(counts) > most else "")
 
 
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def compare_runs(a: dict, b: dict, tolerance: float = 0.0) -> list[str]:
-    """What sets run ``b``'s numbers apart from run ``a``'s, a line each (none: the same numbers, within
-    ``tolerance`` in absolute value): the first difference, how many and the largest, the final
-    accuracies; then settings that differ, the machine records where the numbers differ, and what one
-    run reports and the other does not (a metric added or dropped between versions)."""
+    """What sets run ``b``'s numbers apart from run ``a``'s, a line each; the first line starts with
+    "first difference" exactly when the numbers differ (beyond ``tolerance`` in absolute value, or a
+    section of ``SECTIONS`` one run lacks). Then how many differ and the largest gap, the final
+    accuracies, settings that differ, the machine records where the numbers differ, and keys one run
+    reports and the other does not (a metric a later version added or dropped)."""
     numbers_a = {k: v for k, v in a.items() if k != "config"}
     numbers_b = {k: v for k, v in b.items() if k != "config"}
     diffs, one_side = differences(numbers_a, numbers_b)
-    beyond = [(w, x, y) for w, x, y in diffs if _gap(x, y) > tolerance]
+    lacking = [(w, "has it" if side == "first" else "lacks it", "lacks it" if side == "first" else "has it")
+               for w, side in one_side if w in SECTIONS]
+    beyond = lacking + [(w, x, y) for w, x, y in diffs if tolerance == 0 or _gap(x, y) > tolerance]
     lines = []
     if beyond:
         where, x, y = beyond[0]
-        lines.append(f"first difference: {where}: {x!r} against {y!r}")
+        lines.append(f"first difference: {where}: {x} against {y}" if where in SECTIONS or " entries" in str(x)
+                     else f"first difference: {where}: {x!r} against {y!r}")
         gaps = [(_gap(x, y), w) for w, x, y in beyond]
-        largest = max(gaps)
-        lines.append(f"{len(beyond)} values differ (in {_keys([w for _, w in gaps])})"
-                     + (f"; the largest by {largest[0]:.3g} ({largest[1]})" if largest[0] != float("inf") else ""))
-        accuracies = [g for g, w in gaps if re.fullmatch(r"final\.\w*acc\w*", w)]
-        if any(re.fullmatch(r"\w*acc\w*", k) for k in a.get("final", {})):
-            lines.append(f"final accuracies: up to {max(accuracies) * 100:.3g} points apart" if accuracies
-                         else "final accuracies: the same")
-    settings, new_settings = differences(a.get("config", {}), b.get("config", {}))
+        finite = [g for g in gaps if g[0] != math.inf]
+        lines.append(f"{len(beyond)} value{'s' * (len(beyond) > 1)} differ{'s' * (len(beyond) == 1)} "
+                     f"(in {_keys([w for _, w in gaps])})"
+                     + (f"; the largest gap between two numbers: {max(finite)[0]:.3g} ({max(finite)[1]})" if finite else ""))
+        final_a, final_b = _dict(a.get("final")), _dict(b.get("final"))
+        accuracy_keys = [k for k in final_a if re.fullmatch(r"\w*acc\w*", k)]
+        if accuracy_keys:
+            gaps_acc = [_gap(final_a[k], final_b.get(k)) for k in accuracy_keys if not _same(final_a[k], final_b.get(k))]
+            lines.append("final accuracies: " + (
+                "the same" if not gaps_acc else
+                "not comparable (not two numbers)" if math.inf in gaps_acc else
+                f"up to {max(gaps_acc) * 100:.3g} points apart" if max(gaps_acc) > tolerance else
+                f"within the tolerance (up to {max(gaps_acc):.3g})" if tolerance else
+                "equal in value, not in type (an int against a float)"))
+    settings, new_settings = differences(_dict(a.get("config")), _dict(b.get("config")))
     if settings:
         lines.append("settings differ: " + "; ".join(f"{w} {x!r} / {y!r}" for w, x, y in settings[:4])
                      + (f" and {len(settings) - 4} more" if len(settings) > 4 else ""))
     if beyond:
         ra, rb = a.get("runtime"), b.get("runtime")
-        if ra is None or rb is None:
-            lines.append("machine: not recorded by " + " and ".join(n for n, r in (("the first", ra), ("the second", rb))
-                                                                     if r is None) + " (made before 2026-11-27)")
+        if not isinstance(ra, dict) or not isinstance(rb, dict):
+            lines.append("machine: not recorded by " + " and ".join(
+                n for n, r in (("the first", ra), ("the second", rb)) if not isinstance(r, dict))
+                + " (runs made before 2026-11-27 have no record)")
         else:
-            env_a, env_b = ra.get("environment", {}), rb.get("environment", {})
+            env_a, env_b = _dict(ra.get("environment")), _dict(rb.get("environment"))
             machine = [f"{k} {ra.get(k)} / {rb.get(k)}" for k in ("num_nodes",) if ra.get(k) != rb.get(k)]
             machine += [f"{k} {env_a.get(k)} / {env_b.get(k)}" for k in sorted(set(env_a) | set(env_b))
                         if env_a.get(k) != env_b.get(k)]
             lines.append("machine: " + ("; ".join(machine) if machine else "the same record (versions, CPU, its "
                                         "kernels, Flower nodes)"))
-    if one_side:
-        lines.append(f"reported by one run only: {_keys(one_side)}")
-    if new_settings:
-        lines.append(f"settings one run does not have: {_keys(new_settings)}")
+    for side in ("first", "second"):
+        keys = [w for w, s in one_side if s == side and w not in SECTIONS]
+        if keys:
+            lines.append(f"only the {side} run reports: {_keys(keys)}")
+        keys = [w for w, s in new_settings if s == side]
+        if keys:
+            lines.append(f"settings only the {side} run has: {_keys(keys)}")
     return lines
 
 
 def compare(argv: list[str]) -> int:
+    """``octomil-sim compare FIRST SECOND``: prints, run by run, whether the rerun under ``SECOND`` gives
+    the numbers of the run under ``FIRST`` (``compare_runs``); returns the exit status, 0 when every
+    run under ``FIRST`` has a rerun with the same numbers (runs only under ``SECOND`` are listed, and
+    do not count), else 1."""
     parser = argparse.ArgumentParser(prog="octomil-sim compare", description="Whether the runs under a second "
                                      "folder (a rerun) give the numbers of the runs under the first, run by run.")
     parser.add_argument("first", help="a run folder, or a folder of runs (e.g. experiments/results/reproduce)")
@@ -407,8 +452,8 @@ def compare(argv: list[str]) -> int:
     parser.add_argument("--tolerance", type=float, default=0.0,
                         help="absolute difference two numbers may have and count as equal (default 0: bit for bit)")
     args = parser.parse_args(argv)
-    if not args.tolerance >= 0:
-        raise ConfigError(f"compare --tolerance={args.tolerance}: allowed: a number >= 0")
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise ConfigError(f"compare --tolerance={args.tolerance}: allowed: a finite number >= 0")
     pairs, only_first, only_second = paired_runs(args.first, args.second)
     same = 0
     for rel, run_a, run_b in pairs:
@@ -416,11 +461,12 @@ def compare(argv: list[str]) -> int:
         numbers_differ = bool(lines) and lines[0].startswith("first difference")
         same += not numbers_differ
         print(f"{rel if rel != '.' else args.second}: " + ("different numbers" if numbers_differ else "the same numbers"
-                            + (" (within the tolerance)" if args.tolerance else "")))
+                                                          + (" (within the tolerance)" if args.tolerance else "")))
         for line in lines:
             print(f"  {line}")
     for name, rels in (("first", only_first), ("second", only_second)):
         if rels:
             print(f"only under the {name} folder: {', '.join(rels)}")
-    print(f"{same} of {len(pairs)} runs give the same numbers")
-    return 0 if same == len(pairs) and not only_first and not only_second else 1
+    print(f"{same} of {len(pairs)} runs give the same numbers"
+          + (f"; {len(only_first)} not rerun" if only_first else ""))
+    return 0 if same == len(pairs) and not only_first else 1

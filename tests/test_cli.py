@@ -3,6 +3,7 @@ a project that trains offline at once, ``report`` tables runs and sweeps (mean Â
 ``compare`` says whether a rerun gives a run's numbers and, where not, where they part."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,11 +140,12 @@ def test_compare_says_which_reruns_give_the_same_numbers_and_where_the_others_pa
     b = out.index("b/seed0: different numbers")
     assert out[:b] == ["a/seed0: the same numbers"]
     assert out[b + 1] == "  first difference: rounds[1].train_loss: 0.4 against 0.400000001"
-    assert out[b + 2].startswith("  3 values differ (in rounds[*].train_loss (2), final.global_acc); the largest by 0.0025")
+    assert out[b + 2].startswith("  3 values differ (in rounds[*].train_loss (2), final.global_acc); the largest gap "
+                                 "between two numbers: 0.0025")
     assert out[b + 3] == "  final accuracies: up to 0.25 points apart"
     assert out[b + 4] == "  machine: cpu_capability AVX512 / AVX2"
-    assert out[b + 5:] == ["c/seed0: the same numbers", "  reported by one run only: loss_before",
-                           "only under the first folder: d/seed0", "2 of 3 runs give the same numbers"]
+    assert out[b + 5:] == ["c/seed0: the same numbers", "  only the first run reports: loss_before",
+                           "only under the first folder: d/seed0", "2 of 3 runs give the same numbers; 1 not rerun"]
 
     # within a tolerance, b's numbers count as the same; d still lacks its rerun
     assert compare([str(first / "b"), str(second / "b"), "--tolerance", "0.003"]) == 0
@@ -157,21 +159,58 @@ def test_compare_says_which_reruns_give_the_same_numbers_and_where_the_others_pa
                                                         "  settings differ: simulation.lr 0.1 / 0.2"]
     # a run cut short: its rows are counted, not walked
     assert compare([str(first / "a" / "seed0"), str(second / "e")]) == 1
-    assert "  first difference: rounds: '2 entries' against '1 entries'" in capsys.readouterr().out.splitlines()
+    assert "  first difference: rounds: 2 entries against 1 entries" in capsys.readouterr().out.splitlines()
+
+
+def test_compare_counts_nan_types_and_missing_sections_as_they_are(tmp_path, capsys):
+    """NaN equals NaN and nothing else; a bool is not a number, 1 is not 1.0; a rerun without a
+    section the run has (``final``) differs; a run only the rerun folder has does not fail it."""
+    nan = float("nan")
+    _results(tmp_path / "a" / "r", [nan, 0.4], 0.8)
+    _results(tmp_path / "b" / "r", [nan, 0.4], 0.8)
+    _results(tmp_path / "b" / "extra", [0.5], 0.8)  # only under the second folder
+    assert compare([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["r: the same numbers", "only under the second folder: extra",
+                                                    "1 of 1 runs give the same numbers"]
+    _results(tmp_path / "one", [nan, 0.4], 1.0)
+    for base, value in [("a/r", nan), ("one", True), ("one", 1)]:  # against 0.8, 1.0 and 1.0
+        text = (tmp_path / base / "results.json").read_text()
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / "results.json").write_text(re.sub(r'"global_acc": [0-9.]+', f'"global_acc": {json.dumps(value)}', text))
+        integer = type(value) is int
+        tolerance = [] if integer else ["--tolerance", "0.5"]  # 1 and 1.0: no gap, yet other bits
+        assert compare([str(tmp_path / base), str(tmp_path / "c"), *tolerance]) == 1
+        out = capsys.readouterr().out.splitlines()
+        assert out[1] == f"  first difference: final.global_acc: {0.8 if base == 'a/r' else 1.0!r} against {value!r}"
+        assert out[3] == ("  final accuracies: equal in value, not in type (an int against a float)" if integer
+                          else "  final accuracies: not comparable (not two numbers)")
+    assert compare([str(tmp_path / "one"), str(tmp_path / "c"), "--tolerance", "1e-9"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{tmp_path / 'c'}: the same numbers (within the tolerance)"
+    results = json.loads((tmp_path / "a" / "r" / "results.json").read_text())
+    del results["final"]
+    (tmp_path / "c" / "results.json").write_text(json.dumps(results))
+    assert compare([str(tmp_path / "a" / "r"), str(tmp_path / "c")]) == 1
+    assert capsys.readouterr().out.splitlines()[1] == "  first difference: final: has it against lacks it"
 
 
 def test_compare_refuses_bad_folders_and_files_in_one_line(tmp_path):
     _results(tmp_path / "a", [0.5], 0.8)
     with pytest.raises(ConfigError, match=r"compare .*missing: no such folder; allowed: run folders or folders of runs"):
         compare([str(tmp_path / "a"), str(tmp_path / "missing")])
-    with pytest.raises(ConfigError, match=r"--tolerance=-1.0: allowed: a number >= 0"):
+    with pytest.raises(ConfigError, match=r"--tolerance=-1.0: allowed: a finite number >= 0"):
         compare([str(tmp_path / "a"), str(tmp_path / "a"), "--tolerance", "-1"])
+    with pytest.raises(ConfigError, match=r"compare .*results.json: not a folder; allowed"):
+        compare([str(tmp_path / "a" / "results.json"), str(tmp_path / "a")])
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "results.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"list/results.json: a JSON list, not an object; allowed: a finished run's"):
+        compare([str(tmp_path / "a"), str(tmp_path / "list")])
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text('{"rounds": [')
     with pytest.raises(ConfigError, match=r"b/results.json: not readable JSON .*allowed: a finished run's results.json"):
         compare([str(tmp_path / "a"), str(tmp_path / "b")])
     (tmp_path / "c").mkdir()
-    with pytest.raises(ConfigError, match=r"no results.json under it"):
+    with pytest.raises(ConfigError, match=r"^compare .*c: no results.json under it"):
         compare([str(tmp_path / "a"), str(tmp_path / "c")])
     done = subprocess.run([sys.executable, "-m", "octomil_sim", "compare", str(tmp_path / "a"), str(tmp_path / "a")],
                           capture_output=True, text=True, timeout=120)
