@@ -399,10 +399,11 @@ def compare_runs(a: dict, b: dict, tolerance: float = 0.0) -> list[str]:
         lines.append(f"first difference: {where}: {x} against {y}" if where in SECTIONS or " entries" in str(x)
                      else f"first difference: {where}: {x!r} against {y!r}")
         gaps = [(_gap(x, y), w) for w, x, y in beyond]
-        finite = [g for g in gaps if g[0] != math.inf]
+        finite = [(_gap(x, y), w) for w, x, y in beyond if isinstance(x, float) and isinstance(y, float)
+                  and _gap(x, y) != math.inf]  # values, not counts (a best round's number)
         lines.append(f"{len(beyond)} value{'s' * (len(beyond) > 1)} differ{'s' * (len(beyond) == 1)} "
                      f"(in {_keys([w for _, w in gaps])})"
-                     + (f"; the largest gap between two numbers: {max(finite)[0]:.3g} ({max(finite)[1]})" if finite else ""))
+                     + (f"; the largest gap between two floats: {max(finite)[0]:.3g} ({max(finite)[1]})" if finite else ""))
         final_a, final_b = _dict(a.get("final")), _dict(b.get("final"))
         accuracy_keys = [k for k in final_a if re.fullmatch(r"\w*acc\w*", k)]
         if accuracy_keys:

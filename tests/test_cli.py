@@ -141,7 +141,7 @@ def test_compare_says_which_reruns_give_the_same_numbers_and_where_the_others_pa
     assert out[:b] == ["a/seed0: the same numbers"]
     assert out[b + 1] == "  first difference: rounds[1].train_loss: 0.4 against 0.400000001"
     assert out[b + 2].startswith("  3 values differ (in rounds[*].train_loss (2), final.global_acc); the largest gap "
-                                 "between two numbers: 0.0025")
+                                 "between two floats: 0.0025")
     assert out[b + 3] == "  final accuracies: up to 0.25 points apart"
     assert out[b + 4] == "  machine: cpu_capability AVX512 / AVX2"
     assert out[b + 5:] == ["c/seed0: the same numbers", "  only the first run reports: loss_before",
