@@ -307,13 +307,18 @@ def paired_runs(a: str, b: str) -> tuple[list[tuple[str, Path, Path]], list[str]
             sorted(set(runs[1]) - set(runs[0])))
 
 
-def _load(run: Path) -> dict:
-    """``run``'s results.json, its own folder written ``<run>`` in its settings (``simulation.state_dir``;
-    results.json is written by ``json.dumps``, so the folder appears as ``json.dumps`` escapes it)."""
+def _load(run: Path, rel: str = ".") -> dict:
+    """``run``'s results.json, its own folder written ``<run>`` in its settings (``simulation.state_dir``):
+    where it is now, or where it was made (a path ending in ``rel``, its path below the compared folder:
+    runs copied from another checkout or machine). results.json is written by ``json.dumps``, so a
+    folder appears as ``json.dumps`` escapes it."""
     file = run / "results.json"
     try:
-        text = file.read_text()
-        results = json.loads(text.replace(json.dumps(str(run.resolve()))[1:-1], "<run>"))
+        text = file.read_text().replace(json.dumps(str(run.resolve()))[1:-1], "<run>")
+        if rel != ".":
+            tail = re.escape(json.dumps(rel)[1:-1])
+            text = re.sub(rf'"(?:[^"\\]|\\.)*/{tail}(?=[/"])', '"<run>', text)
+        results = json.loads(text)
     except (OSError, ValueError) as err:
         raise ConfigError(f"compare {file}: not readable JSON ({err}); allowed: a finished run's results.json") from None
     if not isinstance(results, dict):
@@ -458,7 +463,7 @@ def compare(argv: list[str]) -> int:
     pairs, only_first, only_second = paired_runs(args.first, args.second)
     same = 0
     for rel, run_a, run_b in pairs:
-        lines = compare_runs(_load(run_a), _load(run_b), args.tolerance)
+        lines = compare_runs(_load(run_a, rel), _load(run_b, rel), args.tolerance)
         numbers_differ = bool(lines) and lines[0].startswith("first difference")
         same += not numbers_differ
         print(f"{rel if rel != '.' else args.second}: " + ("different numbers" if numbers_differ else "the same numbers"

@@ -109,10 +109,11 @@ def test_init_then_train_and_a_sweep_then_report(tmp_path):
 
 
 def _results(folder: Path, losses: list[float], acc: float, seconds: float = 1.0, runtime: dict | None = None,
-             **extra) -> None:
-    """A results.json as a run writes it (the parts ``compare`` reads), its state folder inside ``folder``."""
+             made_in: str | None = None, **extra) -> None:
+    """A results.json as a run writes it (the parts ``compare`` reads), its state folder inside ``folder``
+    (or inside ``made_in``: where a run copied here was made)."""
     folder.mkdir(parents=True)
-    results = {"config": {"simulation": {"lr": 0.1, "state_dir": str(folder.resolve() / "client_state")}},
+    results = {"config": {"simulation": {"lr": 0.1, "state_dir": f"{made_in or folder.resolve()}/client_state"}},
                "rounds": [{"round": i + 1, "train_loss": x, "time_s": seconds * (i + 1)} for i, x in enumerate(losses)],
                "final": {"global_acc": acc, "driver_rss_mb": 500 * seconds}, **extra}
     if runtime is not None:
@@ -126,8 +127,9 @@ def _machine(capability: str) -> dict:
 
 def test_compare_says_which_reruns_give_the_same_numbers_and_where_the_others_part(tmp_path, capsys):
     first, second = tmp_path / "stored", tmp_path / "rerun"
-    # the same numbers: other wall times, memory and run folders (state_dir) do not count
-    _results(first / "a" / "seed0", [0.5, 0.4], 0.8)
+    # the same numbers: other wall times, memory and run folders (state_dir; the stored run was made in
+    # another checkout) do not count
+    _results(first / "a" / "seed0", [0.5, 0.4], 0.8, made_in="/elsewhere/experiments/results/a/seed0")
     _results(second / "a" / "seed0", [0.5, 0.4], 0.8, seconds=3.0)
     # parts in round 2 by 1e-9 (another CPU's kernels), then in the final accuracy by 0.25 points
     _results(first / "b" / "seed0", [0.5, 0.4, 0.3], 0.8, runtime=_machine("AVX512"))
