@@ -133,11 +133,8 @@ def cli() -> None:
 
     args = sys.argv[1:]
     try:
-        if args and args[0] in ("init", "report"):
-            getattr(commands, args[0])(args[1:])
-            return
-        if args and args[0] == "compare":
-            sys.exit(commands.compare(args[1:]))
+        if args and args[0] in ("init", "report", "compare"):
+            sys.exit(getattr(commands, args[0])(args[1:]))  # compare's status; None (0) for the others
         if args and args[0] == "train":
             args = commands.train_overrides(args[1:])
             if (Path.cwd() / commands.PROJECT_EXPERIMENT).is_file():

@@ -336,6 +336,13 @@ def _same(a, b) -> bool:
     return a == b
 
 
+class Described(str):
+    """A difference that is not a value of either run ("600 entries", "lacks it"): shown as it reads."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def differences(a, b, where: str = "") -> tuple[list[tuple[str, object, object]], list[tuple[str, str]]]:
     """(differences, keys one side lacks) between two ``results.json`` values, walked in order
     (``rounds[0]`` before ``rounds[1]``): each difference is (where, value in a, value in b), compared
@@ -344,22 +351,19 @@ def differences(a, b, where: str = "") -> tuple[list[tuple[str, object, object]]
     if isinstance(a, dict) and isinstance(b, dict):
         one_side = [(f"{where}.{k}".lstrip("."), "first" if k in a else "second")
                     for k in sorted(set(a) ^ set(b)) if k not in NOT_NUMBERS]
-        diffs = []
-        for k in (k for k in a if k in b and k not in NOT_NUMBERS):
-            d, o = differences(a[k], b[k], f"{where}.{k}".lstrip("."))
-            diffs += d
-            one_side += o
-        return diffs, one_side
-    if isinstance(a, list) and isinstance(b, list):
+        children = [(a[k], b[k], f"{where}.{k}".lstrip(".")) for k in a if k in b and k not in NOT_NUMBERS]
+    elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
-            return [(where, f"{len(a)} entries", f"{len(b)} entries")], []
-        diffs, one_side = [], []
-        for i, (x, y) in enumerate(zip(a, b)):
-            d, o = differences(x, y, f"{where}[{i}]")
-            diffs += d
-            one_side += o
-        return diffs, one_side
-    return ([] if _same(a, b) else [(where, a, b)]), []
+            return [(where, Described(f"{len(a)} entries"), Described(f"{len(b)} entries"))], []
+        one_side, children = [], [(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+    else:
+        return ([] if _same(a, b) else [(where, a, b)]), []
+    diffs = []
+    for x, y, at in children:
+        d, o = differences(x, y, at)
+        diffs += d
+        one_side += o
+    return diffs, one_side
 
 
 def _gap(x, y) -> float:
@@ -395,17 +399,16 @@ def compare_runs(a: dict, b: dict, tolerance: float = 0.0) -> list[str]:
     numbers_a = {k: v for k, v in a.items() if k != "config"}
     numbers_b = {k: v for k, v in b.items() if k != "config"}
     diffs, one_side = differences(numbers_a, numbers_b)
-    lacking = [(w, "has it" if side == "first" else "lacks it", "lacks it" if side == "first" else "has it")
-               for w, side in one_side if w in SECTIONS]
+    has, lacks = Described("has it"), Described("lacks it")
+    lacking = [(w, *((has, lacks) if side == "first" else (lacks, has))) for w, side in one_side if w in SECTIONS]
     beyond = lacking + [(w, x, y) for w, x, y in diffs if tolerance == 0 or _gap(x, y) > tolerance]
     lines = []
     if beyond:
         where, x, y = beyond[0]
-        lines.append(f"first difference: {where}: {x} against {y}" if where in SECTIONS or " entries" in str(x)
-                     else f"first difference: {where}: {x!r} against {y!r}")
+        lines.append(f"first difference: {where}: {x!r} against {y!r}")
         gaps = [(_gap(x, y), w) for w, x, y in beyond]
-        finite = [(_gap(x, y), w) for w, x, y in beyond if isinstance(x, float) and isinstance(y, float)
-                  and _gap(x, y) != math.inf]  # values, not counts (a best round's number)
+        finite = [(g, w) for (g, w), (_, x, y) in zip(gaps, beyond)  # values, not counts (a best round's number)
+                  if isinstance(x, float) and isinstance(y, float) and g != math.inf]
         lines.append(f"{len(beyond)} value{'s' * (len(beyond) > 1)} differ{'s' * (len(beyond) == 1)} "
                      f"(in {_keys([w for _, w in gaps])})"
                      + (f"; the largest gap between two floats: {max(finite)[0]:.3g} ({max(finite)[1]})" if finite else ""))
