@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, write_block
+from common import HERE, check_block, write_block
 
 RESULTS = HERE / "results" / "bench_scale"
 # the workloads of issue 12 (no per-round evaluation: the plain loop evaluates every client once at the end)
@@ -227,6 +227,7 @@ def main() -> None:
 
     import numpy as np
 
+    check_block(args.block)
     global SIDES
     SIDES = [side for side in SIDES if side[1] in args.sides] + (GPU_SIDES if args.gpu else [])
     heads = " | ".join(f"{side} (s)" for side, _, _ in SIDES)

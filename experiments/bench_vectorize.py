@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import write_block
+from common import check_block, write_block
 from octomil_sim.client_app import FULL_FLOAT32, float_modes
 from octomil_sim.cohort import cohort_sgd
 from octomil_sim.models import MLP, MLR, FemnistCNN
@@ -185,7 +185,7 @@ def main_gpu(args) -> None:
                         f"| {times['cuda']:.3f} | {t_vec:.3f} | {times['cpu'] / t_vec:.1f}x | {times['cuda'] / t_vec:.1f}x "
                         f"| {diff:.1e} | {loss_diff:.1e} |")
             print(rows[-1], flush=True)
-    write_block("bench_vectorize_gpu", rows)
+    write_block(args.block or "bench_vectorize_gpu", rows)
 
 
 def main() -> None:
@@ -196,7 +196,10 @@ def main() -> None:
     parser.add_argument("--match", default="", help="only the workloads whose name holds this text")
     parser.add_argument("--full-float32", action="store_true", help="--device cuda: TF32 off and deterministic cuDNN, "
                         "as runs set them (default: PyTorch's defaults, as the README table was measured)")
+    parser.add_argument("--block", help="the experiments/README.md block to write (default: bench_vectorize or, "
+                        "with --device cuda, bench_vectorize_gpu)")
     args = parser.parse_args()
+    check_block(args.block or ("bench_vectorize_gpu" if args.device == "cuda" else "bench_vectorize"))
     torch.set_num_threads(1)
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -214,7 +217,7 @@ def main() -> None:
             rows.append(f"| {work.name} | {clients} | {max(steps)} / {sum(steps)} | {t_loop:.3f} | {t_vec:.3f} "
                         f"| {t_loop / t_vec:.1f}x | {diff:.1e} | {loss_diff:.1e} |")
             print(rows[-1], flush=True)
-    write_block("bench_vectorize", rows)
+    write_block(args.block or "bench_vectorize", rows)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,14 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 1, populat
     return f"{m:.{digits}f} ± {spread * scale:.{digits}f}"
 
 
+def check_block(name: str) -> None:
+    """Stop before any work when README.md has no ``name`` block for ``write_block`` to fill."""
+    text = README.read_text()
+    if f"<!-- {name}:begin -->" not in text or f"<!-- {name}:end -->" not in text:
+        blocks = sorted({line[5:-10] for line in text.splitlines() if line.startswith("<!-- ") and line.endswith(":begin -->")})
+        raise SystemExit(f"--block={name}: experiments/README.md has no such block; allowed: {', '.join(blocks)}")
+
+
 def write_block(name: str, lines: list[str]) -> None:
     """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in README.md."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

@@ -325,7 +325,8 @@ class ClientRuntime:
             return each_client(self.train, contents)
         items = sorted(contents.items())
         model_bytes = sum(p.numel() * p.element_size() for p in self.template.parameters())
-        size = min(COHORT_CLIENTS, max(2, COHORT_BYTES // max(1, 3 * model_bytes)))  # weights, gradients, starts
+        budget = cohort_bytes(self.device, self.spec.simulation.num_gpus_per_client)
+        size = min(COHORT_CLIENTS, max(2, budget // max(1, 3 * model_bytes)))  # weights, gradients, starts
         kept = max(1, REUSED_BYTES // max(1, model_bytes))  # the first ``kept`` of a cohort load into kept models
         done, failed = [], []
         for start in range(0, len(items), size):
@@ -498,6 +499,22 @@ REUSED_BYTES = 32 * 2**20
 #: this many clients (the kernel also copies the cohort's training rows into one tensor)
 COHORT_BYTES = 256 * 2**20
 COHORT_CLIENTS = 256
+#: on a GPU, a cohort's stacked parameters may take this fraction of the process's share of the card's
+#: memory (``cohort_bytes``; the rest: the clients' data, activations, the reused models)
+GPU_COHORT_FRACTION = 0.25
+
+
+def cohort_bytes(device: torch.device, gpu_share: float) -> int:
+    """Bytes of stacked parameters one training cohort may hold: ``COHORT_BYTES`` on the CPU; on a GPU,
+    ``GPU_COHORT_FRACTION`` of this process's share (``simulation.num_gpus_per_client``) of the card's
+    memory, and never less than on the CPU. The LEAF CNN (6.6M parameters, 79 MB a client stacked)
+    would train in cohorts of 3 under ``COHORT_BYTES``, and of up to 250 with a whole 80 GB card; the
+    kernel benchmark's cohort of 100 CNN clients ran 11.8x faster than the GPU loop. Any cohort size
+    trains each client as it would alone."""
+    if device.type == "cpu":
+        return COHORT_BYTES
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(COHORT_BYTES, int(GPU_COHORT_FRACTION * gpu_share * total))
 
 
 def guarded(pid: int, work: Callable, done: list, failed: list) -> None:

@@ -10,8 +10,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from octomil_sim.batching import pack, unpack
-from octomil_sim.client_app import client_device, client_runtime, run_clients
-from octomil_sim.cohort import cohort_sgd
+from octomil_sim.client_app import FULL_FLOAT32, client_device, client_runtime, cohort_bytes, float_modes, run_clients
+from octomil_sim.cohort import cohort_sgd, vectorizes
 from octomil_sim.config import validate
 from octomil_sim.errors import ConfigError
 from octomil_sim.state import DiskStateStore, MemoryStateStore
@@ -101,6 +101,20 @@ def test_ray_starts_no_more_actors_than_the_gpu_shares_hold(make_spec, monkeypat
     assert ray_actors(make_spec("simulation.backend=local", f"simulation.num_gpus_per_client={gpus}").simulation) == 1
 
 
+def test_a_cohort_on_a_gpu_may_take_a_quarter_of_its_share_of_the_card(monkeypatch):
+    """``cohort_bytes``: 256 MiB on the CPU; on a GPU a quarter of the process's share of the card's memory
+    (an 80 GiB card faked), never less than on the CPU."""
+    from types import SimpleNamespace
+
+    from octomil_sim import client_app
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    assert cohort_bytes(torch.device("cpu"), 0) == 256 * 2**20 == client_app.COHORT_BYTES
+    assert cohort_bytes(torch.device("cuda", 0), 1) == 20 * 2**30
+    assert cohort_bytes(torch.device("cuda", 0), 0.5) == 10 * 2**30
+    assert cohort_bytes(torch.device("cuda", 0), 0.01) == 256 * 2**20  # 0.25 * 0.8 GiB = 205 MiB < 256 MiB
+
+
 def test_the_local_backend_gives_back_the_callers_float_modes():
     from octomil_sim.client_app import float_modes
     from octomil_sim.local_backend import in_process_clients
@@ -162,6 +176,45 @@ def test_a_cohort_on_the_gpu_trains_as_each_client_alone(kind):
                 torch.testing.assert_close(states[i][n].cpu(), v, rtol=1e-4, atol=1e-5)
             assert losses[i] == pytest.approx(alone_losses[i], rel=1e-4, abs=1e-6)
             assert torch.equal(gens[i].get_state(), alone_gens[i]) and budgets[i].used == used[i]
+
+
+@needs_cuda
+def test_a_cohort_of_convolutions_on_the_gpu_trains_as_each_client_alone():
+    """The LEAF CNN trains as a cohort on a GPU (``cohort.pays_off`` allows convolutions there, not on the
+    CPU). In the float modes of a GPU client process (``FULL_FLOAT32``: no TF32, deterministic cuDNN)
+    ``cohort_sgd`` on ``cuda`` gives each client's final parameters and loss as ``sgd_epochs`` alone on
+    ``cuda`` and on the CPU, up to float rounding, and the same generator state afterwards."""
+    from octomil_sim.models import FemnistCNN
+
+    old = float_modes(FULL_FLOAT32)
+    try:
+        torch.manual_seed(0)
+        model = FemnistCNN((1, 28, 28), 10).cuda()
+        assert vectorizes(model) and not vectorizes(copy.deepcopy(model).cpu())
+        g = torch.Generator().manual_seed(1)
+        sizes = [23, 40, 7, 31, 12, 40]
+        xs = [torch.rand(n, 1, 28, 28, generator=g).cuda() for n in sizes]
+        ys = [torch.randint(0, 10, (n,), generator=g).cuda() for n in sizes]
+        starts = [{n: p.detach() + 0.001 * i for n, p in model.named_parameters()} for i in range(len(sizes))]
+        gens = [torch.Generator().manual_seed(i) for i in range(len(sizes))]
+        states, losses = cohort_sgd(model, starts, xs, ys, epochs=2, batch_size=10, lr=0.05, generators=gens)
+        gaps = []
+        for device in ("cuda", "cpu"):
+            for i in range(len(sizes)):
+                m = copy.deepcopy(model).to(device)
+                m.load_state_dict(starts[i])
+                gen = torch.Generator().manual_seed(i)
+                loss = sgd_epochs(m, xs[i].to(device), ys[i].to(device), epochs=2, batch_size=10, lr=0.05,
+                                  generator=gen)
+                gaps.append(max((states[i][n].cpu() - v.detach().cpu()).abs().max().item()
+                                for n, v in m.state_dict().items()))
+                for n, v in m.state_dict().items():
+                    torch.testing.assert_close(states[i][n].cpu(), v.detach().cpu(), rtol=1e-4, atol=1e-5)
+                assert losses[i] == pytest.approx(loss, rel=1e-4, abs=1e-6)
+                assert torch.equal(gens[i].get_state(), gen.get_state())
+        print(f"largest |cohort - alone| parameter gap: cuda {max(gaps[:6]):.1e}, cpu {max(gaps[6:]):.1e}")
+    finally:
+        float_modes(old)
 
 
 def _server_config(runtime) -> dict:
@@ -227,8 +280,6 @@ def test_a_client_half_on_the_gpu_replies_as_on_the_cpu(make_spec, tmp_path, ove
     """Every reply (uploads, metrics, dropouts) and the stored client state of a GPU runtime (vectorized
     where the algorithm can) equal those of the CPU runtime client by client, up to float rounding."""
     from femnist_fixture import write_femnist
-
-    from octomil_sim.cohort import vectorizes
 
     if any(FEMNIST in o for o in overrides):
         root = str(write_femnist(tmp_path / "femnist", writers=12, per_writer=12))
