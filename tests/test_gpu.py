@@ -178,18 +178,33 @@ def test_a_cohort_on_the_gpu_trains_as_each_client_alone(kind):
             assert torch.equal(gens[i].get_state(), alone_gens[i]) and budgets[i].used == used[i]
 
 
+def _smooth_cnn() -> torch.nn.Module:
+    """Convolutions without max-pooling or ReLU: every function of its forward is smooth."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(1, 16, 5, stride=2), nn.Tanh(), nn.Conv2d(16, 32, 5, stride=2), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+
+
 @needs_cuda
-def test_a_cohort_of_convolutions_on_the_gpu_trains_as_each_client_alone():
-    """The LEAF CNN trains as a cohort on a GPU (``cohort.pays_off`` allows convolutions there, not on the
-    CPU). In the float modes of a GPU client process (``FULL_FLOAT32``: no TF32, deterministic cuDNN)
-    ``cohort_sgd`` on ``cuda`` gives each client's final parameters and loss as ``sgd_epochs`` alone on
-    ``cuda`` and on the CPU, up to float rounding, and the same generator state afterwards."""
+@pytest.mark.parametrize("kind", ["leaf-cnn", "smooth-cnn"])
+def test_a_cohort_of_convolutions_on_the_gpu_trains_as_each_client_alone(kind):
+    """Convolutions train as a cohort on a GPU (``cohort.pays_off`` allows them there, not on the CPU). In
+    the float modes of a GPU client process (``FULL_FLOAT32``: no TF32, deterministic cuDNN) ``cohort_sgd``
+    on ``cuda`` gives each client's final parameters and loss as ``sgd_epochs`` alone on ``cuda`` and on
+    the CPU, up to float rounding, and the same generator state afterwards. The smooth CNN is held to the
+    MLP's tolerance. The LEAF CNN's max-pooling and ReLUs turn a rounding difference into another choice
+    where two values nearly tie (the gradient then goes elsewhere): against the loop on ``cuda`` it is held
+    to the client-half test's tolerance, and against the CPU ten times looser, as the loop on ``cuda``
+    itself parts from the CPU. On an H200 the largest gaps were 3.1e-4 (cohort vs loop on ``cuda``) and
+    6.1e-4 (loop on ``cuda`` vs the CPU's) for the LEAF CNN, 3e-8 for the smooth one."""
     from octomil_sim.models import FemnistCNN
 
+    tolerance = {"cuda": (1e-3, 1e-4), "cpu": (1e-2, 1e-3)} if kind == "leaf-cnn" else \
+        {"cuda": (1e-4, 1e-5), "cpu": (1e-4, 1e-5)}
     old = float_modes(FULL_FLOAT32)
     try:
         torch.manual_seed(0)
-        model = FemnistCNN((1, 28, 28), 10).cuda()
+        model = (FemnistCNN((1, 28, 28), 10) if kind == "leaf-cnn" else _smooth_cnn()).cuda()
         assert vectorizes(model) and not vectorizes(copy.deepcopy(model).cpu())
         g = torch.Generator().manual_seed(1)
         sizes = [23, 40, 7, 31, 12, 40]
@@ -198,7 +213,7 @@ def test_a_cohort_of_convolutions_on_the_gpu_trains_as_each_client_alone():
         starts = [{n: p.detach() + 0.001 * i for n, p in model.named_parameters()} for i in range(len(sizes))]
         gens = [torch.Generator().manual_seed(i) for i in range(len(sizes))]
         states, losses = cohort_sgd(model, starts, xs, ys, epochs=2, batch_size=10, lr=0.05, generators=gens)
-        gaps = []
+        alone = {}
         for device in ("cuda", "cpu"):
             for i in range(len(sizes)):
                 m = copy.deepcopy(model).to(device)
@@ -206,13 +221,19 @@ def test_a_cohort_of_convolutions_on_the_gpu_trains_as_each_client_alone():
                 gen = torch.Generator().manual_seed(i)
                 loss = sgd_epochs(m, xs[i].to(device), ys[i].to(device), epochs=2, batch_size=10, lr=0.05,
                                   generator=gen)
-                gaps.append(max((states[i][n].cpu() - v.detach().cpu()).abs().max().item()
-                                for n, v in m.state_dict().items()))
-                for n, v in m.state_dict().items():
-                    torch.testing.assert_close(states[i][n].cpu(), v.detach().cpu(), rtol=1e-4, atol=1e-5)
-                assert losses[i] == pytest.approx(loss, rel=1e-4, abs=1e-6)
+                alone[device, i] = ({n: v.detach().cpu() for n, v in m.state_dict().items()}, loss)
                 assert torch.equal(gens[i].get_state(), gen.get_state())
-        print(f"largest |cohort - alone| parameter gap: cuda {max(gaps[:6]):.1e}, cpu {max(gaps[6:]):.1e}")
+        gap = lambda a, b: max((a[n].cpu() - b[n]).abs().max().item() for n in b)  # noqa: E731
+        print(f"{kind}: largest parameter gap, cohort vs alone on cuda "
+              f"{max(gap(states[i], alone['cuda', i][0]) for i in range(len(sizes))):.1e}, vs alone on the cpu "
+              f"{max(gap(states[i], alone['cpu', i][0]) for i in range(len(sizes))):.1e}; alone, cuda vs cpu "
+              f"{max(gap(alone['cuda', i][0], alone['cpu', i][0]) for i in range(len(sizes))):.1e}; loss gap "
+              f"{max(abs(losses[i] - alone[d, i][1]) for d in ('cuda', 'cpu') for i in range(len(sizes))):.1e}")
+        for (device, i), (final, loss) in alone.items():
+            rtol, atol = tolerance[device]
+            for n, v in final.items():
+                torch.testing.assert_close(states[i][n].cpu(), v, rtol=rtol, atol=atol, msg=lambda m: f"{device} {i} {n}: {m}")
+            assert losses[i] == pytest.approx(loss, rel=rtol, abs=1e-6)
     finally:
         float_modes(old)
 
