@@ -39,7 +39,8 @@ def check_block(name: str) -> None:
     """Stop before any work when README.md has no ``name`` block for ``write_block`` to fill."""
     text = README.read_text()
     if f"<!-- {name}:begin -->" not in text or f"<!-- {name}:end -->" not in text:
-        blocks = sorted({line[5:-10] for line in text.splitlines() if line.startswith("<!-- ") and line.endswith(":begin -->")})
+        blocks = sorted({line[5:-10] for line in text.splitlines()
+                         if line.startswith("<!-- ") and line.endswith(":begin -->")})
         raise SystemExit(f"--block={name}: experiments/README.md has no such block; allowed: {', '.join(blocks)}")
 
 

@@ -2,13 +2,15 @@
 # The GPU checks of issue 12, as run on a lent GPU machine (the device tool: the working tree is copied
 # there, $OUT comes back) whose Python has torch but not this project's other dependencies: those travel as
 # Python 3.12 wheels in .whl (not in git; see the device notes). Each step runs even if one before failed.
-#   tests/test_gpu.py                        GPU replies = CPU replies, cohorts on cuda (the CNN's too), whole local runs
+#   tests/test_gpu.py                        GPU replies = CPU replies, cohorts on cuda (the CNN's too),
+#                                            whole local runs
 #   bench_vectorize.py --device cuda --full-float32 --match CNN
-#                                            the CNN kernel in a GPU client's float modes: CPU loop, GPU loop, GPU cohort
+#                                            the CNN kernel in a GPU client's float modes: CPU loop,
+#                                            GPU loop, GPU cohort
 #   bench_scale.py --workloads cnn-mnist5k --sides local --gpu
 #                                            the whole CNN run: plain loop, local backend on the CPU and on the GPU
 # (the earlier tables, bench_vectorize --device cuda and bench_scale --workloads mlp-1000 --gpu, are not rerun:
-# nothing they measure changed). Time caps (s): TEST_S, KERNEL_S, SCALE_S; about 6 minutes in all on an H200.
+# nothing they measure changed). Time caps (s): TEST_S, KERNEL_S, SCALE_S; 301 s in all on an H200.
 # The wheels: flwr, flwr-datasets, datasets, hydra-core, omegaconf, antlr4 runtime, opacus and what flwr
 # imports that such an image lacks (grpcio, grpcio-health-checking, protobuf, cryptography, pycryptodome,
 # cffi, pycparser, sqlalchemy, greenlet, alembic, mako, fastapi, starlette, pydantic(-core), annotated-*,

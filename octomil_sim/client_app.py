@@ -309,15 +309,16 @@ class ClientRuntime:
         return pack(*self.train_clients(unpack(packed)[0]))
 
     def train_clients(self, contents: dict[int, RecordDict]) -> tuple[list, list]:
-        """All clients of a train message, as ``(done, failed)`` lists: with ``vectorize``, in cohorts that train together
-        (``ClientAlgorithm.train_cohort``), each cohort as many clients as ``COHORT_BYTES`` of stacked
-        parameters allow; client by client otherwise, or when the algorithm or model cannot. A client
-        the system model drops is reported failed either way. Before the first cohort, one step of
-        the kernel on two dummy clients checks that the model trains under ``vmap`` (a forward with
-        ``.item()`` or data-dependent branches does not); if not, the run goes client by client, with
-        nothing trained or stored yet. Should a cohort still fail, its clients run again one by one
-        from fresh tasks (their generators are functions of the seed; state an algorithm wrote before
-        the failure, e.g. MaxFL's local model, stays) and the run goes client by client from then on."""
+        """All clients of a train message, as ``(done, failed)`` lists: with ``vectorize``, in cohorts that
+        train together (``ClientAlgorithm.train_cohort``), each cohort as many clients as ``cohort_bytes``
+        of stacked parameters allow (at most ``COHORT_CLIENTS``); client by client otherwise, or when the
+        algorithm or model cannot. A client the system model drops is reported failed either way. Before
+        the first cohort, one step of the kernel on two dummy clients checks that the model trains under
+        ``vmap`` (a forward with ``.item()`` or data-dependent branches does not); if not, the run goes
+        client by client, with nothing trained or stored yet. Should a cohort still fail, its clients run
+        again one by one from fresh tasks (their generators are functions of the seed; state an algorithm
+        wrote before the failure, e.g. MaxFL's local model, stays) and the run goes client by client from
+        then on."""
         if self.vectorize and self._cohort_works is None:
             self._cohort_works = self._probe_cohort()
         if not self.vectorize or not self._cohort_works or (self.private is not None and self.private.trains) \

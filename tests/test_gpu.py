@@ -232,7 +232,8 @@ def test_a_cohort_of_convolutions_on_the_gpu_trains_as_each_client_alone(kind):
         for (device, i), (final, loss) in alone.items():
             rtol, atol = tolerance[device]
             for n, v in final.items():
-                torch.testing.assert_close(states[i][n].cpu(), v, rtol=rtol, atol=atol, msg=lambda m: f"{device} {i} {n}: {m}")
+                torch.testing.assert_close(states[i][n].cpu(), v, rtol=rtol, atol=atol,
+                                           msg=lambda m: f"{device} {i} {n}: {m}")
             assert losses[i] == pytest.approx(loss, rel=rtol, abs=1e-6)
     finally:
         float_modes(old)

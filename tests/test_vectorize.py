@@ -210,8 +210,9 @@ def test_a_vectorized_run_matches_the_client_by_client_run(make_spec, tmp_path):
 
 def test_models_it_would_slow_down_train_client_by_client(monkeypatch):
     """A convolution under vmap is slower than the loop on CPU (cohort.pays_off): the CNN falls back there,
-    estimate on or off; off the CPU (here the ``meta`` device) it trains as a cohort. On the CPU, a model of more than ``CPU_MAX_PARAMETERS`` parameters (its stacked copies leave
-    the cache) falls back too, but not off the CPU (here the ``meta`` device) or with the estimate off."""
+    estimate on or off; off the CPU (here the ``meta`` device) it trains as a cohort. On the CPU, a model
+    of more than ``CPU_MAX_PARAMETERS`` parameters (its stacked copies leave the cache) falls back too,
+    but not off the CPU or with the estimate off."""
     from octomil_sim import cohort
     from octomil_sim.models import MLP, MLR, FemnistCNN
 
@@ -228,7 +229,8 @@ def test_models_it_would_slow_down_train_client_by_client(monkeypatch):
     assert not cohort.vectorizes(big) and not cohort.vectorizes(over)
     assert cohort.vectorizes(at_the_cap) and cohort.vectorizes(MLP((60,), 10, (200,)))
     assert cohort.vectorizes(big.to("meta"))
-    assert not cohort.vectorizes(FemnistCNN((1, 28, 28), 10)) and cohort.vectorizes(FemnistCNN((1, 28, 28), 10).to("meta"))
+    cnn = FemnistCNN((1, 28, 28), 10)
+    assert not cohort.vectorizes(cnn) and cohort.vectorizes(cnn.to("meta"))
 
 
 def test_the_cost_estimate_by_hand(monkeypatch):
