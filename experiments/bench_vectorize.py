@@ -162,9 +162,11 @@ def main_gpu(args) -> None:
     if args.full_float32:  # what a GPU client runtime sets (client_app.client_device)
         float_modes(FULL_FLOAT32)
     modes = (f"TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} for matrix products, "
-             f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'} for cuDNN convolutions")
+             f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'} for cuDNN convolutions"
+             f"{'; deterministic cuDNN' if torch.backends.cudnn.deterministic else ''}")
     rows = [f"GPU: {name}, torch {torch.__version__} ({modes}); CPU: {platform.processor() or platform.machine()} "
-            f"(one thread). Median of {args.repeats}; the last two columns compare the GPU cohort with the GPU loop.", "",
+            f"(one thread). {'One repetition' if args.repeats == 1 else f'Median of {args.repeats}'}; the last two "
+            "columns compare the GPU cohort with the GPU loop.", "",
             "| workload | clients | steps per client (max / total) | CPU loop s | GPU loop s | GPU vectorized s "
             "| vectorized vs CPU loop | vs GPU loop | max \\|param diff\\| | max \\|loss diff\\| |",
             "|---|---|---|---|---|---|---|---|---|---|"]

@@ -31,7 +31,8 @@ python3 -c "import sys, torch, flwr.simulation, hydra, octomil_sim.runner, strat
 print(sys.version.split()[0], torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name())"
 timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider --durations=6 tests/test_gpu.py 2>&1 \
   | tee "$OUT/test_gpu.log"
-python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k convolutions 2>&1 | grep -E "gap|passed|failed" \
+timeout 60 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k convolutions 2>&1 \
+  | grep -E "largest parameter gap|passed|failed" \
   | tee -a "$OUT/test_gpu.log"
 cd experiments
 timeout "${KERNEL_S:-200}" python3 bench_vectorize.py --device cuda --full-float32 --repeats 1 \

@@ -205,6 +205,7 @@ class ClientRuntime:
     vectorize: bool = False  # train a message's clients together where the algorithm can (``train_message``)
     device: torch.device = torch.device("cpu")  # where models, data and loaded client state live (``client_device``)
     _cohort_works: bool | None = None  # set by the first vectorized message (``_probe_cohort``)
+    _cohort_cap: int | None = None  # at most this many clients a cohort once one ran out of memory (``train_clients``)
     _initial: nn.Module | None = None
     _reused: list = field(default_factory=list)  # the models ``model_from(..., reuse=True, slot=k)`` loads into
     _reused_holds: ArrayRecord | None = None  # the record ``_reused[0]`` holds unchanged (evaluated only)
@@ -318,7 +319,8 @@ class ClientRuntime:
         client by client, with nothing trained or stored yet. Should a cohort still fail, its clients run
         again one by one from fresh tasks (their generators are functions of the seed; state an algorithm
         wrote before the failure, e.g. MaxFL's local model, stays) and the run goes client by client from
-        then on."""
+        then on; a cohort of more than two that ran out of memory (``torch.OutOfMemoryError``: a GPU's
+        activations, which ``cohort_bytes`` does not count) only halves the later cohorts instead."""
         if self.vectorize and self._cohort_works is None:
             self._cohort_works = self._probe_cohort()
         if not self.vectorize or not self._cohort_works or (self.private is not None and self.private.trains) \
@@ -326,21 +328,34 @@ class ClientRuntime:
             return each_client(self.train, contents)
         items = sorted(contents.items())
         model_bytes = sum(p.numel() * p.element_size() for p in self.template.parameters())
-        budget = cohort_bytes(self.device, self.spec.simulation.num_gpus_per_client)
-        size = min(COHORT_CLIENTS, max(2, budget // max(1, 3 * model_bytes)))  # weights, gradients, starts
+        sim = self.spec.simulation
+        # the local backend's one process has the whole GPU; a Ray actor its share
+        budget = cohort_bytes(self.device, 1.0 if sim.backend == "local" else sim.num_gpus_per_client)
         kept = max(1, REUSED_BYTES // max(1, model_bytes))  # the first ``kept`` of a cohort load into kept models
         done, failed = [], []
-        for start in range(0, len(items), size):
+        start = 0
+        while start < len(items):
+            fits = max(2, budget // max(1, 3 * model_bytes))  # weights, gradients, starting points
+            size = min(COHORT_CLIENTS, self._cohort_cap or COHORT_CLIENTS, fits)
+            chunk, start = items[start:start + size], start + size
             prepared = []
-            for slot, (pid, content) in enumerate(items[start:start + size]):
+            for slot, (pid, content) in enumerate(chunk):
                 guarded(pid, lambda: prepared.append((pid, *self.prepare_train(pid, content, slot < kept, slot))),
                         [], failed)
             pids, tasks, models = zip(*prepared) if prepared else ((), (), ())
             try:
                 results = self.algorithm.train_cohort(list(models), list(tasks)) if len(prepared) > 1 else None
-            except Exception:  # noqa: BLE001 - the cohort path must never lose a client
-                traceback.print_exc()
-                self._cohort_works = False  # one traceback, not one a message
+            except Exception as err:  # noqa: BLE001 - the cohort path must never lose a client
+                if isinstance(err, torch.OutOfMemoryError) and len(prepared) > 2:
+                    self._cohort_cap = len(prepared) // 2
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    logging.getLogger(__name__).warning(
+                        "simulation.vectorize: a cohort of %d clients ran out of memory (%s); cohorts of at most %d "
+                        "from now on", len(prepared), str(err).splitlines()[0][:200], self._cohort_cap)
+                else:
+                    traceback.print_exc()
+                    self._cohort_works = False  # one traceback, not one a message
                 for pid in pids:
                     guarded(pid, lambda: self.train(pid, contents[pid]), done, failed)
                 continue
@@ -506,12 +521,15 @@ GPU_COHORT_FRACTION = 0.25
 
 
 def cohort_bytes(device: torch.device, gpu_share: float) -> int:
-    """Bytes of stacked parameters one training cohort may hold: ``COHORT_BYTES`` on the CPU; on a GPU,
-    ``GPU_COHORT_FRACTION`` of this process's share (``simulation.num_gpus_per_client``) of the card's
-    memory, and never less than on the CPU. The LEAF CNN (6.6M parameters, 79 MB a client stacked)
-    would train in cohorts of 3 under ``COHORT_BYTES``, and of up to 250 with a whole 80 GB card; the
-    kernel benchmark's cohort of 100 CNN clients ran 11.8x faster than the GPU loop. Any cohort size
-    trains each client as it would alone."""
+    """Bytes of stacked parameters (weights, gradients, starting points) one training cohort may hold:
+    ``COHORT_BYTES`` on the CPU; on a GPU, ``GPU_COHORT_FRACTION`` of ``gpu_share`` of the card's memory
+    (``train_clients`` passes a Ray actor's ``simulation.num_gpus_per_client`` and 1 for the local
+    backend's single process), and never less than ``COHORT_BYTES`` (so more than a quarter of a share
+    below about 1 GiB of card). The LEAF CNN (6.6M parameters, 79 MB a client stacked) would train in
+    cohorts of 3 under ``COHORT_BYTES``, and of ``COHORT_CLIENTS`` (256) with a whole 80 GB card; the
+    kernel benchmark's cohort of 100 CNN clients ran 11.3x faster than the GPU loop. Activations are
+    not counted: a cohort that runs out of memory halves the later ones (``train_clients``). Any cohort
+    size trains each client as it would alone, up to float rounding."""
     if device.type == "cpu":
         return COHORT_BYTES
     total = torch.cuda.get_device_properties(device).total_memory

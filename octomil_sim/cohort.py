@@ -92,15 +92,19 @@ def pays_off(model: nn.Module) -> bool:
     batched matrix products) and the model has at most ``CPU_MAX_PARAMETERS`` parameters. A
     convolution under ``vmap`` runs as a grouped convolution, slower on the CPU than the clients one
     by one (FemnistCNN, 5 clients of 80 rows: 0.55x); such models train client by client there. On a
-    GPU (the model's parameters off the CPU) convolutions count too (``nn.modules.conv._ConvNd``) and
-    the size does not: the cohort of 100 clients ran 4.5x-33x faster than the GPU loop for the MLR and
-    MLP, and 11.8x for the LEAF CNN (``experiments/bench_vectorize.py --device cuda``). Attention
+    GPU (the model's parameters off the CPU) convolutions count too (``Conv1d`` to ``Conv3d``; not the
+    transposed ones, untested under ``vmap`` here) and the size does not: cohorts of 100 clients ran
+    3.7x-30.5x faster than the GPU loop for the MLR and MLP and 11.3x for the LEAF CNN, in full float32
+    (``experiments/bench_vectorize.py --device cuda --full-float32``). Attention
     (``nn.MultiheadAttention``) falls back to a slow path under ``vmap`` everywhere and is left out.
-    Whether a given cohort pays depends on its steps too: ``cohort_pays``."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    allowed = (nn.Linear, nn.Embedding) if on_cpu else (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+    A model without parameters has nothing to vectorize. Whether a given cohort pays depends on its
+    steps too: ``cohort_pays``."""
     holders = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
-    if not holders or not all(isinstance(m, allowed) for m in holders):
+    if not holders:
+        return False
+    on_cpu = next(holders[0].parameters()).device.type == "cpu"
+    allowed = (nn.Linear, nn.Embedding) if on_cpu else (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if not all(isinstance(m, allowed) for m in holders):
         return False
     return not (CHOOSE_BY_COST and on_cpu and sum(p.numel() for p in model.parameters()) > CPU_MAX_PARAMETERS)
 

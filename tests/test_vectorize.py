@@ -135,18 +135,51 @@ def test_a_failing_cohort_reruns_its_clients_one_by_one(make_spec, tmp_path, mon
 
 
 def test_cohorts_are_cut_to_the_memory_budget(make_spec, tmp_path, monkeypatch):
+    """A message's clients train in cohorts of as many as ``cohort_bytes`` holds (three copies of the
+    model a client), asked for this runtime's device and share (1 for the local backend's process)."""
+    import octomil_sim.client_app as client_app
+    import strategies.fedavg as fedavg
+
+    sizes, asked = [], []
+    real = fedavg.cohort_sgd
+    monkeypatch.setattr(fedavg, "cohort_sgd", lambda model, starts, *a, **k: (sizes.append(len(starts)),
+                                                                              real(model, starts, *a, **k))[1])
+    for backend, share in (("ray", 0), ("local", 1.0)):
+        sizes.clear(), asked.clear()
+        runtime = _runtime(make_spec, tmp_path / backend, True, "strategy=fedavg", f"simulation.backend={backend}")
+        model_bytes = sum(p.numel() * p.element_size() for p in runtime.template.parameters())
+        monkeypatch.setattr(client_app, "cohort_bytes",  # five clients a cohort
+                            lambda device, gpu_share: (asked.append((device.type, gpu_share)), 3 * model_bytes * 5)[1])
+        _replies(runtime, rounds=1)
+        assert sizes == [5, 5, 2] and asked == [("cpu", share)]
+
+
+def test_a_cohort_out_of_memory_halves_the_later_cohorts(make_spec, tmp_path, monkeypatch):
+    """A cohort of more than two that runs out of memory (a GPU's activations are not in the budget):
+    its clients train one by one, the later cohorts are half its size, and cohorts stay on; the replies
+    are the client-by-client runtime's up to float rounding. Any other failure turns cohorts off
+    (``test_a_failing_cohort_reruns_its_clients_one_by_one``)."""
     import octomil_sim.client_app as client_app
     import strategies.fedavg as fedavg
 
     sizes = []
     real = fedavg.cohort_sgd
-    monkeypatch.setattr(fedavg, "cohort_sgd", lambda model, starts, *a, **k: (sizes.append(len(starts)),
-                                                                              real(model, starts, *a, **k))[1])
-    runtime = _runtime(make_spec, tmp_path, True, "strategy=fedavg")
+
+    def limited(model, starts, *a, **k):
+        sizes.append(len(starts))
+        if len(starts) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a test)")
+        return real(model, starts, *a, **k)
+
+    monkeypatch.setattr(fedavg, "cohort_sgd", limited)
+    runtime = _runtime(make_spec, tmp_path / "vec", True, "strategy=fedavg")
     model_bytes = sum(p.numel() * p.element_size() for p in runtime.template.parameters())
-    monkeypatch.setattr(client_app, "COHORT_BYTES", 3 * model_bytes * 5)  # five clients a cohort
-    _replies(runtime, rounds=1)
-    assert sizes == [5, 5, 2]
+    monkeypatch.setattr(client_app, "cohort_bytes", lambda device, gpu_share: 3 * model_bytes * 12)
+    got = _replies(runtime, rounds=3)
+    # round 1: 12 fail (one by one), cap 6; round 2: 6 fail, cap 3, then 3 + 3; round 3: 3 + 3 + 3 + 3
+    assert sizes == [12, 6, 3, 3, 3, 3, 3, 3] and runtime._cohort_works is True and runtime._cohort_cap == 3
+    _assert_same(got, _replies(_runtime(make_spec, tmp_path / "loop", False, "strategy=fedavg"), rounds=3),
+                 exact=False)
 
 
 @pytest.mark.parametrize("choose_by_cost", [False, True], ids=["cohorts", "as-the-cost-says"])
@@ -231,6 +264,9 @@ def test_models_it_would_slow_down_train_client_by_client(monkeypatch):
     assert cohort.vectorizes(big.to("meta"))
     cnn = FemnistCNN((1, 28, 28), 10)
     assert not cohort.vectorizes(cnn) and cohort.vectorizes(cnn.to("meta"))
+    transposed = torch.nn.Sequential(torch.nn.ConvTranspose2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(50, 3))
+    assert not cohort.vectorizes(transposed.to("meta"))  # not tested under vmap: client by client
+    assert not cohort.vectorizes(torch.nn.Sequential(torch.nn.ReLU()))  # no parameters: nothing to stack
 
 
 def test_the_cost_estimate_by_hand(monkeypatch):
