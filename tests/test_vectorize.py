@@ -33,12 +33,17 @@ def _runtime(make_spec, tmp_path, vectorize: bool, *overrides) -> ClientRuntime:
 
 
 def _message(runtime: ClientRuntime, server_round: int, pids=range(12), seed: int = 0) -> RecordDict:
+    """A train message for ``pids``, with what the algorithm's server half would add to its config
+    (Scafflix: its local steps and probability, as ``strategies.scafflix.Scafflix`` sends them)."""
+    from strategies.scafflix import ScafflixClient
+
     torch.manual_seed(seed)
     model = copy.deepcopy(runtime.template)
     for p in model.parameters():
         p.data.normal_(0, 0.1)
     arrays = ArrayRecord(model.state_dict())  # one record shared by every client, as the grid sends it
-    config = ConfigRecord({"server-round": server_round})
+    extra = {"local-steps": 5, "p": 0.3} if isinstance(runtime.algorithm, ScafflixClient) else {}
+    config = ConfigRecord({"server-round": server_round, **extra})
     return pack([(pid, RecordDict({"arrays": arrays, "config": config})) for pid in pids])
 
 
@@ -117,6 +122,7 @@ def test_the_cohort_path_is_taken(make_spec, tmp_path, monkeypatch):
 ])
 def test_algorithms_without_a_cohort_path_are_bit_for_bit_client_by_client(make_spec, tmp_path, overrides):
     loop = _replies(_runtime(make_spec, tmp_path / "loop", False, *overrides))
+    assert all(not failed and len(replies) == 12 for replies, failed in loop)  # every client really trained
     _assert_same(_replies(_runtime(make_spec, tmp_path / "vec", True, *overrides)), loop, exact=True)
 
 
