@@ -187,7 +187,7 @@ def main_gpu(args) -> None:
                         f"| {times['cuda']:.3f} | {t_vec:.3f} | {times['cpu'] / t_vec:.1f}x | {times['cuda'] / t_vec:.1f}x "
                         f"| {diff:.1e} | {loss_diff:.1e} |")
             print(rows[-1], flush=True)
-    write_block(args.block or "bench_vectorize_gpu", rows)
+    write_block(args.block, rows)
 
 
 def main() -> None:
@@ -201,7 +201,8 @@ def main() -> None:
     parser.add_argument("--block", help="the experiments/README.md block to write (default: bench_vectorize or, "
                         "with --device cuda, bench_vectorize_gpu)")
     args = parser.parse_args()
-    check_block(args.block or ("bench_vectorize_gpu" if args.device == "cuda" else "bench_vectorize"))
+    args.block = args.block or ("bench_vectorize_gpu" if args.device == "cuda" else "bench_vectorize")
+    check_block(args.block)
     torch.set_num_threads(1)
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -219,7 +220,7 @@ def main() -> None:
             rows.append(f"| {work.name} | {clients} | {max(steps)} / {sum(steps)} | {t_loop:.3f} | {t_vec:.3f} "
                         f"| {t_loop / t_vec:.1f}x | {diff:.1e} | {loss_diff:.1e} |")
             print(rows[-1], flush=True)
-    write_block(args.block or "bench_vectorize", rows)
+    write_block(args.block, rows)
 
 
 if __name__ == "__main__":

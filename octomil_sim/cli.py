@@ -390,12 +390,13 @@ def _dict(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def compare_runs(a: dict, b: dict, tolerance: float = 0.0) -> list[str]:
-    """What sets run ``b``'s numbers apart from run ``a``'s, a line each; the first line starts with
-    "first difference" exactly when the numbers differ (beyond ``tolerance`` in absolute value, or a
-    section of ``SECTIONS`` one run lacks). Then how many differ and the largest gap, the final
-    accuracies, settings that differ, the machine records where the numbers differ, and keys one run
-    reports and the other does not (a metric a later version added or dropped)."""
+def compare_runs(a: dict, b: dict, tolerance: float = 0.0) -> tuple[bool, list[str]]:
+    """(whether the numbers differ, what sets run ``b`` apart from run ``a``, a line each). The numbers
+    differ beyond ``tolerance`` in absolute value, or where a section of ``SECTIONS`` one run lacks;
+    then the lines start with the first difference, how many differ and the largest gap, the final
+    accuracies. Either way they say which settings differ, the machine records where the numbers
+    differ, and keys one run reports and the other does not (a metric a later version added or
+    dropped)."""
     numbers_a = {k: v for k, v in a.items() if k != "config"}
     numbers_b = {k: v for k, v in b.items() if k != "config"}
     diffs, one_side = differences(numbers_a, numbers_b)
@@ -446,7 +447,7 @@ def compare_runs(a: dict, b: dict, tolerance: float = 0.0) -> list[str]:
         keys = [w for w, s in new_settings if s == side]
         if keys:
             lines.append(f"settings only the {side} run has: {_keys(keys)}")
-    return lines
+    return bool(beyond), lines
 
 
 def compare(argv: list[str]) -> int:
@@ -466,8 +467,7 @@ def compare(argv: list[str]) -> int:
     pairs, only_first, only_second = paired_runs(args.first, args.second)
     same = 0
     for rel, run_a, run_b in pairs:
-        lines = compare_runs(_load(run_a, rel), _load(run_b, rel), args.tolerance)
-        numbers_differ = bool(lines) and lines[0].startswith("first difference")
+        numbers_differ, lines = compare_runs(_load(run_a, rel), _load(run_b, rel), args.tolerance)
         same += not numbers_differ
         print(f"{rel if rel != '.' else args.second}: " + ("different numbers" if numbers_differ else "the same numbers"
                                                           + (" (within the tolerance)" if args.tolerance else "")))

@@ -331,12 +331,12 @@ class ClientRuntime:
         sim = self.spec.simulation
         # the local backend's one process has the whole GPU; a Ray actor its share
         budget = cohort_bytes(self.device, 1.0 if sim.backend == "local" else sim.num_gpus_per_client)
+        fits = max(2, budget // max(1, 3 * model_bytes))  # weights, gradients, starting points
         kept = max(1, REUSED_BYTES // max(1, model_bytes))  # the first ``kept`` of a cohort load into kept models
         done, failed = [], []
         start = 0
         while start < len(items):
-            fits = max(2, budget // max(1, 3 * model_bytes))  # weights, gradients, starting points
-            size = min(COHORT_CLIENTS, self._cohort_cap or COHORT_CLIENTS, fits)
+            size = min(COHORT_CLIENTS, self._cohort_cap or COHORT_CLIENTS, fits)  # (the cap may fall in the loop)
             chunk, start = items[start:start + size], start + size
             prepared = []
             for slot, (pid, content) in enumerate(chunk):
